@@ -1,0 +1,37 @@
+"""A toy teacher/student pair of MLP blocks without batch statistics, small enough for
+multi-process tests and exact-equivalence checks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _block(d_in: int, hidden: int, d_out: int, last: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out)]
+    if not last:
+        layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+IN_FEATURES = 16
+
+
+def mlp_input_shape(in_features: int = IN_FEATURES, **_: object) -> tuple[int, ...]:
+    """Per-sample input shape of ``mlp_pair(**same_kwargs)``."""
+    return (in_features,)
+
+
+def mlp_pair(num_blocks: int = 4, in_features: int = IN_FEATURES, width: int = 32, classes: int = 10,
+             student_width: int = 12, seed: int = 0) -> tuple[list[nn.Module], list[nn.Module]]:
+    """``num_blocks`` teacher blocks ``Linear-Tanh-Linear(-Tanh)`` and narrower student blocks
+    with the same boundaries: input ``[in_features]``, then ``[width]``, the last ``[classes]``.
+    Initialization is a function of ``seed``."""
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    dims = [in_features] + [width] * (num_blocks - 1) + [classes]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        teacher = [_block(dims[i], 2 * width, dims[i + 1], i == num_blocks - 1) for i in range(num_blocks)]
+        student = [_block(dims[i], student_width, dims[i + 1], i == num_blocks - 1) for i in range(num_blocks)]
+    return teacher, student

@@ -1,0 +1,218 @@
+"""The user-facing entry point: ``Distiller`` wraps a teacher and a student given as lists of
+blocks and trains each student block to reproduce its teacher block (blockwise distillation)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .data import dataset_length, probe_item
+from .losses import SoftTargetLoss, resolve_block_loss
+from .plan import Plan, default_plan
+from .report import Report, build_report
+from .runtime.launch import LOOPS, run_rank, run_spmd, spawn, torchrun_env
+from .runtime.worker import Job, TensorSpec
+
+log = logging.getLogger("pipebd")
+
+STRATEGIES = tuple(LOOPS)
+
+
+class Distiller:
+    """Blockwise distillation of ``teacher`` into ``student``.
+
+    ``teacher[i]`` maps activation ``a_{i-1}`` to ``a_i`` and stays frozen; ``student[i]`` is
+    trained to map ``a_{i-1}`` to ``a_i`` with ``block_loss`` (the last block with ``final_loss``
+    when given). ``optimizer`` builds one optimizer per student block from its parameters.
+    ``device`` is ``"cpu"``, ``"cuda"`` or None (CUDA when available). ``fit`` trains the student
+    modules in place, like any optimizer loop; ``student_model()`` returns them as a Sequential.
+    """
+
+    def __init__(self, teacher: Sequence[nn.Module], student: Sequence[nn.Module],
+                 optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+                 block_loss: str | Callable[[Tensor, Tensor], Tensor] = "mse",
+                 final_loss: Callable[..., Tensor] | None = None, device: str | None = None):
+        self.teacher, self.student = list(teacher), list(student)
+        for name, blocks in (("teacher", self.teacher), ("student", self.student)):
+            if not blocks:
+                raise ValueError(f"{name} has no blocks")
+            for i, b in enumerate(blocks):
+                if not isinstance(b, nn.Module):
+                    raise TypeError(f"{name} block {i} is a {type(b).__name__}, not an nn.Module")
+        for i, block in enumerate(self.student):
+            kinds = {(p.dtype, p.device) for p in block.parameters() if p.requires_grad}
+            if len(kinds) > 1:
+                raise ValueError(f"student block {i} has trainable parameters of several dtypes or devices "
+                                 f"({sorted(map(str, kinds))}); each block's gradients share one buffer")
+        if len(self.teacher) != len(self.student):
+            raise ValueError(f"teacher has {len(self.teacher)} blocks but student has "
+                             f"{len(self.student)}; blockwise distillation pairs them one to one")
+        self.optimizer = optimizer or functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+        self.block_loss = resolve_block_loss(block_loss)
+        if isinstance(final_loss, SoftTargetLoss) and final_loss.reduction != "batchmean":
+            raise ValueError("final_loss must average over rows (reduction='batchmean') so that "
+                             "replicated stages reproduce the full-batch gradient")
+        self.final_loss = final_loss
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.last_report: Report | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.teacher)
+
+    def fit(self, dataset: Any, batch_size: int, steps: int, world_size: int = 1,
+            strategy: str = "pipebd", plan: Plan | str | None = None, seed: int = 0, *,
+            max_inflight: int = 2, threads: int | None = None, progress: bool | None = None,
+            timeout: float = 600.0) -> Report:
+        """Train every student block for ``steps`` steps of ``batch_size`` samples.
+
+        ``strategy``: ``"pipebd"`` (teacher relaying over pipeline stages) or ``"baseline"``
+        (block by block, data parallel over all ranks, teacher recomputed from the input).
+        ``plan``: None (one contiguous block range per rank), a ``Plan``, or ``"auto"``.
+        ``world_size > 1`` spawns local workers unless the process runs under torchrun, where every
+        rank calls ``fit``. ``max_inflight`` bounds how many batches a stage may run ahead of the
+        next; ``threads`` sets torch threads per spawned worker (default: cores / world_size);
+        ``timeout`` (seconds) bounds every collective and point-to-point wait.
+        Raises ValueError/TypeError for bad input before any process starts, and
+        ``pipebd.WorkerError`` with the failing rank's traceback if a worker fails.
+        """
+        job = self._job(dataset, batch_size, steps, world_size, strategy, plan, seed, max_inflight,
+                        threads, progress)
+        log.info("pipebd: strategy %s, plan %s on %d rank(s)", strategy, job.plan.describe(), world_size)
+        env = torchrun_env()
+        if env is not None:
+            if env[1] != world_size:
+                raise ValueError(f"fit(world_size={world_size}) but torchrun started "
+                                 f"WORLD_SIZE={env[1]} processes")
+            results = run_spmd(job, timeout)
+        elif world_size == 1:
+            results = run_rank(job, 0, 1)
+        else:
+            job.threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+            results = spawn(job, world_size, timeout)
+        self._load_states(results)
+        report = build_report(strategy, world_size, job.plan, batch_size, steps, self.num_blocks, results)
+        self.last_report = report
+        return report
+
+    def student_model(self) -> nn.Sequential:
+        """The student blocks (trained in place by ``fit``) as one Sequential, on CPU."""
+        return nn.Sequential(*self.student).cpu()
+
+    def _job(self, dataset: Any, batch_size: int, steps: int, world_size: int, strategy: str,
+             plan: Plan | str | None, seed: int, max_inflight: int, threads: int | None,
+             progress: bool | None) -> Job:
+        """Validate everything that can be checked in the caller and build the job."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 1),
+                                 ("world_size", world_size, 1), ("max_inflight", max_inflight, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        length = dataset_length(dataset)
+        if length == 0:
+            raise ValueError("dataset is empty")
+        if self.device.startswith("cuda") and torchrun_env() is None and world_size > torch.cuda.device_count():
+            raise ValueError(f"world_size {world_size} needs one GPU per rank but "
+                             f"{torch.cuda.device_count()} are visible")
+        resolved = self._resolve_plan(plan, strategy, world_size)
+        widest = max(resolved.replicas)
+        if batch_size < widest:
+            raise ValueError(f"batch_size {batch_size} is smaller than the widest stage's replica "
+                             f"count ({widest}); every replica needs at least one row")
+        boundary, labels = self._probe(dataset)
+        return Job(strategy=strategy, plan=resolved, num_blocks=self.num_blocks,
+                   teacher=dict(enumerate(self.teacher)), student=dict(enumerate(self.student)),
+                   optimizer=self.optimizer, block_loss=self.block_loss, final_loss=self.final_loss,
+                   dataset=dataset, dataset_len=length, batch_size=batch_size, steps=steps, seed=seed,
+                   boundary=boundary, labels=labels, device=self.device, max_inflight=max_inflight,
+                   threads=threads, progress=sys.stderr.isatty() if progress is None else progress)
+
+    def _resolve_plan(self, plan: Plan | str | None, strategy: str, world_size: int) -> Plan:
+        n = self.num_blocks
+        if strategy == "baseline":
+            if plan is not None:
+                raise ValueError("the baseline trains all blocks data parallel over all ranks; "
+                                 "plan applies to strategy='pipebd' only")
+            return Plan([list(range(n))], [world_size])
+        if plan is None:
+            return default_plan(n, world_size)
+        if isinstance(plan, str):
+            if plan == "auto":
+                raise NotImplementedError("plan='auto' (profiled automatic hybrid distribution) is "
+                                          "not implemented yet; pass plan=None or a pipebd.Plan")
+            raise ValueError(f"plan must be None, 'auto' or a pipebd.Plan, got {plan!r}")
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be None, 'auto' or a pipebd.Plan, got {type(plan).__name__}")
+        plan.validate(n, world_size)
+        return plan
+
+    def _probe(self, dataset: Any) -> tuple[list[TensorSpec], TensorSpec | None]:
+        """Run one sample through every teacher and student block to learn the boundary shapes
+        and catch mismatches before any process starts."""
+        x, y = probe_item(dataset)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"dataset items must be tensors or (tensor, label) pairs, got {type(x).__name__}")
+        needs_labels = bool(getattr(self.final_loss, "needs_labels", False))
+        if needs_labels and y is None:
+            raise ValueError("final_loss needs labels but dataset items carry none (use (x, y) items)")
+        labels = TensorSpec(tuple(torch.as_tensor(y).shape[1:]), torch.as_tensor(y).dtype) if needs_labels else None
+        modes = [m.training for m in self.teacher + self.student]
+        try:
+            for m in self.teacher + self.student:
+                m.eval()
+            with torch.no_grad():
+                a = x.to(_device_of(self.teacher[0]))
+                boundary = [TensorSpec(tuple(a.shape[1:]), a.dtype)]
+                for i, (t, s) in enumerate(zip(self.teacher, self.student)):
+                    out = _call_block(t, a, f"teacher block {i}")
+                    if not isinstance(out, Tensor):
+                        raise TypeError(f"teacher block {i} returned a {type(out).__name__}; "
+                                        f"blocks must return one tensor")
+                    s_out = _call_block(s, a.to(_device_of(s)), f"student block {i}")
+                    if not isinstance(s_out, Tensor) or s_out.shape != out.shape:
+                        got = tuple(s_out.shape[1:]) if isinstance(s_out, Tensor) else type(s_out).__name__
+                        raise ValueError(f"student block {i} outputs shape {got} per sample but "
+                                         f"teacher block {i} outputs {tuple(out.shape[1:])} "
+                                         f"(probed with one sample)")
+                    last = i == self.num_blocks - 1
+                    loss_fn = self.final_loss if last and self.final_loss is not None else self.block_loss
+                    target = out.to(s_out.device)
+                    loss_args = (s_out, target, torch.as_tensor(y).to(s_out.device)) if last and needs_labels \
+                        else (s_out, target)
+                    loss = loss_fn(*loss_args)
+                    if not isinstance(loss, Tensor) or loss.dim() != 0:
+                        raise ValueError(f"the loss of block {i} must return a scalar tensor, got "
+                                         f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
+                    a = out
+                    boundary.append(TensorSpec(tuple(a.shape[1:]), a.dtype))
+        finally:
+            for m, mode in zip(self.teacher + self.student, modes):
+                m.train(mode)
+        return boundary, labels
+
+    def _load_states(self, results: list) -> None:
+        for r in results:
+            for block, state in r.state.items():
+                self.student[block].load_state_dict(state)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _call_block(block: nn.Module, x: Tensor, name: str) -> Any:
+    try:
+        return block(x)
+    except Exception as err:
+        raise ValueError(f"{name} failed on an input of shape {tuple(x.shape[1:])} per sample "
+                         f"(probed with one sample): {err}") from err

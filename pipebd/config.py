@@ -1,0 +1,152 @@
+"""YAML run configurations for the CLI: a file plus ``key.path=value`` overrides, validated up
+front. Unknown keys and values of the wrong type are errors that name the key.
+
+A config describes a model pair from ``pipebd.models``, a dataset, the optimizer and losses, and
+the ``fit`` arguments; ``configs/default.yaml`` shows every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import types
+from dataclasses import dataclass, field
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import torch
+import yaml
+
+from .losses import SoftTargetLoss
+from .plan import Plan
+
+
+@dataclass
+class ModelConfig:
+    pair: str = "cnn"                                       # a name in pipebd.models.PAIRS
+    args: dict = field(default_factory=dict)                # keyword arguments of the pair function
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"                                 # standard-normal inputs
+    samples: int = 2048
+    seed: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"                                       # sgd | adam | adamw
+    lr: float = 0.05
+    momentum: float = 0.9                                   # sgd only
+    weight_decay: float = 0.0
+
+
+@dataclass
+class FinalLossConfig:
+    temperature: float = 4.0
+
+
+@dataclass
+class PlanConfig:
+    stages: list = field(default_factory=list)
+    replicas: list | None = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    block_loss: str = "mse"
+    final_loss: FinalLossConfig | None = None
+    batch_size: int = 64
+    steps: int = 30
+    world_size: int = 1
+    strategy: str = "pipebd"
+    plan: PlanConfig | str | None = None                    # null, "auto", "[0-1]x1 | [2-3]x2" or {stages, replicas}
+    seed: int = 0
+    device: str | None = None
+    max_inflight: int = 2
+    trace: str | None = None                                # write a Chrome trace here
+
+    def fit_plan(self) -> Plan | str | None:
+        if isinstance(self.plan, PlanConfig):
+            return Plan(self.plan.stages, self.plan.replicas)
+        if isinstance(self.plan, str) and self.plan != "auto":
+            return Plan.parse(self.plan)
+        return self.plan
+
+    def build_optimizer(self) -> Any:
+        o = self.optimizer
+        if o.name == "sgd":
+            return functools.partial(torch.optim.SGD, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+        if o.name not in classes:
+            raise ValueError(f"optimizer.name must be one of sgd, adam, adamw, got {o.name!r}")
+        return functools.partial(classes[o.name], lr=o.lr, weight_decay=o.weight_decay)
+
+    def build_final_loss(self) -> SoftTargetLoss | None:
+        return None if self.final_loss is None else SoftTargetLoss(self.final_loss.temperature)
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read ``path`` (or start from the defaults) and apply ``key.path=value`` overrides, whose
+    values are parsed as YAML (``steps=10``, ``plan=auto``, ``final_loss.temperature=2``)."""
+    raw: dict = {}
+    if path is not None:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of keys to values")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key.path=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            child = node.get(p)
+            node = node.setdefault(p, {}) if child is None else child
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return _build(RunConfig, raw, "")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"config key '{where or '<top>'}' must be a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
+            raise ValueError(f"unknown config key '{path}'{hint}")
+        values[key] = _convert(hints[key], value, path)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    options = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ValueError(f"config key '{path}' must not be null")
+    for option in options:
+        if dataclasses.is_dataclass(option) and isinstance(value, dict):
+            return _build(option, value, path)
+        base = get_origin(option) or option
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base in (int, str, dict, list) and isinstance(value, base) and not (base is int and isinstance(value, bool)):
+            return value
+    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    raise ValueError(f"config key '{path}' must be {expected}, got {value!r}")
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)

@@ -1,0 +1,84 @@
+"""Deterministic batch order and loading of batch slices.
+
+The samples of a run form one stream: epoch ``e`` is a permutation of the dataset drawn from a
+generator seeded by ``(seed, e)``, and the epochs are concatenated. Batch ``t`` is rows
+``[t*B, (t+1)*B)`` of that stream, so the batches depend on ``seed`` (and the dataset length)
+only: every strategy and plan sees the same data in the same order, reshuffled each epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+_SEED_MIX = 0x9E3779B1
+
+
+class BatchOrder:
+    """Sample indices of each step's batch."""
+
+    def __init__(self, length: int, batch_size: int, seed: int):
+        if length < 1:
+            raise ValueError("dataset is empty")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self._epochs: dict[int, torch.Tensor] = {}
+
+    def _epoch(self, epoch: int) -> torch.Tensor:
+        perm = self._epochs.get(epoch)
+        if perm is None:
+            gen = torch.Generator().manual_seed((self.seed * _SEED_MIX + epoch) % 2**63)
+            perm = torch.randperm(self.length, generator=gen)
+            # Only the current and the next epoch are ever needed.
+            self._epochs = {e: p for e, p in self._epochs.items() if e >= epoch - 1}
+            self._epochs[epoch] = perm
+        return perm
+
+    def indices(self, step: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Indices of rows ``[lo, hi)`` of batch ``step`` (default: the whole batch)."""
+        hi = self.batch_size if hi is None else hi
+        start = step * self.batch_size + lo
+        out, pos, end = [], start, step * self.batch_size + hi
+        while pos < end:
+            epoch, offset = divmod(pos, self.length)
+            take = min(end - pos, self.length - offset)
+            out.append(self._epoch(epoch)[offset:offset + take])
+            pos += take
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def split_item(item: Any) -> tuple[Any, Any]:
+    """A dataset item is ``x`` or ``(x, y, ...)``; return ``(x, y-or-None)``."""
+    if isinstance(item, (tuple, list)):
+        if not item:
+            raise ValueError("dataset item is an empty sequence")
+        return item[0], (item[1] if len(item) > 1 else None)
+    return item, None
+
+
+def dataset_length(dataset: Dataset | torch.Tensor) -> int:
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise TypeError("dataset must be a map-style torch Dataset (with __len__) or a tensor") from err
+
+
+def load_rows(dataset: Dataset | torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Collate the items at ``index`` into ``(x, y-or-None)`` batches."""
+    if isinstance(dataset, torch.Tensor):
+        return dataset[index], None
+    if isinstance(dataset, TensorDataset):
+        tensors = dataset.tensors
+        return tensors[0][index], (tensors[1][index] if len(tensors) > 1 else None)
+    pairs = [split_item(dataset[i]) for i in index.tolist()]
+    x = default_collate([p[0] for p in pairs])
+    y = default_collate([p[1] for p in pairs]) if pairs[0][1] is not None else None
+    return x, y
+
+
+def probe_item(dataset: Dataset | torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """The first sample as a batch of one, for shape checks before any process starts."""
+    return load_rows(dataset, torch.zeros(1, dtype=torch.long))

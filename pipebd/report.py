@@ -1,0 +1,107 @@
+"""The result of a fit: throughput, per-stage utilization, teacher work and losses.
+
+Time fractions are of the run's wall time (start barrier to the last rank's end), averaged over a
+stage's replicas: ``utilization`` is compute (data, teacher, student, optimizer step),
+``communication`` the gradient allreduce waits, ``waiting`` the time blocked on activations
+(receive) or on the next stage (send backpressure), and ``idle`` the rest (pipeline fill/drain).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .plan import Plan
+from .runtime.worker import RankResult
+from .trace import COMMUNICATION, COMPUTE, WAITING, Span, busy_time, write_chrome_trace
+
+
+@dataclass
+class StageStats:
+    blocks: tuple[int, ...]
+    ranks: list[int]
+    utilization: float
+    communication: float
+    waiting: float
+
+    @property
+    def idle(self) -> float:
+        return max(0.0, 1.0 - self.utilization - self.communication - self.waiting)
+
+
+@dataclass
+class Report:
+    strategy: str
+    world_size: int
+    plan: Plan
+    batch_size: int
+    steps: int
+    wall_s: float
+    teacher_block_runs: list[int]
+    stages: list[StageStats]
+    losses: list[list[float]]              # per block: global-batch loss at each step
+    tracks: list[tuple[str, list[Span]]] = field(repr=False)
+
+    @property
+    def samples_per_s(self) -> float:
+        """Samples per second through the whole distillation: steps * batch_size / wall time.
+        For the baseline this covers all of its block-by-block phases."""
+        return self.steps * self.batch_size / self.wall_s if self.wall_s > 0 else float("inf")
+
+    @property
+    def stage_utilization(self) -> list[float]:
+        return [s.utilization for s in self.stages]
+
+    def final_losses(self, window: int = 5) -> list[float]:
+        """Mean loss of each block over its last ``window`` steps."""
+        return [sum(h[-window:]) / len(h[-window:]) for h in self.losses]
+
+    def save_trace(self, path: str) -> None:
+        """Write a Chrome trace (one track per rank) for Perfetto or chrome://tracing."""
+        write_chrome_trace(path, self.tracks)
+
+    def __str__(self) -> str:
+        lines = [
+            f"pipebd report: strategy={self.strategy} world_size={self.world_size} plan={self.plan.describe()} "
+            f"batch_size={self.batch_size} steps={self.steps}",
+            f"throughput {self.samples_per_s:.1f} samples/s (wall {self.wall_s:.3f} s)",
+            f"{'stage':>5} {'blocks':>7} {'ranks':>9} {'util':>6} {'comm':>6} {'wait':>6} {'idle':>6}",
+        ]
+        for s, st in enumerate(self.stages):
+            blocks = f"{st.blocks[0]}-{st.blocks[-1]}" if len(st.blocks) > 1 else f"{st.blocks[0]}"
+            ranks = f"{st.ranks[0]}-{st.ranks[-1]}" if len(st.ranks) > 1 else f"{st.ranks[0]}"
+            lines.append(f"{s:>5} {blocks:>7} {ranks:>9} {st.utilization:>6.1%} {st.communication:>6.1%} "
+                         f"{st.waiting:>6.1%} {st.idle:>6.1%}")
+        lines.append(f"teacher block runs: {self.teacher_block_runs}")
+        first = [h[0] for h in self.losses]
+        lines.append("block loss first -> last: " + ", ".join(
+            f"{i}: {a:.4g} -> {b:.4g}" for i, (a, b) in enumerate(zip(first, self.final_losses()))))
+        return "\n".join(lines)
+
+
+def build_report(strategy: str, world_size: int, plan: Plan, batch_size: int, steps: int,
+                 num_blocks: int, results: list[RankResult]) -> Report:
+    """Aggregate the gathered per-rank results. For the baseline, ``plan`` is its single stage
+    of all blocks on all ranks."""
+    wall = max(r.elapsed for r in results)
+    runs = [0] * num_blocks
+    losses = [[0.0] * steps for _ in range(num_blocks)]
+    for r in results:
+        for block, rows in r.teacher_rows.items():
+            runs[block] += rows
+        for block, history in r.losses.items():
+            # Each replica holds its slice's share of the global-batch loss.
+            losses[block] = [a + b for a, b in zip(losses[block], history)]
+    stages = []
+    for s, blocks in enumerate(plan.stages):
+        ranks = plan.stage_ranks(s)
+        spans = [results[r].spans for r in ranks]
+
+        def fraction(kinds: tuple[str, ...]) -> float:
+            return sum(busy_time(sp, kinds) for sp in spans) / (len(ranks) * wall) if wall > 0 else 0.0
+
+        stages.append(StageStats(blocks, ranks, fraction(COMPUTE), fraction(COMMUNICATION), fraction(WAITING)))
+    tracks = []
+    for r in results:
+        role = "idle" if r.stage is None else f"stage {r.stage}, replica {r.replica}"
+        tracks.append((f"rank {r.rank} ({role})", r.spans))
+    return Report(strategy, world_size, plan, batch_size, steps, wall, runs, stages, losses, tracks)

@@ -1,0 +1,223 @@
+"""Starting and running the ranks of a fit: in the calling process, as spawned local workers, or
+as the already running processes of a ``torchrun`` launch (SPMD, like DDP).
+
+Spawned workers report back through a pipe each. When one raises, the others are killed and the
+caller gets the first failing rank's traceback (ranks that fail as a consequence, such as peers
+whose connection dropped, are listed after it); a worker that dies without a word is reported
+with its exit code. Nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import cloudpickle
+import torch
+import torch.distributed as dist
+
+from ..plan import Plan
+from .baseline import run_baseline
+from .relay import run_relay
+from .worker import Job, RankResult, RankRuntime
+
+LOOPS = {"pipebd": run_relay, "baseline": run_baseline}
+
+# After the first failure, how long to collect the errors of ranks that fail in its wake.
+_GRACE_S = 1.0
+
+
+class WorkerError(RuntimeError):
+    """A rank of a distributed fit failed; the message holds its traceback."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(message)
+        self.rank = rank
+
+
+def stage_group(plan: Plan, rank: int) -> Any:
+    """Create one process group per replicated stage (every rank must take part in each
+    ``new_group`` call) and return the one of ``rank``'s stage, or None."""
+    mine = None
+    for s, k in enumerate(plan.replicas):
+        if k > 1:
+            group = dist.new_group(plan.stage_ranks(s))
+            if rank in plan.stage_ranks(s):
+                mine = group
+    return mine
+
+
+def run_rank(job: Job, rank: int, world_size: int) -> list[RankResult]:
+    """Run ``job`` as ``rank`` and return every rank's result (gathered with
+    ``all_gather_object``, so under torchrun each rank gets the full result). With
+    ``world_size > 1`` the default process group must exist."""
+    if job.threads is not None:
+        torch.set_num_threads(job.threads)
+    distributed = world_size > 1
+    group = stage_group(job.plan, rank) if distributed else None
+    rt = RankRuntime(job, rank, world_size, group)
+    if distributed:
+        dist.barrier()
+    rt.recorder.restart()
+    if rt.stage is not None:
+        LOOPS[job.strategy](rt)
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    mine = rt.result()
+    if not distributed:
+        return [mine]
+    gathered: list[RankResult | None] = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    if group is not None:
+        dist.destroy_process_group(group)
+    return gathered  # type: ignore[return-value]
+
+
+def torchrun_env() -> tuple[int, int] | None:
+    """``(rank, world_size)`` when launched by torchrun (or any launcher that sets the env)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def run_spmd(job: Job, timeout_s: float) -> list[RankResult]:
+    """Run as this process's rank of an existing (or env-described) process group."""
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(job.device), timeout=timedelta(seconds=timeout_s))
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if job.device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        torch.cuda.set_device(local)
+        job.device = f"cuda:{local}"
+    # Like DDP: every rank starts from rank 0's weights, so that a teacher or student built
+    # without a fixed seed cannot silently differ between the ranks of one pipeline.
+    _broadcast_from_rank0([*job.teacher.values(), *job.student.values()], torch.device(job.device))
+    return run_rank(job, rank, world_size)
+
+
+def _broadcast_from_rank0(modules: list[torch.nn.Module], device: torch.device) -> None:
+    with torch.no_grad():
+        for module in modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                buf = tensor.data.to(device)
+                dist.broadcast(buf, src=0)
+                tensor.data.copy_(buf)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, payload: bytes, timeout_s: float,
+            report: mp.connection.Connection) -> None:
+    try:
+        job: Job = cloudpickle.loads(payload)
+        if job.device.startswith("cuda"):
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            job.device = f"cuda:{rank % torch.cuda.device_count()}"
+        dist.init_process_group(backend_for(job.device), init_method=f"tcp://127.0.0.1:{port}",
+                                rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        gathered = run_rank(job, rank, world_size)
+        report.send(("ok", cloudpickle.dumps(gathered) if rank == 0 else None))
+        dist.destroy_process_group()
+    except BaseException:
+        report.send(("error", time.time(), traceback.format_exc()))
+        sys.exit(1)
+
+
+def _context() -> mp.context.BaseContext:
+    # A fork server that has imported torch but never run it starts workers in a fraction of a
+    # second and, unlike plain fork, shares no thread pools with the caller. torch._dynamo is
+    # preloaded because creating an optimizer imports it (seconds per worker otherwise).
+    if sys.platform.startswith("linux"):
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "pipebd.runtime.launch"])
+        return ctx
+    return mp.get_context("spawn")
+
+
+def spawn(job: Job, world_size: int, timeout_s: float) -> list[RankResult]:
+    """Run ``job`` on ``world_size`` local worker processes and return the gathered results."""
+    ctx = _context()
+    port = _free_port()
+    procs, conns = [], {}
+    try:
+        for r in range(world_size):
+            recv_end, send_end = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_worker, name=f"pipebd-rank{r}", daemon=True,
+                            args=(r, world_size, port, cloudpickle.dumps(job.for_rank(r)), timeout_s, send_end))
+            p.start()
+            send_end.close()  # the child holds the only write end: its exit means EOF here
+            procs.append(p)
+            conns[recv_end] = r
+        gathered, errors = _collect(procs, conns)
+    finally:
+        _stop(procs)
+    if errors:
+        raise _worker_error(job, errors)
+    return gathered
+
+
+def _collect(procs: list, conns: dict) -> tuple[list[RankResult] | None, list]:
+    """Read every rank's report. After the first error, wait only a moment for the errors of
+    ranks that fail in its wake, then give up on the rest."""
+    gathered, errors, first_error_at = None, [], None
+    while conns:
+        timeout = None if first_error_at is None else max(0.0, first_error_at + _GRACE_S - time.monotonic())
+        ready = mp.connection.wait(list(conns), timeout)
+        if not ready:
+            break
+        for conn in ready:
+            rank = conns.pop(conn)
+            try:
+                msg = conn.recv()
+            except EOFError:
+                procs[rank].join(1.0)
+                code = procs[rank].exitcode
+                how = (f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
+                       else f"exited with code {code}")
+                msg = ("error", time.time(), f"rank {rank} {how} without reporting an error\n")
+            if msg[0] == "ok":
+                gathered = cloudpickle.loads(msg[1]) if msg[1] is not None else gathered
+            else:
+                errors.append((msg[1], rank, msg[2]))
+                first_error_at = first_error_at or time.monotonic()
+    return gathered, errors
+
+
+def _stop(procs: list) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 5.0
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _worker_error(job: Job, errors: list) -> WorkerError:
+    errors.sort()
+    _, rank, tb = errors[0]
+    where = job.plan.locate(rank)
+    role = f" (stage {where[0]}, replica {where[1]})" if where and job.strategy == "pipebd" else ""
+    message = f"rank {rank}{role} failed:\n{tb.rstrip()}"
+    others = [f"rank {r}: {t.strip().splitlines()[-1]}" for _, r, t in errors[1:]]
+    if others:
+        message += "\nthen, probably as a consequence:\n  " + "\n  ".join(others)
+    return WorkerError(rank, message)

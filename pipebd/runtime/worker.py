@@ -1,0 +1,228 @@
+"""What one rank holds: the job it runs, its blocks on the device, their optimizers and
+gradient buckets, and the steps every strategy's loop is made of (load a slice, teacher forward,
+student forward/backward, allreduce, optimizer step), each recorded as a span.
+
+The job (``Job``) is plain data plus the user's modules. Nothing here reaches into the user's
+modules beyond calling them, moving them to the device and reading their parameters.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..data import BatchOrder, load_rows
+from ..plan import Plan
+from ..trace import Recorder, Span
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Per-sample shape and dtype of a tensor that crosses a block boundary."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def empty(self, rows: int, device: torch.device) -> Tensor:
+        return torch.empty((rows, *self.shape), dtype=self.dtype, device=device)
+
+
+@dataclass
+class Job:
+    """One ``fit`` call, as every rank sees it.
+
+    ``teacher``/``student`` map block index to module; ``Job.for_rank`` drops the blocks and the
+    dataset a rank does not need before the job is shipped to it. ``boundary[i]`` describes the
+    input of block ``i`` (``boundary[0]`` is a data sample, ``boundary[N]`` the last output).
+    """
+
+    strategy: str
+    plan: Plan
+    num_blocks: int
+    teacher: dict[int, nn.Module]
+    student: dict[int, nn.Module]
+    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+    block_loss: Callable[..., Tensor]
+    final_loss: Callable[..., Tensor] | None
+    dataset: Any
+    dataset_len: int
+    batch_size: int
+    steps: int
+    seed: int
+    boundary: list[TensorSpec]
+    labels: TensorSpec | None          # relayed with the activations when the final loss needs them
+    device: str = "cpu"
+    max_inflight: int = 2
+    threads: int | None = None
+    progress: bool = False
+
+    def blocks_of(self, rank: int) -> list[int]:
+        where = self.plan.locate(rank)
+        if where is None:
+            return []
+        return list(range(self.num_blocks)) if self.strategy == "baseline" else list(self.plan.stages[where[0]])
+
+    def for_rank(self, rank: int) -> "Job":
+        """A copy holding only the blocks and data that ``rank`` touches."""
+        blocks = self.blocks_of(rank)
+        where = self.plan.locate(rank)
+        loads_data = where is not None and (self.strategy == "baseline" or where[0] == 0)
+        return replace(self, teacher={i: self.teacher[i] for i in blocks},
+                       student={i: self.student[i] for i in blocks},
+                       dataset=self.dataset if loads_data else None)
+
+
+@dataclass
+class RankResult:
+    rank: int
+    stage: int | None
+    replica: int | None
+    elapsed: float                            # seconds from the start barrier to this rank's end
+    spans: list[Span]
+    teacher_rows: dict[int, int]              # block -> rows this rank ran through it
+    losses: dict[int, list[float]]            # block -> this rank's share of the loss, per step
+    state: dict[int, dict[str, Tensor]] = field(default_factory=dict)   # replica 0 only
+
+
+class GradBucket:
+    """The gradients of one student block as views into one flat buffer, so a replicated stage
+    needs a single allreduce per block and no copies."""
+
+    def __init__(self, module: nn.Module):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        total = sum(p.numel() for p in self.params)
+        dtype = self.params[0].dtype if self.params else torch.float32
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.flat = torch.zeros(total, dtype=dtype, device=device)
+        offset = 0
+        for p in self.params:
+            p.grad = self.flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def zero(self) -> None:
+        self.flat.zero_()
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A block's loss became NaN or infinite; the message names the stage, block and step."""
+
+
+class RankRuntime:
+    """The per-rank pieces every strategy uses: blocks on the device, optimizers, gradient
+    buckets, the data-parallel group, loss bookkeeping and the span recorder."""
+
+    def __init__(self, job: Job, rank: int, world_size: int, group: Any):
+        self.job, self.rank, self.world_size, self.group = job, rank, world_size, group
+        where = job.plan.locate(rank)
+        self.stage, self.replica = where if where is not None else (None, None)
+        self.device = torch.device(job.device)
+        self.recorder = Recorder()
+        self.blocks = job.blocks_of(rank)
+        self.teacher = {i: job.teacher[i].to(self.device).eval().requires_grad_(False) for i in self.blocks}
+        self.student = {i: job.student[i].to(self.device).train() for i in self.blocks}
+        self.buckets = {i: GradBucket(self.student[i]) for i in self.blocks}
+        self.optimizers = {i: job.optimizer(self.student[i].parameters()) for i in self.blocks}
+        self.teacher_rows = {i: 0 for i in self.blocks}
+        self.group_size = dist.get_world_size(group) if group is not None else 1
+        self.losses = torch.zeros(job.steps, job.num_blocks, dtype=torch.float32, device=self.device)
+        # A NaN check reads the losses back to the host; on a GPU do it every few steps only.
+        self.check_every = 1 if self.device.type == "cpu" else 20
+        self.checked = {i: 0 for i in self.blocks}   # block -> first step not yet checked
+        self.order = BatchOrder(job.dataset_len, job.batch_size, job.seed) if job.dataset is not None else None
+
+    def load(self, step: int, lo: int, hi: int) -> tuple[Tensor, Tensor | None]:
+        with self.recorder.span("data", step):
+            x, y = load_rows(self.job.dataset, self.order.indices(step, lo, hi))
+            x = x.to(self.device, self.job.boundary[0].dtype, non_blocking=True)
+            if self.job.labels is None:
+                return x, None
+            return x, torch.as_tensor(y).to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def teacher_forward(self, block: int, x: Tensor, step: int) -> Tensor:
+        with self.recorder.span("teacher", step, block):
+            out = self.teacher[block](x)
+        self.teacher_rows[block] += x.shape[0]
+        return out
+
+    def train_block(self, block: int, x: Tensor, target: Tensor, labels: Tensor | None,
+                    step: int) -> Any:
+        """Student forward/backward of ``block`` on one slice; starts the gradient allreduce and
+        returns its handle (None without replicas)."""
+        job = self.job
+        with self.recorder.span("student", step, block):
+            out = self.student[block](x)
+            if block == job.num_blocks - 1 and job.final_loss is not None:
+                args = (out, target) if job.labels is None else (out, target, labels)
+                loss = job.final_loss(*args)
+            else:
+                loss = job.block_loss(out, target)
+            # Mean over this slice -> this slice's share of the mean over the global batch.
+            loss = loss * (x.shape[0] / job.batch_size)
+            loss.backward()
+        self.losses[step, block] = loss.detach()
+        if self.group_size > 1 and self.buckets[block].params:
+            return dist.all_reduce(self.buckets[block].flat, group=self.group, async_op=True)
+        return None
+
+    def finish_step(self, blocks: list[int], handles: list[Any], step: int) -> None:
+        """Wait for the gradient allreduces, then step each block's optimizer (no barrier with
+        other stages)."""
+        pending = [h for h in handles if h is not None]
+        if pending:
+            with self.recorder.span("allreduce", step):
+                for h in pending:
+                    h.wait()
+        with self.recorder.span("step", step):
+            for i in blocks:
+                self.optimizers[i].step()
+                self.buckets[i].zero()
+        self.check_finite(blocks, step)
+
+    def check_finite(self, blocks: list[int], step: int) -> None:
+        """Raise NonFiniteLoss naming the stage, block and step of the first NaN/inf loss."""
+        for b in blocks:
+            first = self.checked[b]
+            if step + 1 - first < self.check_every and step != self.job.steps - 1:
+                continue
+            window = self.losses[first:step + 1, b]
+            bad = (~torch.isfinite(window)).nonzero()
+            if len(bad):
+                t = first + int(bad[0])
+                raise NonFiniteLoss(f"non-finite loss ({self.losses[t, b].item()}) at stage "
+                                    f"{self.stage}, block {b}, step {t}")
+            self.checked[b] = step + 1
+
+    def progress(self, total: int, show: bool) -> Any:
+        """A tqdm bar on the rank that finishes last, or a no-op."""
+        if not (show and self.job.progress):
+            return _NoProgress()
+        from tqdm.auto import tqdm
+        # A thread lock: tqdm's default multiprocessing lock leaks a semaphore per worker.
+        tqdm.set_lock(threading.RLock())
+        return tqdm(total=total, unit="step", desc=f"pipebd {self.job.strategy}", leave=False)
+
+    def result(self) -> RankResult:
+        for bucket in self.buckets.values():
+            for p in bucket.params:
+                p.grad = None
+        losses = self.losses.cpu()
+        state = {}
+        if self.replica == 0:
+            state = {i: {k: v.detach().cpu() for k, v in self.student[i].state_dict().items()}
+                     for i in self.blocks}
+        return RankResult(self.rank, self.stage, self.replica, self.recorder.now(), self.recorder.spans,
+                          self.teacher_rows, {i: losses[:, i].tolist() for i in self.blocks}, state)
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

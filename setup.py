@@ -1,0 +1,16 @@
+from setuptools import setup
+
+setup(
+    name="pipebd",
+    version="0.1.0",
+    description="Fast blockwise distillation in PyTorch: Pipe-BD teacher relaying and hybrid parallelism",
+    python_requires=">=3.10",
+    packages=["pipebd", "pipebd.runtime", "pipebd.kernels", "pipebd.models"],
+    package_dir={"pipebd.kernels": "kernels", "pipebd.models": "models"},
+    install_requires=["torch>=2.4", "numpy", "pyyaml>=6", "tqdm", "cloudpickle>=2"],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-timeout>=2"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["pipebd=pipebd.cli:main"]},
+)

@@ -1,0 +1,53 @@
+import pytest
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from pipebd.data import BatchOrder, load_rows
+
+
+def test_batches_depend_on_seed_only_and_cover_each_epoch():
+    order = BatchOrder(length=10, batch_size=4, seed=7)
+    again = BatchOrder(length=10, batch_size=4, seed=7)
+    stream = torch.cat([order.indices(t) for t in range(5)])  # 20 rows = 2 epochs
+    assert torch.equal(stream, torch.cat([again.indices(t) for t in range(5)]))
+    first, second = stream[:10], stream[10:]
+    assert sorted(first.tolist()) == list(range(10)) and sorted(second.tolist()) == list(range(10))
+    assert not torch.equal(first, second)  # reshuffled each epoch
+    assert not torch.equal(stream, torch.cat([BatchOrder(10, 4, seed=8).indices(t) for t in range(5)]))
+
+
+def test_slices_of_a_batch_concatenate_to_the_batch():
+    order = BatchOrder(length=6, batch_size=5, seed=0)
+    for t in range(4):  # batches cross epoch boundaries
+        whole = order.indices(t)
+        parts = torch.cat([order.indices(t, 0, 2), order.indices(t, 2, 3), order.indices(t, 3, 5)])
+        assert torch.equal(whole, parts)
+
+
+def test_dataset_smaller_than_a_batch():
+    order = BatchOrder(length=3, batch_size=7, seed=1)
+    batch = order.indices(0)
+    assert len(batch) == 7 and set(batch.tolist()) == {0, 1, 2}
+
+
+def test_empty_dataset_is_an_error():
+    with pytest.raises(ValueError, match="dataset is empty"):
+        BatchOrder(0, 4, 0)
+
+
+class Pairs(Dataset):
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        return torch.full((2,), float(i)), i * 10
+
+
+def test_load_rows_from_tensors_and_datasets():
+    index = torch.tensor([3, 1])
+    x = torch.arange(10.0).reshape(5, 2)
+    assert torch.equal(load_rows(x, index)[0], x[index])
+    xs, ys = load_rows(TensorDataset(x, torch.arange(5)), index)
+    assert torch.equal(xs, x[index]) and ys.tolist() == [3, 1]
+    xs, ys = load_rows(Pairs(), index)
+    assert xs.tolist() == [[3.0, 3.0], [1.0, 1.0]] and ys.tolist() == [30, 10]

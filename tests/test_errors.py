@@ -1,0 +1,136 @@
+"""Bad input is refused before any process starts; a failing worker surfaces in the caller."""
+
+import os
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import pipebd
+from pipebd.data import BatchOrder
+from pipebd.models import mlp_pair
+
+DATA = torch.randn(30, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def no_spawn(monkeypatch):
+    """Fail the test if fit gets as far as starting worker processes."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("worker processes were started")
+    monkeypatch.setattr(pipebd.api, "spawn", refuse)
+
+
+def distiller(**kwargs):
+    teacher, student = mlp_pair(num_blocks=4, seed=0)
+    return pipebd.Distiller(teacher, student, device="cpu", **kwargs)
+
+
+def test_block_count_mismatch():
+    teacher, student = mlp_pair(num_blocks=4)
+    with pytest.raises(ValueError, match="teacher has 4 blocks but student has 3"):
+        pipebd.Distiller(teacher, student[:3])
+
+
+def test_student_shape_mismatch_names_block_and_shapes(no_spawn):
+    teacher, student = mlp_pair(num_blocks=4, width=32)
+    student[2] = nn.Sequential(nn.Linear(32, 12), nn.Tanh(), nn.Linear(12, 31))
+    with pytest.raises(ValueError, match=r"student block 2 outputs shape \(31,\) per sample but teacher "
+                                         r"block 2 outputs \(32,\)"):
+        pipebd.Distiller(teacher, student).fit(DATA, batch_size=4, steps=1, world_size=2)
+
+
+def test_student_that_cannot_take_the_teacher_activation(no_spawn):
+    teacher, student = mlp_pair(num_blocks=4, width=32)
+    student[1] = nn.Linear(30, 32)
+    with pytest.raises(ValueError, match=r"student block 1 failed on an input of shape \(32,\)"):
+        pipebd.Distiller(teacher, student).fit(DATA, batch_size=4, steps=1, world_size=2)
+
+
+@pytest.mark.parametrize("plan, message", [
+    (pipebd.Plan([[0, 1], [3]]), r"misses block\(s\) \[2\]"),
+    (pipebd.Plan([[0, 1], [1, 2, 3]]), "repeats block 1"),
+    (pipebd.Plan([[0, 2], [1, 3]]), "contiguous"),
+    (pipebd.Plan([[0, 1], [2, 3]], [1, 2]), r"needs 3 ranks .* world_size is 2"),
+])
+def test_bad_plans(no_spawn, plan, message):
+    with pytest.raises(ValueError, match=message):
+        distiller().fit(DATA, batch_size=4, steps=1, world_size=2, plan=plan)
+
+
+def test_other_bad_arguments(no_spawn):
+    d = distiller()
+    with pytest.raises(ValueError, match="dataset is empty"):
+        d.fit(torch.empty(0, 16), batch_size=4, steps=1, world_size=2)
+    with pytest.raises(ValueError, match=r"batch_size 2 is smaller than the widest stage's replica count \(3\)"):
+        d.fit(DATA, batch_size=2, steps=1, world_size=4, plan=pipebd.Plan([[0, 1], [2, 3]], [1, 3]))
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        d.fit(DATA, batch_size=4, steps=1, world_size=2, strategy="dna")
+    with pytest.raises(ValueError, match="plan applies to strategy='pipebd' only"):
+        d.fit(DATA, batch_size=4, steps=1, world_size=2, strategy="baseline", plan=pipebd.Plan([[0, 1, 2, 3]]))
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        d.fit(DATA, batch_size=4, steps=0, world_size=2)
+    with pytest.raises(NotImplementedError, match="plan='auto'"):
+        d.fit(DATA, batch_size=4, steps=1, world_size=2, plan="auto")
+    with pytest.raises(ValueError, match="needs labels"):
+        class NeedsLabels(nn.Module):
+            needs_labels = True
+        distiller(final_loss=NeedsLabels()).fit(DATA, batch_size=4, steps=1, world_size=2)
+
+
+class FailsInTraining(nn.Module):
+    """Wraps a block; after ``after`` training calls it raises, or ends the process silently."""
+
+    def __init__(self, inner, after, how="raise"):
+        super().__init__()
+        self.inner, self.after, self.how, self.calls = inner, after, how, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls > self.after:
+                if self.how == "exit":
+                    os._exit(3)
+                raise RuntimeError("student block exploded on purpose")
+        return self.inner(x)
+
+
+def failing_distiller(how):
+    teacher, student = mlp_pair(num_blocks=4, seed=0)
+    student[3] = FailsInTraining(student[3], after=3, how=how)
+    return pipebd.Distiller(teacher, student, device="cpu")
+
+
+def test_worker_exception_reaches_the_caller_with_its_traceback():
+    start = time.monotonic()
+    with pytest.raises(pipebd.WorkerError) as info:
+        failing_distiller("raise").fit(DATA, batch_size=4, steps=10, world_size=2, timeout=60)
+    assert time.monotonic() - start < 60
+    message = str(info.value)
+    assert message.startswith("rank 1 (stage 1, replica 0) failed:")
+    assert "Traceback (most recent call last)" in message
+    assert "RuntimeError: student block exploded on purpose" in message
+    assert info.value.rank == 1
+
+
+def test_worker_that_dies_silently_is_reported():
+    start = time.monotonic()
+    with pytest.raises(pipebd.WorkerError, match="rank 1 exited with code 3 without reporting an error"):
+        failing_distiller("exit").fit(DATA, batch_size=4, steps=10, world_size=2, timeout=60)
+    assert time.monotonic() - start < 60
+
+
+def nan_step(row, length=30, batch=4, seed=0):
+    order = BatchOrder(length, batch, seed)
+    return next(t for t in range(100) if row in order.indices(t).tolist())
+
+
+def test_non_finite_loss_names_stage_block_and_step():
+    data = DATA.clone()
+    data[5, 0] = float("nan")
+    step = nan_step(5)
+    with pytest.raises(pipebd.NonFiniteLoss, match=f"non-finite loss \\(nan\\) at stage 0, block 0, step {step}$"):
+        distiller().fit(data, batch_size=4, steps=step + 2, world_size=1)
+    with pytest.raises(pipebd.WorkerError, match=f"non-finite loss \\(nan\\) at stage \\d, block \\d, step {step}"):
+        distiller().fit(data, batch_size=4, steps=step + 2, world_size=2, timeout=60)

@@ -1,0 +1,61 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pipebd
+from pipebd.losses import resolve_block_loss
+
+
+def reference(s, t, T):
+    """T^2 * sum_j p_t log(p_t / p_s), per row, in float64."""
+    p_t = torch.softmax(t.double() / T, -1)
+    log_ps = torch.log_softmax(s.double() / T, -1)
+    log_pt = torch.log_softmax(t.double() / T, -1)
+    return T**2 * torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros((), dtype=torch.float64)).sum(-1)
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_soft_target_loss_and_gradient_match_formula(T, reduction):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(6, 11, generator=g, requires_grad=True)
+    t = torch.randn(6, 11, generator=g)
+    loss = pipebd.soft_target_loss(s, t, T, reduction)
+    per_row = reference(s.detach(), t, T)
+    expected = {"none": per_row, "sum": per_row.sum(), "batchmean": per_row.sum() / 6}[reduction]
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    loss.sum().backward()
+    grad = T * (torch.softmax(s.detach().double() / T, -1) - torch.softmax(t.double() / T, -1))
+    if reduction == "batchmean":
+        grad = grad / 6
+    torch.testing.assert_close(s.grad.double(), grad, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_teacher_entries_contribute_nothing():
+    s = torch.tensor([[1.0, 2.0, 3.0]])
+    t = torch.tensor([[0.5, float("-inf"), 1.5]])
+    loss = pipebd.soft_target_loss(s, t, 2.0)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), reference(s, t, 2.0).sum(), rtol=1e-6, atol=1e-7)
+
+
+def test_module_form_and_bad_input():
+    loss = pipebd.SoftTargetLoss(temperature=3.0)
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    assert loss(s, t).item() == pytest.approx(pipebd.soft_target_loss(s, t, 3.0).item())
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        pipebd.SoftTargetLoss(temperature=0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        loss(torch.randn(4, 5), torch.randn(4, 6))
+    with pytest.raises(ValueError, match="2-D"):
+        loss(torch.randn(4, 5, 2), torch.randn(4, 5, 2))
+    with pytest.raises(TypeError, match="floating point"):
+        loss(torch.ones(4, 5, dtype=torch.long), torch.ones(4, 5, dtype=torch.long))
+
+
+def test_block_losses():
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    assert resolve_block_loss("mse")(a, b).item() == pytest.approx(F.mse_loss(a, b).item())
+    assert resolve_block_loss("l1")(a, b).item() == pytest.approx(F.l1_loss(a, b).item())
+    with pytest.raises(ValueError, match="unknown block_loss 'cosine'"):
+        resolve_block_loss("cosine")

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+import pipebd
+from pipebd.models import PAIRS, cnn_pair, mlp_pair
+
+
+@pytest.mark.parametrize("name, kwargs, boundaries", [
+    ("mlp", {"num_blocks": 5, "in_features": 8, "width": 20, "classes": 3},
+     [(8,), (20,), (20,), (20,), (20,), (3,)]),
+    ("cnn", {"width": 8, "depth": 1, "classes": 7},
+     [(3, 32, 32), (8, 32, 32), (16, 16, 16), (32, 8, 8), (7,)]),
+])
+def test_pairs_have_matching_boundaries(name, kwargs, boundaries):
+    teacher, student = PAIRS[name].build(**kwargs)
+    assert PAIRS[name].input_shape(**kwargs) == boundaries[0]
+    assert len(teacher) == len(student) == len(boundaries) - 1 >= 4
+    a = torch.randn(2, *boundaries[0])
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        t.eval()
+        out = t(a)
+        assert tuple(out.shape[1:]) == boundaries[i + 1]
+        assert s(a).shape == out.shape
+        a = out
+
+
+def test_student_is_smaller_than_teacher_and_init_follows_seed():
+    teacher, student = cnn_pair()
+    count = lambda blocks: sum(p.numel() for b in blocks for p in b.parameters())
+    assert count(student) < count(teacher) / 3
+    a, b = mlp_pair(seed=1), mlp_pair(seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(a[1][0].parameters(), b[1][0].parameters()))
+    assert not torch.equal(next(mlp_pair(seed=2)[1][0].parameters()), next(a[1][0].parameters()))
+
+
+def test_cnn_pair_distills_with_soft_targets():
+    teacher, student = cnn_pair(width=8, depth=1)
+    data = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    distiller = pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3),
+                                 final_loss=pipebd.SoftTargetLoss(temperature=4.0), device="cpu")
+    report = distiller.fit(data, batch_size=16, steps=30, world_size=1)
+    first, last = [h[0] for h in report.losses], report.final_losses()
+    assert all(b < 0.9 * a for a, b in zip(first, last)), (first, last)
+    model = distiller.student_model().eval()
+    assert model(data[:2]).shape == (2, 10)

@@ -1,0 +1,72 @@
+import pytest
+
+from pipebd import Plan
+from pipebd.plan import default_plan, even_split
+
+
+def test_locate_and_stage_ranks():
+    plan = Plan(stages=[[0, 1], [2, 3, 4, 5]], replicas=[1, 3])
+    assert plan.stage_ranks(0) == [0]
+    assert plan.stage_ranks(1) == [1, 2, 3]
+    assert [plan.locate(r) for r in range(5)] == [(0, 0), (1, 0), (1, 1), (1, 2), None]
+    assert plan.ranks_used == 4
+    plan.validate(num_blocks=6, world_size=4)
+    plan.validate(num_blocks=6, world_size=5)  # a spare rank stays idle
+
+
+def test_replicas_default_to_one():
+    assert Plan([[0], [1, 2]]).replicas == (1, 1)
+
+
+@pytest.mark.parametrize("stages, replicas, world, message", [
+    ([[0, 1], [3]], None, 2, r"misses block\(s\) \[2\]"),
+    ([[0, 1], [1, 2, 3]], None, 2, "repeats block 1"),
+    ([[0, 2], [1, 3]], None, 2, "contiguous"),
+    ([[2, 3], [0, 1]], None, 2, "contiguous"),
+    ([[0, 1], [2, 3, 4]], None, 2, "names block 4"),
+    ([[0, 1], [2, 3]], [2, 3], 4, r"needs 5 ranks .* world_size is 4"),
+    ([[0, 1], [2, 3]], [1], 2, "2 stages but 1 replica"),
+    ([[0, 1], [2, 3]], [1, 0], 2, "stage 1 has 0 replicas"),
+    ([[0, 1, 2, 3], []], None, 2, "stage 1 has no blocks"),
+    ([], None, 2, "no stages"),
+])
+def test_invalid_plans(stages, replicas, world, message):
+    with pytest.raises(ValueError, match=message):
+        Plan(stages, replicas).validate(num_blocks=4, world_size=world)
+
+
+def test_even_split():
+    assert even_split(10, 3) == [4, 3, 3]
+    assert even_split(2, 4) == [1, 1, 0, 0]
+    assert sum(even_split(17, 5)) == 17
+
+
+@pytest.mark.parametrize("blocks, world, stages, replicas", [
+    (4, 1, [[0, 1, 2, 3]], [1]),
+    (4, 2, [[0, 1], [2, 3]], [1, 1]),
+    (5, 2, [[0, 1, 2], [3, 4]], [1, 1]),
+    (4, 3, [[0, 1], [2], [3]], [1, 1, 1]),
+    (4, 4, [[0], [1], [2], [3]], [1, 1, 1, 1]),
+    (2, 5, [[0], [1]], [3, 2]),
+])
+def test_default_plan_balances_block_counts(blocks, world, stages, replicas):
+    plan = default_plan(blocks, world)
+    assert plan == Plan(stages, replicas)
+    plan.validate(blocks, world)
+
+
+@pytest.mark.parametrize("text, stages, replicas", [
+    ("[0-1]x1 | [2-5]x3", [[0, 1], [2, 3, 4, 5]], [1, 3]),
+    ("0-1|2-5x3", [[0, 1], [2, 3, 4, 5]], [1, 3]),
+    ("[0]x2|[1-3]", [[0], [1, 2, 3]], [2, 1]),
+])
+def test_parse_reads_what_describe_writes(text, stages, replicas):
+    plan = Plan.parse(text)
+    assert plan == Plan(stages, replicas)
+    assert Plan.parse(plan.describe()) == plan
+
+
+@pytest.mark.parametrize("text", ["a-b", "0-1|", "0x", ""])
+def test_parse_rejects_malformed_plans(text):
+    with pytest.raises(ValueError, match="cannot read stage"):
+        Plan.parse(text)

@@ -1,0 +1,18 @@
+"""The README's quick start runs as written."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_quick_start_runs(tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    script = tmp_path / "quick_start.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "samples/s" in proc.stdout and "teacher block runs: [1280, 1280, 1280, 1280]" in proc.stdout
+    assert (tmp_path / "trace.json").stat().st_size > 0

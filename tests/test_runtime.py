@@ -1,0 +1,118 @@
+"""Properties of the teacher relay beyond equal weights: who touches the data, no_grad teacher,
+bounded run-ahead, and the report and trace built from the recorded spans."""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import pipebd
+from pipebd.models import mlp_pair
+
+DATA = torch.randn(40, 16, generator=torch.Generator().manual_seed(0))
+
+
+class LoggedDataset(Dataset):
+    """Appends the reading process's pid to a file on every item access."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __len__(self):
+        return len(DATA)
+
+    def __getitem__(self, i):
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return DATA[i]
+
+
+def test_only_stage_zero_reads_the_dataset(tmp_path):
+    log = tmp_path / "reads"
+    teacher, student = mlp_pair(num_blocks=4)
+    plan = pipebd.Plan([[0, 1], [2], [3]], [2, 1, 1])
+    pipebd.Distiller(teacher, student, device="cpu").fit(LoggedDataset(str(log)), batch_size=6, steps=5,
+                                                         world_size=4, plan=plan, timeout=60)
+    pids = log.read_text().split()
+    readers = set(pids) - {str(os.getpid())}  # the caller reads one sample to probe shapes
+    assert len(readers) == 2  # the two replicas of stage 0
+    assert len(pids) - pids.count(str(os.getpid())) == 5 * 6  # each sample of each batch once
+
+
+class AssertsNoGrad(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        assert not torch.is_grad_enabled(), "teacher ran with autograd on"
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("strategy", ["pipebd", "baseline"])
+def test_teacher_runs_without_autograd(strategy):
+    teacher, student = mlp_pair(num_blocks=4)
+    teacher = [AssertsNoGrad(b) for b in teacher]
+    report = pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=4, steps=3, world_size=2,
+                                                                  strategy=strategy, timeout=60)
+    assert report.teacher_block_runs[-1] == 12
+
+
+class Slow(nn.Module):
+    def __init__(self, inner, seconds):
+        super().__init__()
+        self.inner, self.seconds = inner, seconds
+
+    def forward(self, x):
+        if self.training:
+            time.sleep(self.seconds)
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("max_inflight", [1, 3])
+def test_a_stage_runs_at_most_max_inflight_plus_one_batches_ahead(max_inflight):
+    teacher, student = mlp_pair(num_blocks=2)
+    student[1] = Slow(student[1], 0.06)
+    steps = 12
+    report = pipebd.Distiller(teacher, student, device="cpu").fit(
+        DATA, batch_size=4, steps=steps, world_size=2, max_inflight=max_inflight, timeout=60)
+    (_, first), (_, second) = report.tracks
+    teacher_start = {s.step: s.start for s in first if s.kind == "teacher"}
+    received = {s.step: s.end for s in second if s.kind == "recv-wait"}
+    ahead = max_inflight + 1
+    # Both ranks' clocks start at the same barrier; allow 30 ms (half a slow step) for the skew
+    # of leaving it.
+    for t in range(ahead + 1, steps):
+        assert teacher_start[t] >= received[t - ahead - 1] - 0.03, (t, teacher_start[t], received[t - ahead - 1])
+    # ...and the bound is what limits the fast stage: it does get that far ahead.
+    assert any(teacher_start[t] < received[t - ahead] for t in range(ahead, steps))
+
+
+def test_report_and_trace(tmp_path):
+    teacher, student = mlp_pair(num_blocks=4)
+    plan = pipebd.Plan([[0], [1, 2, 3]], [1, 2])
+    report = pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=6, steps=8, world_size=3,
+                                                                  plan=plan, timeout=60)
+    assert report.samples_per_s == pytest.approx(8 * 6 / report.wall_s)
+    assert len(report.stage_utilization) == 2
+    for st in report.stages:
+        assert 0 < st.utilization <= 1 and 0 <= st.idle <= 1
+        assert st.utilization + st.communication + st.waiting <= 1 + 1e-9
+    assert report.stages[1].communication > 0  # the replicated stage allreduces its gradients
+    text = str(report)
+    assert "samples/s" in text and "[1-3]x2" in text and "teacher block runs: [48, 48, 48, 48]" in text
+
+    path = tmp_path / "trace.json"
+    report.save_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    names = {e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert names == {"rank 0 (stage 0, replica 0)", "rank 1 (stage 1, replica 0)", "rank 2 (stage 1, replica 1)"}
+    spans = [e for e in events if e["ph"] == "X"]
+    assert {e["cat"] for e in spans} >= {"data", "teacher", "student", "step", "recv-wait", "allreduce"}
+    teacher_spans = [e for e in spans if e["cat"] == "teacher"]
+    assert len(teacher_spans) == 8 * 1 + 2 * 8 * 3  # rank 0: block 0; ranks 1 and 2: blocks 1-3
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
