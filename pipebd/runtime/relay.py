@@ -4,8 +4,11 @@ Distillation", DATE 2023): teacher relaying (TR) with decoupled parameter update
 Each stage runs the teacher blocks it owns exactly once per sample, starts an asynchronous send of
 the last activation to the next stage, and trains its student blocks on the activations it already
 holds. Only stage 0 touches the dataset. Optimizers step as soon as a stage's own gradients are
-ready; there is no barrier between stages. A stage runs at most ``max_inflight`` batches ahead of
-the next one: before sending batch t it waits until the send of batch ``t - max_inflight`` is done.
+ready; there is no barrier between stages. Before sending batch t a stage waits until its send of
+batch ``t - max_inflight`` has completed. A send completes once the receiver has posted the
+matching receive (gloo and NCCL both work this way), and a stage posts its receive one batch
+ahead, so a stage runs at most ``max_inflight + 1`` batches ahead of the next and the activations
+in flight stay bounded on long runs.
 """
 
 from __future__ import annotations
@@ -15,10 +18,19 @@ from collections import deque
 import torch.distributed as dist
 from torch import Tensor
 
-from .redistribute import overlaps, slices
+from .redistribute import Overlap, overlaps, slices
 from .worker import RankRuntime
 
-ACTIVATION_TAG, LABEL_TAG = 0, 1
+
+def _post(op, tensors: tuple[Tensor, ...], links: list[Overlap], peers: list[int], lo: int) -> list:
+    """Start ``op`` (``dist.isend`` or ``dist.irecv``) for the rows of each overlap with the
+    peer stage; the position of a tensor in ``tensors`` is its tag (activation 0, labels 1)."""
+    handles = []
+    for ov in links:
+        rows = slice(ov.lo - lo, ov.hi - lo)
+        peer = peers[ov.dst if op is dist.isend else ov.src]
+        handles += [op(t[rows], peer, tag=tag) for tag, t in enumerate(tensors)]
+    return handles
 
 
 def run_relay(rt: RankRuntime) -> None:
@@ -33,25 +45,11 @@ def run_relay(rt: RankRuntime) -> None:
     src_ranks = plan.stage_ranks(s - 1) if s > 0 else []
     dst_ranks = plan.stage_ranks(s + 1) if s < last_stage else []
 
-    def post_recv() -> tuple[Tensor, Tensor | None, list]:
-        x = job.boundary[blocks[0]].empty(hi - lo, rt.device)
-        y = job.labels.empty(hi - lo, rt.device) if job.labels is not None else None
-        handles = []
-        for ov in inbound:
-            rows = slice(ov.lo - lo, ov.hi - lo)
-            handles.append(dist.irecv(x[rows], src=src_ranks[ov.src], tag=ACTIVATION_TAG))
-            if y is not None:
-                handles.append(dist.irecv(y[rows], src=src_ranks[ov.src], tag=LABEL_TAG))
-        return x, y, handles
+    specs = [job.boundary[blocks[0]]] + ([job.labels] if job.labels is not None else [])
 
-    def post_send(out: Tensor, y: Tensor | None) -> tuple[list, tuple]:
-        handles = []
-        for ov in outbound:
-            rows = slice(ov.lo - lo, ov.hi - lo)
-            handles.append(dist.isend(out[rows], dst=dst_ranks[ov.dst], tag=ACTIVATION_TAG))
-            if y is not None:
-                handles.append(dist.isend(y[rows], dst=dst_ranks[ov.dst], tag=LABEL_TAG))
-        return handles, (out, y)  # the tensors must outlive their sends
+    def post_recv() -> tuple[tuple[Tensor, ...], list]:
+        bufs = tuple(spec.empty(hi - lo, rt.device) for spec in specs)
+        return bufs, _post(dist.irecv, bufs, inbound, src_ranks, lo)
 
     sends: deque = deque()
     incoming = post_recv() if s > 0 else None
@@ -60,7 +58,8 @@ def run_relay(rt: RankRuntime) -> None:
         if s == 0:
             x, y = rt.load(t, lo, hi)
         else:
-            x, y, handles = incoming
+            (x, *rest), handles = incoming
+            y = rest[0] if rest else None
             with rt.recorder.span("recv-wait", t):
                 for h in handles:
                     h.wait()
@@ -74,7 +73,8 @@ def run_relay(rt: RankRuntime) -> None:
                 with rt.recorder.span("send-wait", t):
                     for h in sends.popleft()[0]:
                         h.wait()
-            sends.append(post_send(acts[-1].contiguous(), y))
+            out = (acts[-1].contiguous(),) + ((y,) if y is not None else ())
+            sends.append((_post(dist.isend, out, outbound, dst_ranks, lo), out))  # out outlives its sends
         grads = [rt.train_block(i, acts[j], acts[j + 1], y, t) for j, i in enumerate(blocks)]
         rt.finish_step(blocks, grads, t)
         bar.update()
