@@ -5,10 +5,11 @@ Each stage runs the teacher blocks it owns exactly once per sample, starts an as
 the last activation to the next stage, and trains its student blocks on the activations it already
 holds. Only stage 0 touches the dataset. Optimizers step as soon as a stage's own gradients are
 ready; there is no barrier between stages. Before sending batch t a stage waits until its send of
-batch ``t - max_inflight`` has completed. A send completes once the receiver has posted the
-matching receive (gloo and NCCL both work this way), and a stage posts its receive one batch
-ahead, so a stage runs at most ``max_inflight + 1`` batches ahead of the next and the activations
-in flight stay bounded on long runs.
+batch ``t - max_inflight`` has completed. With gloo a send completes once the receiver has
+posted the matching receive, and a stage posts its receive one batch ahead, so a stage runs at
+most ``max_inflight + 1`` batches ahead of the next and the activations in flight stay bounded on
+long runs (tested). With NCCL ``wait`` orders CUDA streams rather than blocking the host; that
+path has not been run on a GPU yet.
 """
 
 from __future__ import annotations
