@@ -60,7 +60,6 @@ class Distiller:
                              "replicated stages reproduce the full-batch gradient")
         self.final_loss = final_loss
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.last_report: Report | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -76,20 +75,19 @@ class Distiller:
         (block by block, data parallel over all ranks, teacher recomputed from the input).
         ``plan``: None (one contiguous block range per rank), a ``Plan``, or ``"auto"``.
         ``world_size > 1`` spawns local workers unless the process runs under torchrun, where every
-        rank calls ``fit``. ``max_inflight`` bounds how many batches a stage may run ahead of the
+        rank calls ``fit``. A stage runs at most ``max_inflight + 1`` batches ahead of the
         next; ``threads`` sets torch threads per spawned worker (default: cores / world_size);
         ``timeout`` (seconds) bounds every collective and point-to-point wait.
         Raises ValueError/TypeError for bad input before any process starts, and
         ``pipebd.WorkerError`` with the failing rank's traceback if a worker fails.
         """
+        env = torchrun_env()
+        if env is not None and env[1] != world_size:
+            raise ValueError(f"fit(world_size={world_size}) but torchrun started WORLD_SIZE={env[1]} processes")
         job = self._job(dataset, batch_size, steps, world_size, strategy, plan, seed, max_inflight,
                         threads, progress)
         log.info("pipebd: strategy %s, plan %s on %d rank(s)", strategy, job.plan.describe(), world_size)
-        env = torchrun_env()
         if env is not None:
-            if env[1] != world_size:
-                raise ValueError(f"fit(world_size={world_size}) but torchrun started "
-                                 f"WORLD_SIZE={env[1]} processes")
             results = run_spmd(job, timeout)
         elif world_size == 1:
             results = run_rank(job, 0, 1)
@@ -97,9 +95,7 @@ class Distiller:
             job.threads = threads or max(1, (os.cpu_count() or 1) // world_size)
             results = spawn(job, world_size, timeout)
         self._load_states(results)
-        report = build_report(strategy, world_size, job.plan, batch_size, steps, self.num_blocks, results)
-        self.last_report = report
-        return report
+        return build_report(strategy, world_size, job.plan, batch_size, steps, self.num_blocks, results)
 
     def student_model(self) -> nn.Sequential:
         """The student blocks (trained in place by ``fit``) as one Sequential, on CPU."""

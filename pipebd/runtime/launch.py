@@ -97,14 +97,18 @@ def run_spmd(job: Job, timeout_s: float) -> list[RankResult]:
     if not dist.is_initialized():
         dist.init_process_group(backend_for(job.device), timeout=timedelta(seconds=timeout_s))
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if job.device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
-        torch.cuda.set_device(local)
-        job.device = f"cuda:{local}"
+    _pin_device(job, int(os.environ.get("LOCAL_RANK", rank)))
     # Like DDP: every rank starts from rank 0's weights, so that a teacher or student built
     # without a fixed seed cannot silently differ between the ranks of one pipeline.
     _broadcast_from_rank0([*job.teacher.values(), *job.student.values()], torch.device(job.device))
     return run_rank(job, rank, world_size)
+
+
+def _pin_device(job: Job, local_rank: int) -> None:
+    """On CUDA, give the rank its own GPU (NCCL needs the current device set)."""
+    if job.device.startswith("cuda"):
+        job.device = f"cuda:{local_rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(job.device)
 
 
 def _broadcast_from_rank0(modules: list[torch.nn.Module], device: torch.device) -> None:
@@ -126,9 +130,7 @@ def _worker(rank: int, world_size: int, port: int, payload: bytes, timeout_s: fl
             report: mp.connection.Connection) -> None:
     try:
         job: Job = cloudpickle.loads(payload)
-        if job.device.startswith("cuda"):
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-            job.device = f"cuda:{rank % torch.cuda.device_count()}"
+        _pin_device(job, rank)
         dist.init_process_group(backend_for(job.device), init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
         gathered = run_rank(job, rank, world_size)
@@ -154,7 +156,7 @@ def spawn(job: Job, world_size: int, timeout_s: float) -> list[RankResult]:
     """Run ``job`` on ``world_size`` local worker processes and return the gathered results."""
     ctx = _context()
     port = _free_port()
-    procs, conns = [], {}
+    procs, conns, ends = [], {}, []
     try:
         for r in range(world_size):
             recv_end, send_end = ctx.Pipe(duplex=False)
@@ -164,9 +166,12 @@ def spawn(job: Job, world_size: int, timeout_s: float) -> list[RankResult]:
             send_end.close()  # the child holds the only write end: its exit means EOF here
             procs.append(p)
             conns[recv_end] = r
+            ends.append(recv_end)
         gathered, errors = _collect(procs, conns)
     finally:
         _stop(procs)
+        for end in ends:
+            end.close()
     if errors:
         raise _worker_error(job, errors)
     return gathered
