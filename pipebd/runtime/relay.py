@@ -19,19 +19,14 @@ from collections import deque
 import torch.distributed as dist
 from torch import Tensor
 
-from .redistribute import Overlap, overlaps, slices
+from .redistribute import overlaps, slices
 from .worker import RankRuntime
 
 
-def _post(op, tensors: tuple[Tensor, ...], links: list[Overlap], peers: list[int], lo: int) -> list:
-    """Start ``op`` (``dist.isend`` or ``dist.irecv``) for the rows of each overlap with the
-    peer stage; the position of a tensor in ``tensors`` is its tag (activation 0, labels 1)."""
-    handles = []
-    for ov in links:
-        rows = slice(ov.lo - lo, ov.hi - lo)
-        peer = peers[ov.dst if op is dist.isend else ov.src]
-        handles += [op(t[rows], peer, tag=tag) for tag, t in enumerate(tensors)]
-    return handles
+def _post(op, tensors: tuple[Tensor, ...], links: list[tuple[int, slice]]) -> list:
+    """Start ``op`` (``dist.isend`` or ``dist.irecv``) on the rows each peer rank exchanges with
+    this one; the position of a tensor in ``tensors`` is its tag (activation 0, labels 1)."""
+    return [op(t[rows], peer, tag=tag) for peer, rows in links for tag, t in enumerate(tensors)]
 
 
 def run_relay(rt: RankRuntime) -> None:
@@ -40,17 +35,17 @@ def run_relay(rt: RankRuntime) -> None:
     batch = job.batch_size
     lo, hi = slices(batch, plan.replicas[s])[q]
     blocks = list(plan.stages[s])
-    inbound = [ov for ov in overlaps(batch, plan.replicas[s - 1], plan.replicas[s]) if ov.dst == q] if s > 0 else []
-    outbound = [ov for ov in overlaps(batch, plan.replicas[s], plan.replicas[s + 1]) if ov.src == q] \
+    # (peer rank, rows of this rank's slice) for each overlap with the previous / next stage.
+    inbound = [(plan.stage_ranks(s - 1)[ov.src], slice(ov.lo - lo, ov.hi - lo))
+               for ov in overlaps(batch, plan.replicas[s - 1], plan.replicas[s]) if ov.dst == q] if s > 0 else []
+    outbound = [(plan.stage_ranks(s + 1)[ov.dst], slice(ov.lo - lo, ov.hi - lo))
+                for ov in overlaps(batch, plan.replicas[s], plan.replicas[s + 1]) if ov.src == q] \
         if s < last_stage else []
-    src_ranks = plan.stage_ranks(s - 1) if s > 0 else []
-    dst_ranks = plan.stage_ranks(s + 1) if s < last_stage else []
-
     specs = [job.boundary[blocks[0]]] + ([job.labels] if job.labels is not None else [])
 
     def post_recv() -> tuple[tuple[Tensor, ...], list]:
         bufs = tuple(spec.empty(hi - lo, rt.device) for spec in specs)
-        return bufs, _post(dist.irecv, bufs, inbound, src_ranks, lo)
+        return bufs, _post(dist.irecv, bufs, inbound)
 
     sends: deque = deque()
     incoming = post_recv() if s > 0 else None
@@ -75,7 +70,7 @@ def run_relay(rt: RankRuntime) -> None:
                     for h in sends.popleft()[0]:
                         h.wait()
             out = (acts[-1].contiguous(),) + ((y,) if y is not None else ())
-            sends.append((_post(dist.isend, out, outbound, dst_ranks, lo), out))  # out outlives its sends
+            sends.append((_post(dist.isend, out, outbound), out))  # out outlives its sends
         grads = [rt.train_block(i, acts[j], acts[j + 1], y, t) for j, i in enumerate(blocks)]
         rt.finish_step(blocks, grads, t)
         bar.update()
