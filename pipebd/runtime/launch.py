@@ -9,6 +9,7 @@ with its exit code. Nothing waits forever.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -18,7 +19,7 @@ import sys
 import time
 import traceback
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 import torch
@@ -94,14 +95,19 @@ def backend_for(device: str) -> str:
 
 def run_spmd(job: Job, timeout_s: float) -> list[RankResult]:
     """Run as this process's rank of an existing (or env-described) process group."""
-    if not dist.is_initialized():
-        dist.init_process_group(backend_for(job.device), timeout=timedelta(seconds=timeout_s))
+    init_spmd(job.device, timeout_s)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     _pin_device(job, int(os.environ.get("LOCAL_RANK", rank)))
     # Like DDP: every rank starts from rank 0's weights, so that a teacher or student built
     # without a fixed seed cannot silently differ between the ranks of one pipeline.
     _broadcast_from_rank0([*job.teacher.values(), *job.student.values()], torch.device(job.device))
     return run_rank(job, rank, world_size)
+
+
+def init_spmd(device: str, timeout_s: float) -> None:
+    """Join the process group torchrun describes, unless the script already has."""
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(device), timeout=timedelta(seconds=timeout_s))
 
 
 def _pin_device(job: Job, local_rank: int) -> None:
@@ -126,19 +132,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, payload: bytes, timeout_s: float,
+def _worker(rank: int, world_size: int, port: int, payload: bytes, backend: str, timeout_s: float,
             report: mp.connection.Connection) -> None:
     try:
-        job: Job = cloudpickle.loads(payload)
-        _pin_device(job, rank)
-        dist.init_process_group(backend_for(job.device), init_method=f"tcp://127.0.0.1:{port}",
+        task = cloudpickle.loads(payload)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
-        gathered = run_rank(job, rank, world_size)
-        report.send(("ok", cloudpickle.dumps(gathered) if rank == 0 else None))
+        value = task(rank, world_size)
+        report.send(("ok", cloudpickle.dumps(value) if rank == 0 else None))
         dist.destroy_process_group()
     except BaseException:
         report.send(("error", time.time(), traceback.format_exc()))
         sys.exit(1)
+
+
+def _fit_task(job: Job, rank: int, world_size: int) -> list[RankResult]:
+    _pin_device(job, rank)
+    return run_rank(job, rank, world_size)
 
 
 def _context() -> mp.context.BaseContext:
@@ -154,30 +164,44 @@ def _context() -> mp.context.BaseContext:
 
 def spawn(job: Job, world_size: int, timeout_s: float) -> list[RankResult]:
     """Run ``job`` on ``world_size`` local worker processes and return the gathered results."""
+    def role(rank: int) -> str:
+        where = job.plan.locate(rank)
+        return f" (stage {where[0]}, replica {where[1]})" if where and job.strategy == "pipebd" else ""
+
+    tasks = [functools.partial(_fit_task, job.for_rank(r)) for r in range(world_size)]
+    return spawn_tasks(tasks, backend_for(job.device), timeout_s, role)
+
+
+def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s: float,
+                role: Callable[[int], str] = lambda rank: "") -> Any:
+    """Run ``tasks[r](r, world_size)`` on local worker process ``r`` of a fresh process group
+    and return rank 0's result; a failure raises ``WorkerError`` with the first failing rank's
+    traceback (``role(rank)`` describes the rank in the message)."""
+    world_size = len(tasks)
     ctx = _context()
     port = _free_port()
     procs, conns, ends = [], {}, []
     try:
-        for r in range(world_size):
+        for r, task in enumerate(tasks):
             recv_end, send_end = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_worker, name=f"pipebd-rank{r}", daemon=True,
-                            args=(r, world_size, port, cloudpickle.dumps(job.for_rank(r)), timeout_s, send_end))
+                            args=(r, world_size, port, cloudpickle.dumps(task), backend, timeout_s, send_end))
             p.start()
             send_end.close()  # the child holds the only write end: its exit means EOF here
             procs.append(p)
             conns[recv_end] = r
             ends.append(recv_end)
-        gathered, errors = _collect(procs, conns)
+        value, errors = _collect(procs, conns)
     finally:
         _stop(procs)
         for end in ends:
             end.close()
     if errors:
-        raise _worker_error(job, errors)
-    return gathered
+        raise _worker_error(errors, role)
+    return value
 
 
-def _collect(procs: list, conns: dict) -> tuple[list[RankResult] | None, list]:
+def _collect(procs: list, conns: dict) -> tuple[Any, list]:
     """Read every rank's report. After the first error, wait only a moment for the errors of
     ranks that fail in its wake, then give up on the rest."""
     gathered, errors, first_error_at = None, [], None
@@ -216,12 +240,10 @@ def _stop(procs: list) -> None:
             p.join()
 
 
-def _worker_error(job: Job, errors: list) -> WorkerError:
+def _worker_error(errors: list, role: Callable[[int], str]) -> WorkerError:
     errors.sort()
     _, rank, tb = errors[0]
-    where = job.plan.locate(rank)
-    role = f" (stage {where[0]}, replica {where[1]})" if where and job.strategy == "pipebd" else ""
-    message = f"rank {rank}{role} failed:\n{tb.rstrip()}"
+    message = f"rank {rank}{role(rank)} failed:\n{tb.rstrip()}"
     others = [f"rank {r}: {t.strip().splitlines()[-1]}" for _, r, t in errors[1:]]
     if others:
         message += "\nthen, probably as a consequence:\n  " + "\n  ".join(others)
