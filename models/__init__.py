@@ -9,6 +9,7 @@ keyword arguments.
 from typing import Callable, NamedTuple
 
 from .cnn import BasicBlock, InvertedResidual, cnn_input_shape, cnn_pair, mobilenet_student, resnet_teacher
+from .emulated import PROFILES, EmulatedBlock, emulated_input_shape, emulated_pair
 from .mlp import mlp_input_shape, mlp_pair
 
 
@@ -17,7 +18,8 @@ class PairSpec(NamedTuple):
     input_shape: Callable[..., tuple[int, ...]]
 
 
-PAIRS = {"mlp": PairSpec(mlp_pair, mlp_input_shape), "cnn": PairSpec(cnn_pair, cnn_input_shape)}
+PAIRS = {"mlp": PairSpec(mlp_pair, mlp_input_shape), "cnn": PairSpec(cnn_pair, cnn_input_shape),
+         "emulated": PairSpec(emulated_pair, emulated_input_shape)}
 
-__all__ = ["BasicBlock", "InvertedResidual", "PAIRS", "PairSpec", "cnn_pair", "mlp_pair",
-           "mobilenet_student", "resnet_teacher"]
+__all__ = ["BasicBlock", "EmulatedBlock", "InvertedResidual", "PAIRS", "PROFILES", "PairSpec", "cnn_pair",
+           "emulated_pair", "mlp_pair", "mobilenet_student", "resnet_teacher"]

@@ -1,0 +1,95 @@
+"""Emulated devices: blocks whose cost is a sleep, so that many local processes really run in
+parallel on a machine with few cores.
+
+``EmulatedBlock(features, a, b)`` sleeps ``a + b * rows`` seconds per call (rows: the batch
+dimension of its input) and then applies a tiny real linear map, so data still flows, the student
+still learns, and shapes are checked as for any block. A sleeping process needs no core, which is
+what lets ``bench/planner.py`` measure pipelines of 8 ranks on 2 cores. The sleep stands for the
+whole cost of a call: for a student block that is forward, backward and optimizer step together
+(the backward of the linear map is negligible).
+
+``PROFILES`` holds the per-block costs the planner benchmark uses: ``balanced`` (six equal blocks)
+and ``unbalanced`` (a Pipe-BD-like profile: early, high-resolution teacher blocks cost the most and
+the last block is cheap, so one block range per rank leaves stages waiting).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+
+class Cost(NamedTuple):
+    """Seconds per call: ``a`` fixed plus ``b`` per row."""
+
+    a: float
+    b: float
+
+    def at(self, rows: int) -> float:
+        return self.a + self.b * rows
+
+
+class EmulatedBlock(nn.Module):
+    """``features -> features`` linear map that first sleeps ``a + b * rows`` seconds."""
+
+    def __init__(self, features: int, a: float, b: float):
+        super().__init__()
+        if a < 0 or b < 0:
+            raise ValueError(f"emulated cost must be non-negative, got a={a}, b={b}")
+        self.cost = Cost(float(a), float(b))
+        self.linear = nn.Linear(features, features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.cost.at(x.shape[0]))
+        return torch.tanh(self.linear(x))
+
+    def extra_repr(self) -> str:
+        # Part of the profiler's cache key: blocks of different cost must not share a profile.
+        return f"a={self.cost.a:g}, b={self.cost.b:g}"
+
+
+class EmulatedProfile(NamedTuple):
+    teacher: tuple[Cost, ...]
+    student: tuple[Cost, ...]
+
+
+def _costs(values: Sequence[tuple[float, float]]) -> tuple[Cost, ...]:
+    return tuple(Cost(a, b) for a, b in values)
+
+
+_MS = 1e-3
+PROFILES = {
+    # Six equal blocks: 1 ms per call plus 0.25 ms per row for the teacher, 0.6x that for the student.
+    "balanced": EmulatedProfile(_costs([(1 * _MS, 0.25 * _MS)] * 6),
+                                _costs([(0.6 * _MS, 0.15 * _MS)] * 6)),
+    # Pipe-BD-like: teacher cost falls with depth (resolution halves), the last block (pooling and
+    # a classifier) is cheap; students cost about a third of their teacher block.
+    "unbalanced": EmulatedProfile(
+        _costs([(1 * _MS, 0.50 * _MS), (1 * _MS, 0.40 * _MS), (1 * _MS, 0.30 * _MS),
+                (1 * _MS, 0.20 * _MS), (1 * _MS, 0.12 * _MS), (0.5 * _MS, 0.03 * _MS)]),
+        _costs([(0.5 * _MS, 0.15 * _MS), (0.5 * _MS, 0.12 * _MS), (0.5 * _MS, 0.10 * _MS),
+                (0.5 * _MS, 0.07 * _MS), (0.5 * _MS, 0.04 * _MS), (0.3 * _MS, 0.01 * _MS)])),
+}
+
+
+def emulated_pair(profile: str = "balanced", features: int = 8, scale: float = 1.0,
+                  seed: int = 0) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Teacher and student blocks with the costs of ``PROFILES[profile]`` times ``scale``."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    if scale < 0:
+        raise ValueError(f"scale must be non-negative, got {scale}")
+    costs = PROFILES[profile]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        teacher = [EmulatedBlock(features, c.a * scale, c.b * scale) for c in costs.teacher]
+        student = [EmulatedBlock(features, c.a * scale, c.b * scale) for c in costs.student]
+    return teacher, student
+
+
+def emulated_input_shape(features: int = 8, **_: object) -> tuple[int, ...]:
+    """Per-sample input shape of ``emulated_pair(**same_kwargs)``."""
+    return (features,)
