@@ -9,3 +9,9 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _profile_cache(tmp_path_factory, monkeypatch):
+    # Profiles measured by one test must not leak into another (or into ~/.cache).
+    monkeypatch.setenv("PIPEBD_CACHE_DIR", str(tmp_path_factory.mktemp("profiles")))

@@ -1,0 +1,182 @@
+"""The cost model and the optimal planner of automatic hybrid distribution (AHD).
+
+A plan splits the N blocks into contiguous stages and gives stage s ``k_s >= 1`` replicas, with
+``sum(k_s) <= world_size``. In steady state every stage handles one batch per period, so the
+pipeline moves ``B / max_s T_s`` samples per second, where a stage's time per batch is
+
+    T(first, stop, k) = [load(B/k) if first == 0]
+                        + sum over its blocks of teacher(b, B/k) + student(b, B/k)
+                        + p2p(B/k rows in) + p2p(B/k rows out)
+                        + sum over its blocks of allreduce(k, gradient bytes of b)
+
+with ``B/k`` meaning ``ceil(B/k)`` rows, the largest slice (``stage_cost``). Communication is
+charged in full, although the runtime overlaps part of it, so predictions lean low.
+
+``best_plan`` is an exact dynamic program over (first block, ranks left): ``f(i, r)``, the least
+possible slowest-stage time for blocks ``i..N-1`` on at most ``r`` ranks, is
+``min over stop, k <= r of max(T(i, stop, k), f(stop, r - k))``. Among the plans that reach the
+optimum a second pass picks the one with the smallest sum of squared stage times: balanced
+stages, and spare ranks spent where they shorten a stage rather than left idle (or added where
+they only add allreduce time). Both passes take O(N^2 W^2) time, vectorized over ranks.
+Pipe-BD's own search enumerates plans for 1 or 4 GPUs only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .plan import Plan
+from .profiler import Profile
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Seconds per batch of one stage, by what it spends them on, in the order it does it."""
+
+    p2p_in: float         # receiving activations (and labels) from the previous stage
+    forward: float        # data loading (stage 0) and the teacher forward of its blocks
+    p2p_out: float        # sending the last activation to the next stage
+    student: float        # student forward, backward and optimizer step of its blocks
+    allreduce: float      # gradient allreduce over the stage's replicas
+
+    @property
+    def compute(self) -> float:
+        return self.forward + self.student
+
+    @property
+    def p2p(self) -> float:
+        return self.p2p_in + self.p2p_out
+
+    @property
+    def time(self) -> float:
+        return self.compute + self.p2p + self.allreduce
+
+
+def stage_cost(profile: Profile, first: int, stop: int, replicas: int) -> StageCost:
+    """Cost of a stage owning blocks ``first .. stop-1`` with ``replicas`` ranks."""
+    rows = math.ceil(profile.batch_size / replicas)
+    forward = profile.load_time(rows) if first == 0 else 0.0
+    student = 0.0
+    for b in range(first, stop):
+        forward += profile.teacher_time(b, rows)
+        student += profile.student_time(b, rows)
+    p2p_in = float(profile.p2p_time(rows * profile.act_bytes[first])) if first > 0 else 0.0
+    p2p_out = float(profile.p2p_time(rows * profile.act_bytes[stop])) if stop < profile.num_blocks else 0.0
+    allreduce = sum(float(profile.allreduce_time(replicas, profile.grad_bytes[b])) for b in range(first, stop))
+    return StageCost(p2p_in, float(forward), p2p_out, float(student), allreduce)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the cost model expects of a plan in steady state."""
+
+    plan: Plan
+    batch_size: int
+    stage_costs: tuple[StageCost, ...]
+
+    @property
+    def stage_times(self) -> list[float]:
+        return [c.time for c in self.stage_costs]
+
+    @property
+    def bottleneck_s(self) -> float:
+        return max(self.stage_times)
+
+    @property
+    def samples_per_s(self) -> float:
+        """The throughput bound: one batch per period of the slowest stage."""
+        return self.batch_size / self.bottleneck_s if self.bottleneck_s > 0 else float("inf")
+
+    @property
+    def stage_utilization(self) -> list[float]:
+        """Compute time over the period, per stage (the report's utilization, in steady state)."""
+        return [c.compute / self.bottleneck_s if self.bottleneck_s > 0 else 0.0 for c in self.stage_costs]
+
+    def __str__(self) -> str:
+        util = ", ".join(f"{u:.0%}" for u in self.stage_utilization)
+        times = ", ".join(f"{t * 1e3:.2f}" for t in self.stage_times)
+        return (f"plan {self.plan.describe()}: predicted {self.samples_per_s:.1f} samples/s "
+                f"(stage ms per batch {times}; utilization {util})")
+
+
+def predict(profile: Profile, plan: Plan) -> Prediction:
+    """The cost model's steady-state prediction for ``plan``."""
+    costs = tuple(stage_cost(profile, stage[0], stage[-1] + 1, k) for stage, k in zip(plan.stages, plan.replicas))
+    return Prediction(plan, profile.batch_size, costs)
+
+
+def cost_table(profile: Profile, world_size: int) -> np.ndarray:
+    """``C[first, stop, k]``: ``stage_cost(first, stop, k).time`` for every stage (``k`` from 1;
+    index 0 unused), built from prefix sums over the blocks."""
+    n = profile.num_blocks
+    ks = np.arange(1, world_size + 1)
+    rows = np.ceil(profile.batch_size / ks)
+    per_block = np.zeros((world_size, n))
+    for b in range(n):
+        per_block[:, b] = (profile.teacher_time(b, rows) + profile.student_time(b, rows)
+                           + profile.allreduce_time(ks, profile.grad_bytes[b]))
+    prefix = np.concatenate([np.zeros((world_size, 1)), np.cumsum(per_block, axis=1)], axis=1)   # [k, block]
+    inbound = np.stack([profile.p2p_time(rows * profile.act_bytes[i]) if 0 < i < n else np.zeros(world_size)
+                        for i in range(n + 1)])                                                   # [boundary, k]
+    table = np.full((n + 1, n + 1, world_size + 1), np.inf)
+    load = profile.load_time(rows)
+    usable = ks <= profile.batch_size        # every replica needs at least one row
+    for first in range(n):
+        for stop in range(first + 1, n + 1):
+            t = prefix[:, stop] - prefix[:, first] + inbound[first] + inbound[stop]
+            table[first, stop, 1:] = np.where(usable, t + (load if first == 0 else 0.0), np.inf)
+    return table
+
+
+def best_plan(table: np.ndarray, world_size: int) -> tuple[Plan, float]:
+    """The exact optimum over all plans on at most ``world_size`` ranks for a cost table
+    ``table[first, stop, k]`` (see ``cost_table``): the plan and its slowest stage's time."""
+    n = table.shape[0] - 1
+    w = world_size
+    r_idx, k_idx = np.meshgrid(np.arange(w + 1), np.arange(w + 1), indexing="ij")
+    valid = (k_idx >= 1) & (k_idx <= r_idx)
+    rest = np.where(valid, r_idx - k_idx, 0)
+
+    # Pass 1: f[i, r] = least slowest-stage time for blocks i.. on at most r ranks.
+    f = np.full((n + 1, w + 1), np.inf)
+    f[n, :] = 0.0
+    for i in range(n - 1, -1, -1):
+        for stop in range(i + 1, n + 1):
+            cand = np.where(valid, np.maximum(table[i, stop, :w + 1][k_idx], f[stop][rest]), np.inf)
+            f[i] = np.minimum(f[i], cand.min(axis=1))
+    best = f[0, w]
+    if not np.isfinite(best):
+        raise ValueError(f"no plan fits {n} blocks on {world_size} ranks")
+
+    # Pass 2: among plans whose every stage takes <= best, the least sum of squared stage times.
+    g = np.full((n + 1, w + 1), np.inf)
+    g[n, :] = 0.0
+    choice = np.zeros((n + 1, w + 1, 2), dtype=np.int64)
+    for i in range(n - 1, -1, -1):
+        for stop in range(i + 1, n + 1):
+            t = table[i, stop, :w + 1]
+            ok = valid & (t[k_idx] <= best)
+            cand = np.where(ok, np.square(t[k_idx]) + g[stop][rest], np.inf)
+            k_best = cand.argmin(axis=1)
+            value = cand[np.arange(w + 1), k_best]
+            better = value < g[i]
+            g[i] = np.where(better, value, g[i])
+            choice[i][better] = np.stack([np.full(better.sum(), stop), k_best[better]], axis=1)
+    stages, replicas, i, r = [], [], 0, w
+    while i < n:
+        stop, k = (int(v) for v in choice[i, r])
+        stages.append(list(range(i, stop)))
+        replicas.append(k)
+        i, r = stop, r - k
+    return Plan(stages, replicas), float(best)
+
+
+def auto_plan(profile: Profile, world_size: int | None = None) -> Prediction:
+    """The best plan for ``profile`` on ``world_size`` ranks (default: the profiled world size)
+    with its predicted throughput and utilization."""
+    world_size = world_size or profile.world_size
+    plan, _ = best_plan(cost_table(profile, world_size), world_size)
+    return predict(profile, plan)

@@ -1,0 +1,374 @@
+"""The profiler of automatic hybrid distribution: what each block costs at each batch size a plan
+could give it, and what moving tensors between ranks costs on the backend in use.
+
+``profile_job`` measures, per block, the teacher forward and the student forward + backward +
+optimizer step (through the runtime's own ``RankRuntime`` code paths, on copies of the blocks) at
+every per-replica batch size ``ceil(B / k)``, ``k = 1 .. world_size``; the data loading of stage 0;
+the bytes per sample that cross each block boundary and the gradient bytes of each student block.
+``measure_comm`` times point-to-point transfers and allreduces on ``world_size`` ranks of the real
+backend (gloo or NCCL) and fits the usual latency/bandwidth models to them. Every number is the
+median of ``repeats`` timed runs after ``warmup`` untimed ones.
+
+A ``Profile`` is cached as JSON under ``$PIPEBD_CACHE_DIR`` (default ``~/.cache/pipebd``), keyed
+by everything that changes the costs: the blocks' structure (not their weights), the boundary
+shapes, batch size, world size, device, backend, threads, optimizer and losses. ``str(profile)``
+prints it as a table.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .plan import Plan
+from .runtime.worker import Job, RankRuntime
+
+# Transfer sizes for the communication fits (bytes), and timed repeats of each: collectives of
+# many ranks sharing few cores vary more from call to call than block computations do.
+P2P_SIZES = (4 << 10, 4 << 20)
+ALLREDUCE_SIZES = (4 << 10, 1 << 20)
+COMM_REPEATS = 15
+
+
+@dataclass
+class Profile:
+    """Measured costs of one teacher/student pair at one global batch size.
+
+    ``rows`` are the per-replica batch sizes measured, ascending; ``teacher[b][i]`` and
+    ``student[b][i]`` are block ``b``'s seconds per call at ``rows[i]`` rows, ``load[i]`` stage
+    0's data loading. ``act_bytes[i]`` is the bytes per sample received by a stage starting at
+    block ``i`` (labels included when relayed); ``grad_bytes[b]`` the gradient of student block
+    ``b``. Communication is modelled from the measurements in ``p2p`` (bytes, seconds) and
+    ``allreduce`` (ranks, bytes, seconds): a transfer costs ``latency + bytes * s_per_byte``; a
+    ring allreduce over ``k`` ranks ``2(k-1) * latency + 2(k-1)/k * bytes * s_per_byte``.
+    """
+
+    num_blocks: int
+    batch_size: int
+    world_size: int
+    device: str
+    backend: str
+    rows: list[int]
+    teacher: list[list[float]]
+    student: list[list[float]]
+    load: list[float]
+    act_bytes: list[int]
+    grad_bytes: list[int]
+    p2p: list[tuple[int, float]] = field(default_factory=list)
+    allreduce: list[tuple[int, int, float]] = field(default_factory=list)
+    warmup: int = 0
+    repeats: int = 1
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.p2p = [tuple(m) for m in self.p2p]              # type: ignore[misc]
+        self.allreduce = [tuple(m) for m in self.allreduce]  # type: ignore[misc]
+        self.p2p_fit = _least_squares([(1.0, n) for n, _ in self.p2p], [t for _, t in self.p2p])
+        self.allreduce_fit = _least_squares([(2.0 * (k - 1), 2.0 * (k - 1) / k * n) for k, n, _ in self.allreduce],
+                                            [t for _, _, t in self.allreduce])
+
+    # Costs at any batch size: measured values, linear between them and beyond them.
+    def teacher_time(self, block: int, rows: Any) -> Any:
+        return _interp(self.rows, self.teacher[block], rows)
+
+    def student_time(self, block: int, rows: Any) -> Any:
+        return _interp(self.rows, self.student[block], rows)
+
+    def load_time(self, rows: Any) -> Any:
+        return _interp(self.rows, self.load, rows)
+
+    def p2p_time(self, nbytes: Any) -> Any:
+        latency, per_byte = self.p2p_fit
+        return np.where(np.asarray(nbytes) > 0, latency + per_byte * np.asarray(nbytes, dtype=float), 0.0)
+
+    def allreduce_time(self, ranks: Any, nbytes: Any) -> Any:
+        latency, per_byte = self.allreduce_fit
+        k = np.asarray(ranks, dtype=float)
+        return np.where(k > 1, 2 * (k - 1) * latency + 2 * (k - 1) / np.maximum(k, 1) * per_byte * np.asarray(nbytes), 0.0)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Profile":
+        return cls(**data)
+
+    def save(self, path: str) -> None:
+        _atomic_write(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load_file(cls, path: str) -> "Profile":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def __str__(self) -> str:
+        how = f"median of {self.repeats} after {self.warmup} warm-up" if self.repeats > 1 else "one run"
+        lines = [f"profile: {self.num_blocks} blocks, batch {self.batch_size}, world size {self.world_size}, "
+                 f"{self.device} ({self.backend}), {how}",
+                 f"{'block':>5} {'rows':>6} {'teacher ms':>11} {'student ms':>11} {'in KiB/row':>11} {'grad KiB':>9}"]
+        for b in range(self.num_blocks):
+            for i, rows in enumerate(self.rows):
+                lines.append(f"{b:>5} {rows:>6} {self.teacher[b][i] * 1e3:>11.3f} {self.student[b][i] * 1e3:>11.3f} "
+                             f"{self.act_bytes[b] / 1024:>11.2f} {self.grad_bytes[b] / 1024:>9.1f}")
+        lines.append("data load ms: " + ", ".join(f"{r} rows {t * 1e3:.3f}" for r, t in zip(self.rows, self.load)))
+        if self.p2p:
+            lat, per_byte = self.p2p_fit
+            lines.append("p2p: " + ", ".join(f"{n >> 10} KiB {t * 1e3:.3f} ms" for n, t in self.p2p)
+                         + f" -> {lat * 1e6:.1f} us + {_gbps(per_byte)}")
+        if self.allreduce:
+            lat, per_byte = self.allreduce_fit
+            lines.append("allreduce: " + ", ".join(f"{k} ranks {n >> 10} KiB {t * 1e3:.3f} ms" for k, n, t in self.allreduce)
+                         + f" -> ring {lat * 1e6:.1f} us/hop + {_gbps(per_byte)}")
+        return "\n".join(lines)
+
+
+def _gbps(s_per_byte: float) -> str:
+    return f"{1e-9 / s_per_byte:.2f} GB/s" if s_per_byte > 0 else "unbounded bandwidth"
+
+
+def _least_squares(features: list[tuple[float, float]], times: list[float]) -> tuple[float, float]:
+    """Non-negative ``(latency, s_per_byte)`` fitting ``times`` to ``features @ (latency, s_per_byte)``."""
+    if not features:
+        return 0.0, 0.0
+    a, y = np.asarray(features, dtype=float), np.asarray(times, dtype=float)
+    coef = np.linalg.lstsq(a, y, rcond=None)[0]
+    if coef[0] < 0:      # pure bandwidth
+        coef = np.array([0.0, max(0.0, float(a[:, 1] @ y / max(a[:, 1] @ a[:, 1], 1e-300)))])
+    if coef[1] < 0:      # pure latency
+        coef = np.array([max(0.0, float(a[:, 0] @ y / (a[:, 0] @ a[:, 0]))), 0.0])
+    return float(coef[0]), float(coef[1])
+
+
+def _interp(xs: list[int], ys: list[float], x: Any) -> Any:
+    """Piecewise-linear in the rows, extended linearly beyond the measured ones; below the
+    smallest measurement never cheaper than proportional scaling. Exact at measured rows."""
+    xs_a, ys_a = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    xq = np.asarray(x, dtype=float)
+    if len(xs_a) == 1:
+        y = ys_a[0] * xq / xs_a[0]
+    else:
+        i = np.clip(np.searchsorted(xs_a, xq), 1, len(xs_a) - 1)
+        x0, x1, y0, y1 = xs_a[i - 1], xs_a[i], ys_a[i - 1], ys_a[i]
+        y = np.where(xq == x1, y1, y0 + (y1 - y0) * (xq - x0) / (x1 - x0))
+        y = np.where(xq < xs_a[0], np.maximum(y, ys_a[0] * xq / xs_a[0]), y)
+    out = np.maximum(y, 0.0)
+    return float(out) if out.ndim == 0 else out
+
+
+def replica_rows(batch_size: int, world_size: int) -> list[int]:
+    """The per-replica batch sizes a plan can produce, ascending: ``ceil(B / k)`` for each
+    replica count ``k`` (the largest slice of a stage sets its pace)."""
+    return sorted({math.ceil(batch_size / k) for k in range(1, min(world_size, batch_size) + 1)})
+
+
+def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5, cache: bool = True,
+                comm: Callable[[], tuple[list, list]] | None = None, progress: bool = False) -> Profile:
+    """Profile the blocks of ``job`` (its plan is ignored) for plans on up to ``world_size``
+    ranks, or read the cached profile. ``comm`` returns ``(p2p, allreduce)`` measurements
+    (default: ``measure_comm`` on spawned local ranks)."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    key = _cache_key(job, world_size, warmup, repeats)
+    path = os.path.join(cache_dir(), f"profile-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json")
+    if cache and os.path.exists(path):
+        try:
+            return Profile.load_file(path)
+        except (OSError, ValueError, TypeError, KeyError):
+            pass   # unreadable or from an older version: measure again
+    profile = _measure_compute(job, world_size, warmup, repeats, progress)
+    if world_size > 1:
+        if comm is None:
+            comm = functools.partial(measure_comm, world_size, job.device)
+        profile.p2p, profile.allreduce = comm()
+        profile.__post_init__()
+    if cache:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        profile.save(path)
+    return profile
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("PIPEBD_CACHE_DIR") or os.path.join(base, "pipebd")
+
+
+def _cache_key(job: Job, world_size: int, warmup: int, repeats: int) -> str:
+    def structure(module: nn.Module) -> str:
+        params = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters()]
+        return f"{module!r}|{params}"
+
+    probe = job.optimizer([nn.Parameter(torch.zeros(1))])
+    device = job.device
+    if device.startswith("cuda"):
+        device = torch.cuda.get_device_name(torch.device(device))
+    return json.dumps({
+        "teacher": [structure(job.teacher[i]) for i in range(job.num_blocks)],
+        "student": [structure(job.student[i]) for i in range(job.num_blocks)],
+        "boundary": [(s.shape, str(s.dtype)) for s in job.boundary],
+        "labels": None if job.labels is None else (job.labels.shape, str(job.labels.dtype)),
+        "batch_size": job.batch_size, "world_size": world_size, "device": device, "threads": job.threads,
+        "optimizer": [type(probe).__qualname__, repr(sorted(probe.defaults.items()))],
+        "losses": [_describe(job.block_loss), _describe(job.final_loss)],
+        "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 2,
+    }, sort_keys=True, default=str)
+
+
+def _describe(fn: Any) -> str:
+    if fn is None:
+        return "none"
+    return repr(fn) if isinstance(fn, nn.Module) else getattr(fn, "__qualname__", type(fn).__qualname__)
+
+
+def _nbytes(spec: Any) -> int:
+    return math.prod(spec.shape) * torch.empty((), dtype=spec.dtype).element_size()
+
+
+def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progress: bool) -> Profile:
+    n, batch = job.num_blocks, job.batch_size
+    rows = replica_rows(batch, world_size)
+    calls = len(rows) * (warmup + repeats)
+    # One rank holding copies of every block, run through the runtime's own code paths.
+    solo = dataclasses.replace(job, strategy="baseline", plan=Plan([list(range(n))], [1]), steps=calls + 1,
+                               teacher=copy.deepcopy(job.teacher), student=copy.deepcopy(job.student),
+                               progress=False)
+    threads = torch.get_num_threads()
+    if job.threads is not None:
+        torch.set_num_threads(job.threads)
+    try:
+        rt = RankRuntime(solo, 0, 1, None)
+        sync = (lambda: torch.cuda.synchronize(rt.device)) if rt.device.type == "cuda" else (lambda: None)
+        timer = functools.partial(_median_time, warmup=warmup, repeats=repeats, sync=sync)
+        step = iter(range(10 ** 9))
+        x, y = rt.load(0, 0, batch)
+        acts = [x]
+        for i in range(n):
+            acts.append(rt.teacher_forward(i, acts[-1], 0))
+        load = [timer(lambda r=r: rt.load(0, 0, r)) for r in rows]
+        teacher, student = [], []
+        todo = _progress(n * len(rows), progress)
+        for i in range(n):
+            teacher.append([timer(lambda r=r: rt.teacher_forward(i, acts[i][:r], 0)) for r in rows])
+            times = []
+            for r in rows:
+                labels = y[:r] if y is not None else None
+
+                def train(r: int = r, labels: Any = labels) -> None:
+                    t = next(step) % calls
+                    rt.finish_step([i], [rt.train_block(i, acts[i][:r], acts[i + 1][:r], labels, t)], t)
+
+                times.append(timer(train))
+                todo.update()
+            student.append(times)
+        todo.close()
+    finally:
+        torch.set_num_threads(threads)
+    act_bytes = [_nbytes(job.boundary[i]) + (_nbytes(job.labels) if job.labels is not None and i > 0 else 0)
+                 for i in range(n + 1)]
+    grad_bytes = [sum(p.numel() * p.element_size() for p in job.student[i].parameters() if p.requires_grad)
+                  for i in range(n)]
+    from .runtime.launch import backend_for
+    return Profile(n, batch, world_size, job.device, backend_for(job.device), rows, teacher, student, load,
+                   act_bytes, grad_bytes, warmup=warmup, repeats=repeats, threads=job.threads)
+
+
+def _median_time(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _progress(total: int, show: bool) -> Any:
+    if not show:
+        return _Quiet()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="pipebd profile", unit="block-size", leave=False)
+
+
+class _Quiet:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def measure_comm(world_size: int, device: str = "cpu", repeats: int = COMM_REPEATS,
+                 timeout: float = 120.0) -> tuple[list, list]:
+    """Point-to-point and allreduce timings on ``world_size`` fresh local ranks of the backend
+    ``device`` uses: ``([(bytes, s)], [(ranks, bytes, s)])``."""
+    from .runtime.launch import backend_for, spawn_tasks
+    task = functools.partial(comm_task, device, repeats)
+    return spawn_tasks([task] * world_size, backend_for(device), timeout)
+
+
+def comm_task(device: str, repeats: int, rank: int, world_size: int) -> tuple[list, list]:
+    """Run on every rank of the default process group: ping-pong between ranks 0 and 1, then an
+    allreduce over the first 2 and over all ranks. Rank 0's timings are returned on every rank."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    p2p = []
+    for size in P2P_SIZES:
+        buf = torch.zeros(size // 4, dtype=torch.float32, device=dev)
+
+        def ping_pong(buf: torch.Tensor = buf) -> None:
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            elif rank == 1:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+
+        dist.barrier()
+        p2p.append((size, _median_time(ping_pong, 3, repeats, sync) / 2))
+    allreduce = []
+    for k in sorted({2, world_size}):
+        group = dist.new_group(list(range(k)))   # every rank takes part in creating it
+        for size in ALLREDUCE_SIZES:
+            buf = torch.zeros(size // 4, dtype=torch.float32, device=dev)
+            dist.barrier()
+            if rank < k:
+                allreduce.append((k, size, _median_time(lambda b=buf: dist.all_reduce(b, group=group), 3, repeats, sync)))
+        dist.barrier()
+        if rank < k:
+            dist.destroy_process_group(group)
+    result = [(p2p, allreduce)]
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def _atomic_write(path: str, text: str) -> None:
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,121 @@
+"""The planner's dynamic program finds the same optimum as brute force over every plan.
+
+Random cost tables: N <= 6 blocks, world size <= 6, per-block costs at every per-replica batch
+size, including integer-valued tables with many exact ties and blocks that cost more at a
+smaller batch (so adding replicas hurts). Optimum values are compared with a relative tolerance
+of 1e-9 (the DP adds costs with prefix sums, the reference block by block).
+"""
+
+import itertools
+import math
+import random
+
+import pytest
+
+from pipebd.plan import Plan
+from pipebd.planner import auto_plan, best_plan, cost_table, predict, stage_cost
+from pipebd.profiler import Profile, replica_rows
+
+
+def random_profile(rng, n, world, batch, ints=False, costly_small=False, comm=True):
+    rows = replica_rows(batch, world)
+
+    def value():
+        return float(rng.randint(1, 4)) if ints else rng.uniform(0.1, 3.0)
+
+    def curve():
+        # Cost per call at each rows value (ascending rows): usually rising with rows.
+        per_row, fixed = value(), value()
+        ys = [fixed + per_row * r / batch for r in rows]
+        if costly_small and rng.random() < 0.5:
+            ys = [y + (batch / r) * value() for y, r in zip(ys, rows)]   # small batches are inefficient
+        return [float(round(y)) if ints else y for y in ys]
+
+    p2p = [(4096, 1e-3), (1 << 20, 5e-2)] if comm else []
+    allreduce = [(2, 4096, 2e-3), (2, 1 << 20, 0.1)] if comm and world > 1 else []
+    return Profile(n, batch, world, "cpu", "gloo", rows, [curve() for _ in range(n)], [curve() for _ in range(n)],
+                   [float(rng.randint(0, 2)) if ints else rng.uniform(0, 0.5) for _ in rows],
+                   [rng.choice([0, 64, 4096]) for _ in range(n + 1)], [rng.choice([0, 1024, 1 << 16]) for _ in range(n)],
+                   p2p, allreduce)
+
+
+def all_plans(n, world):
+    for cuts in itertools.product([False, True], repeat=n - 1):
+        stages, start = [], 0
+        for b, cut in enumerate(cuts, start=1):
+            if cut:
+                stages.append(list(range(start, b)))
+                start = b
+        stages.append(list(range(start, n)))
+        for replicas in itertools.product(range(1, world + 1), repeat=len(stages)):
+            if sum(replicas) <= world:
+                yield Plan(stages, replicas)
+
+
+def brute_force(profile, world):
+    """(slowest stage, sum of squared stage times) of the best plan, and how many plans tie."""
+    scored = []
+    for plan in all_plans(profile.num_blocks, world):
+        times = [stage_cost(profile, s[0], s[-1] + 1, k).time for s, k in zip(plan.stages, plan.replicas)]
+        scored.append((max(times), sum(t * t for t in times)))
+    best = min(b for b, _ in scored)
+    close = [sq for b, sq in scored if math.isclose(b, best, rel_tol=1e-9)]
+    return best, min(close), len(close)
+
+
+CASES = [(seed, n, world, ints, costly)
+         for seed, (n, world) in enumerate([(1, 1), (1, 4), (2, 3), (3, 2), (3, 5), (4, 4), (5, 3), (5, 6), (6, 4), (6, 6)])
+         for ints, costly in [(False, False), (True, False), (False, True), (True, True)]]
+
+
+@pytest.mark.parametrize("seed,n,world,ints,costly", CASES)
+def test_dp_equals_brute_force(seed, n, world, ints, costly):
+    rng = random.Random(1000 * seed + 10 * ints + costly)
+    batch = rng.choice([world, 7, 12, 64])
+    profile = random_profile(rng, n, world, batch, ints=ints, costly_small=costly)
+    plan, bottleneck = best_plan(cost_table(profile, world), world)
+    plan.validate(n, world)
+    best, best_sq, ties = brute_force(profile, world)
+    got = predict(profile, plan).stage_times
+    assert bottleneck == pytest.approx(best, rel=1e-9)
+    assert max(got) == pytest.approx(best, rel=1e-9)
+    assert sum(t * t for t in got) == pytest.approx(best_sq, rel=1e-9), f"{ties} plans tie on the bottleneck"
+
+
+def test_ties_are_common_in_integer_tables():
+    """The integer cases above really exercise ties (else the tie-break is untested)."""
+    rng = random.Random(7)
+    profile = random_profile(rng, 5, 5, 10, ints=True, comm=False)
+    assert brute_force(profile, 5)[2] > 1
+
+
+def test_costly_small_batch_keeps_one_replica():
+    """A block that slows down at smaller batches gets no replicas even when ranks are spare."""
+    rows = replica_rows(8, 4)                      # [2, 3, 4, 8]
+    slow_small = [10.0 / r * 8 for r in rows]      # 80 at 1 row ... 10 at 8 rows: replicas hurt
+    profile = Profile(2, 8, 4, "cpu", "gloo", rows, [[1.0] * 4, slow_small], [[1.0] * 4, [0.0] * 4],
+                      [0.0] * 4, [0, 0, 0], [0, 0])
+    prediction = auto_plan(profile)
+    assert prediction.plan.replicas[-1] == 1
+    assert prediction.bottleneck_s == pytest.approx(10.0)   # block 1 alone, at all 8 rows
+
+
+def test_cost_table_matches_stage_cost():
+    rng = random.Random(3)
+    profile = random_profile(rng, 4, 5, 16)
+    table = cost_table(profile, 5)
+    for first in range(4):
+        for stop in range(first + 1, 5):
+            for k in range(1, 6):
+                assert table[first, stop, k] == pytest.approx(stage_cost(profile, first, stop, k).time, rel=1e-12)
+
+
+def test_large_world_is_fast():
+    """Exact planning for 16 blocks on 256 ranks takes well under a minute."""
+    import time
+    rng = random.Random(5)
+    profile = random_profile(rng, 16, 8, 512)
+    start = time.perf_counter()
+    prediction = auto_plan(profile, 256)
+    assert time.perf_counter() - start < 30
+    prediction.plan.validate(16, 256)

@@ -1,0 +1,112 @@
+"""The profiler measures what the blocks really cost, caches it, and fits the comm models.
+
+Emulated blocks sleep a known ``a + b * rows`` seconds, so their measured cost has a reference:
+a sleep never ends early, and a call's overhead on top of it is well under 3 ms here.
+"""
+
+import pytest
+import torch
+
+import pipebd
+from pipebd import profiler
+from pipebd.models import EmulatedBlock
+from pipebd.profiler import Profile, replica_rows
+
+A, B_ROW = 2e-3, 2e-4          # 2 ms per call + 0.2 ms per row
+NO_COMM = ([(4096, 1e-4), (1 << 20, 1e-3)], [(2, 4096, 2e-4), (2, 1 << 20, 2e-3)])
+
+
+def emulated(blocks=2):
+    torch.manual_seed(0)
+    teacher = [EmulatedBlock(4, A, B_ROW) for _ in range(blocks)]
+    student = [EmulatedBlock(4, A / 2, B_ROW / 2) for _ in range(blocks)]
+    return pipebd.Distiller(teacher, student, device="cpu")
+
+
+def job(distiller, batch=8, world=3):
+    return distiller._job(torch.randn(16, 4), batch, 1, world, "pipebd", None, 0, 1, None, False)
+
+
+def test_replica_rows():
+    assert replica_rows(8, 3) == [3, 4, 8]
+    assert replica_rows(7, 4) == [2, 3, 4, 7]
+    assert replica_rows(2, 5) == [1, 2]          # never more replicas than rows
+
+
+def test_measures_emulated_costs():
+    distiller = emulated()
+    before = [p.detach().clone() for b in distiller.student for p in b.parameters()]
+    profile = profiler.profile_job(job(distiller), 3, warmup=1, repeats=3, comm=lambda: NO_COMM)
+    assert profile.rows == [3, 4, 8]
+    for b in range(2):
+        for i, rows in enumerate(profile.rows):
+            assert A + B_ROW * rows <= profile.teacher[b][i] <= A + B_ROW * rows + 3e-3
+            assert (A + B_ROW * rows) / 2 <= profile.student[b][i] <= (A + B_ROW * rows) / 2 + 3e-3
+    assert profile.act_bytes == [16, 16, 16]                 # 4 float32 features per sample
+    assert profile.grad_bytes == [(16 + 4) * 4] * 2          # 4x4 weight + 4 bias
+    after = [p.detach() for b in distiller.student for p in b.parameters()]
+    assert all(torch.equal(x, y) for x, y in zip(before, after)), "profiling must train copies only"
+    text = str(profile)
+    assert "teacher ms" in text and "p2p" in text and "allreduce" in text
+    assert len([line for line in text.splitlines() if line.strip().startswith(("0 ", "1 "))]) == 6
+
+
+def test_cache_hit_miss_and_corrupt_file(monkeypatch):
+    distiller = emulated()
+    first = profiler.profile_job(job(distiller), 3, warmup=0, repeats=1, comm=lambda: NO_COMM)
+    calls = []
+    real = profiler._measure_compute
+    monkeypatch.setattr(profiler, "_measure_compute", lambda *a: calls.append(a) or real(*a))
+    again = profiler.profile_job(job(distiller), 3, warmup=0, repeats=1, comm=lambda: NO_COMM)
+    assert calls == [] and again == first
+    profiler.profile_job(job(distiller, batch=6), 3, warmup=0, repeats=1, comm=lambda: NO_COMM)
+    assert len(calls) == 1                                    # another batch size is another profile
+    for path in __import__("glob").glob(profiler.cache_dir() + "/profile-*.json"):
+        with open(path, "w") as f:
+            f.write("{not json")
+    profiler.profile_job(job(distiller), 3, warmup=0, repeats=1, comm=lambda: NO_COMM)
+    assert len(calls) == 2                                    # unreadable cache: measured again
+    profiler.profile_job(job(distiller), 3, warmup=0, repeats=1, comm=lambda: NO_COMM, cache=False)
+    assert len(calls) == 3
+
+
+def test_block_cost_is_part_of_the_cache_key():
+    cheap, dear = emulated(), emulated()
+    dear.teacher[0] = EmulatedBlock(4, 2 * A, B_ROW)
+    assert profiler._cache_key(job(cheap), 3, 0, 1) != profiler._cache_key(job(dear), 3, 0, 1)
+
+
+def test_measure_comm_on_two_gloo_ranks():
+    p2p, allreduce = profiler.measure_comm(2, "cpu", repeats=3)
+    assert [n for n, _ in p2p] == list(profiler.P2P_SIZES)
+    assert [(k, n) for k, n, _ in allreduce] == [(2, n) for n in profiler.ALLREDUCE_SIZES]
+    assert all(t > 0 for *_, t in p2p + allreduce)
+
+
+def fake(p2p=(), allreduce=()):
+    return Profile(1, 8, 4, "cpu", "gloo", [2, 8], [[1.0, 4.0]], [[0.5, 2.0]], [0.0, 0.0], [4, 4], [400],
+                   list(p2p), list(allreduce))
+
+
+def test_comm_fits_recover_latency_and_bandwidth():
+    lat, per_byte = 5e-5, 1e-9
+    p = fake(p2p=[(n, lat + n * per_byte) for n in (4096, 1 << 22)],
+             allreduce=[(k, n, 2 * (k - 1) * lat + 2 * (k - 1) / k * n * per_byte) for k in (2, 8) for n in (4096, 1 << 20)])
+    assert p.p2p_fit == pytest.approx((lat, per_byte), rel=1e-6)
+    assert p.allreduce_fit == pytest.approx((lat, per_byte), rel=1e-6)
+    assert p.allreduce_time(4, 1000) == pytest.approx(6 * lat + 1.5 * 1000 * per_byte)
+    assert p.allreduce_time(1, 1000) == 0 and p.p2p_time(0) == 0
+
+
+def test_interpolation_between_and_beyond_measured_rows():
+    p = fake()                      # teacher: 1.0 at 2 rows, 4.0 at 8 rows (0.5 per row + 0)
+    assert p.teacher_time(0, 2) == 1.0 and p.teacher_time(0, 8) == 4.0
+    assert p.teacher_time(0, 4) == pytest.approx(2.0)
+    assert p.teacher_time(0, 16) == pytest.approx(8.0)               # extended linearly
+    assert p.teacher_time(0, 1) == pytest.approx(0.5)                # never below proportional
+
+
+def test_profile_round_trips_through_json(tmp_path):
+    p = fake(p2p=[(4096, 1e-4), (1 << 20, 1e-3)])
+    p.save(str(tmp_path / "p.json"))
+    assert Profile.load_file(str(tmp_path / "p.json")) == p
