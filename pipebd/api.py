@@ -15,8 +15,11 @@ from torch import Tensor, nn
 from .data import dataset_length, probe_item
 from .losses import SoftTargetLoss, resolve_block_loss
 from .plan import Plan, default_plan
+from .planner import auto_plan
+from .profiler import COMM_REPEATS, Profile, comm_task, profile_job
 from .report import Report, build_report
-from .runtime.launch import LOOPS, run_rank, run_spmd, spawn, torchrun_env
+from .runtime.launch import LOOPS, init_spmd, run_rank, run_spmd, spawn, torchrun_env
+from .simulator import simulate
 from .runtime.worker import Job, TensorSpec
 
 log = logging.getLogger("pipebd")
@@ -73,7 +76,10 @@ class Distiller:
 
         ``strategy``: ``"pipebd"`` (teacher relaying over pipeline stages) or ``"baseline"``
         (block by block, data parallel over all ranks, teacher recomputed from the input).
-        ``plan``: None (one contiguous block range per rank), a ``Plan``, or ``"auto"``.
+        ``plan``: None (one contiguous block range per rank), a ``Plan``, or ``"auto"``: profile
+        the blocks (or read the cached profile), choose the optimal plan, log it with its
+        prediction, and put the prediction in the report (``report.prediction``,
+        ``report.simulation``). With ``world_size=1`` there is nothing to choose.
         ``world_size > 1`` spawns local workers unless the process runs under torchrun, where every
         rank calls ``fit``. A stage runs at most ``max_inflight + 1`` batches ahead of the
         next; ``threads`` sets torch threads per spawned worker (default: cores / world_size);
@@ -86,16 +92,45 @@ class Distiller:
             raise ValueError(f"fit(world_size={world_size}) but torchrun started WORLD_SIZE={env[1]} processes")
         job = self._job(dataset, batch_size, steps, world_size, strategy, plan, seed, max_inflight,
                         threads, progress)
+        prediction = None
+        if plan == "auto" and world_size > 1:
+            profile = self._profile(job, world_size, timeout, progress=job.progress)
+            prediction = auto_plan(profile, world_size)
+            job.plan = prediction.plan
+            log.info("pipebd: auto %s", prediction)
         log.info("pipebd: strategy %s, plan %s on %d rank(s)", strategy, job.plan.describe(), world_size)
         if env is not None:
             results = run_spmd(job, timeout)
         elif world_size == 1:
             results = run_rank(job, 0, 1)
         else:
-            job.threads = threads or max(1, (os.cpu_count() or 1) // world_size)
             results = spawn(job, world_size, timeout)
         self._load_states(results)
-        return build_report(strategy, world_size, job.plan, batch_size, steps, self.num_blocks, results)
+        report = build_report(strategy, world_size, job.plan, batch_size, steps, self.num_blocks, results)
+        if prediction is not None:
+            report.prediction = prediction
+            report.simulation = simulate(profile, job.plan, steps, max_inflight)
+        return report
+
+    def profile(self, dataset: Any, batch_size: int, world_size: int, *, threads: int | None = None,
+                warmup: int = 2, repeats: int = 5, cache: bool = True, timeout: float = 600.0) -> Profile:
+        """Measure what every block costs at each per-replica batch size a plan on ``world_size``
+        ranks can give it, and the backend's point-to-point and allreduce costs (cached; see
+        ``pipebd.profiler``). ``fit(plan="auto")`` does this itself."""
+        job = self._job(dataset, batch_size, 1, world_size, "pipebd", None, 0, 1, threads, False)
+        return self._profile(job, world_size, timeout, warmup=warmup, repeats=repeats, cache=cache)
+
+    def _profile(self, job: Job, world_size: int, timeout: float, **options: Any) -> Profile:
+        if torchrun_env() is None:
+            return profile_job(job, world_size, **options)
+        # SPMD: every rank takes part in the communication benchmark; rank 0 measures (or reads
+        # the cache) and every rank plans from its profile, so they all choose the same plan.
+        import torch.distributed as dist
+        init_spmd(job.device, timeout)
+        measured = comm_task(job.device, COMM_REPEATS, dist.get_rank(), world_size)
+        box = [profile_job(job, world_size, comm=lambda: measured, **options) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def student_model(self) -> nn.Sequential:
         """The student blocks (trained in place by ``fit``) as one Sequential, on CPU."""
@@ -119,12 +154,14 @@ class Distiller:
         if self.device.startswith("cuda") and torchrun_env() is None and world_size > torch.cuda.device_count():
             raise ValueError(f"world_size {world_size} needs one GPU per rank but "
                              f"{torch.cuda.device_count()} are visible")
-        resolved = self._resolve_plan(plan, strategy, world_size)
+        resolved = self._resolve_plan(plan, strategy, world_size)   # "auto": the default until profiled
         widest = max(resolved.replicas)
         if batch_size < widest:
             raise ValueError(f"batch_size {batch_size} is smaller than the widest stage's replica "
                              f"count ({widest}); every replica needs at least one row")
         boundary, labels = self._probe(dataset)
+        if threads is None and world_size > 1 and torchrun_env() is None:
+            threads = max(1, (os.cpu_count() or 1) // world_size)   # spawned workers share the cores
         return Job(strategy=strategy, plan=resolved, num_blocks=self.num_blocks,
                    teacher=dict(enumerate(self.teacher)), student=dict(enumerate(self.student)),
                    optimizer=self.optimizer, block_loss=self.block_loss, final_loss=self.final_loss,
@@ -143,8 +180,7 @@ class Distiller:
             return default_plan(n, world_size)
         if isinstance(plan, str):
             if plan == "auto":
-                raise NotImplementedError("plan='auto' (profiled automatic hybrid distribution) is "
-                                          "not implemented yet; pass plan=None or a pipebd.Plan")
+                return default_plan(n, world_size)
             raise ValueError(f"plan must be None, 'auto' or a pipebd.Plan, got {plan!r}")
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be None, 'auto' or a pipebd.Plan, got {type(plan).__name__}")

@@ -1,4 +1,5 @@
-"""Command line: ``pipebd run CONFIG [--set key=value ...]`` and ``pipebd check CONFIG``."""
+"""Command line: ``pipebd run CONFIG [--set key=value ...]``, ``pipebd profile CONFIG`` and
+``pipebd check CONFIG``."""
 
 from __future__ import annotations
 
@@ -44,10 +45,30 @@ def run(config: RunConfig) -> None:
         print(f"trace written to {config.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
 
 
+def profile(config: RunConfig) -> None:
+    """Print the block profile, the auto plan and the simulator's predictions for the config's
+    world size and steps, next to one block range per rank and the baseline."""
+    from .plan import default_plan
+    from .planner import auto_plan
+    from .simulator import simulate, simulate_baseline
+
+    distiller, dataset = build(config)
+    prof = distiller.profile(dataset, config.batch_size, config.world_size)
+    print(prof)
+    best = auto_plan(prof, config.world_size)
+    print(f"auto: {best}")
+    for sim in (simulate(prof, best.plan, config.steps, config.max_inflight),
+                simulate(prof, default_plan(distiller.num_blocks, config.world_size), config.steps, config.max_inflight),
+                simulate_baseline(prof, config.world_size, config.steps)):
+        print(sim)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipebd", description="Blockwise distillation with Pipe-BD.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "distill the model pair a config describes and print the report"),
+                            ("profile", "measure the blocks' costs and print them with the auto plan and the "
+                                        "simulator's predictions"),
                             ("check", "validate a config and print it with every default filled in")):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("config", nargs="?", help="YAML file (default: built-in defaults)")
@@ -60,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             build(config)
             print(dump_config(config), end="")
+        elif args.command == "profile":
+            profile(config)
         else:
             run(config)
     except (ValueError, TypeError, NotImplementedError, OSError) as err:

@@ -9,6 +9,7 @@ stage's replicas: ``utilization`` is compute (data, teacher, student, optimizer 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .plan import Plan
 from .runtime.worker import RankResult
@@ -40,6 +41,8 @@ class Report:
     stages: list[StageStats]
     losses: list[list[float]]              # per block: global-batch loss at each step
     tracks: list[tuple[str, list[Span]]] = field(repr=False)
+    prediction: Any = None       # plan="auto": the planner's steady-state Prediction
+    simulation: Any = None       # plan="auto": the simulator's Simulation of this run's steps
 
     @property
     def samples_per_s(self) -> float:
@@ -60,17 +63,24 @@ class Report:
         write_chrome_trace(path, self.tracks)
 
     def __str__(self) -> str:
+        sim = self.simulation
         lines = [
             f"pipebd report: strategy={self.strategy} world_size={self.world_size} plan={self.plan.describe()} "
             f"batch_size={self.batch_size} steps={self.steps}",
             f"throughput {self.samples_per_s:.1f} samples/s (wall {self.wall_s:.3f} s)",
-            f"{'stage':>5} {'blocks':>7} {'ranks':>9} {'util':>6} {'comm':>6} {'wait':>6} {'idle':>6}",
         ]
+        if sim is not None:
+            lines.append(f"predicted {sim.samples_per_s:.1f} samples/s for these {self.steps} steps "
+                         f"(steady-state bound {self.prediction.samples_per_s:.1f}); measured/predicted "
+                         f"{self.samples_per_s / sim.samples_per_s:.2f}")
+        lines.append(f"{'stage':>5} {'blocks':>7} {'ranks':>9} {'util':>6} {'comm':>6} {'wait':>6} {'idle':>6}"
+                     + (f" {'pred util':>9}" if sim is not None else ""))
         for s, st in enumerate(self.stages):
             blocks = f"{st.blocks[0]}-{st.blocks[-1]}" if len(st.blocks) > 1 else f"{st.blocks[0]}"
             ranks = f"{st.ranks[0]}-{st.ranks[-1]}" if len(st.ranks) > 1 else f"{st.ranks[0]}"
             lines.append(f"{s:>5} {blocks:>7} {ranks:>9} {st.utilization:>6.1%} {st.communication:>6.1%} "
-                         f"{st.waiting:>6.1%} {st.idle:>6.1%}")
+                         f"{st.waiting:>6.1%} {st.idle:>6.1%}"
+                         + (f" {sim.stage_utilization[s]:>9.1%}" if sim is not None else ""))
         lines.append(f"teacher block runs: {self.teacher_block_runs}")
         first = [h[0] for h in self.losses]
         lines.append("block loss first -> last: " + ", ".join(

@@ -48,11 +48,12 @@ CASES = [
     (3, "pipebd", P([[0, 1, 2], [3, 4]], [2, 1])),
     (4, "pipebd", P([[0], [1, 2], [3, 4]], [1, 1, 2])),
     (3, "pipebd", P([[0, 1, 2], [3, 4]])),  # rank 2 stays idle
+    (4, "pipebd", "auto"),                  # profiled and planned (issue 4)
 ]
 
 
 @pytest.mark.parametrize("world_size, strategy, plan", CASES,
-                         ids=[f"{s}-w{w}-{p.describe() if p else 'default'}" for w, s, p in CASES])
+                         ids=[f"{s}-w{w}-{p if isinstance(p, str) else p.describe() if p else 'default'}" for w, s, p in CASES])
 def test_same_weights_as_one_process_reference(reference, world_size, strategy, plan):
     ref_weights, ref_report = reference
     weights, report = train(world_size, strategy, plan, final_loss=pipebd.SoftTargetLoss(temperature=2.0))

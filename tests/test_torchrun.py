@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import pipebd
@@ -18,11 +19,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_matches_reference(tmp_path):
+@pytest.mark.parametrize("plan", ["[0-1]x1 | [2-4]x2", "auto"])
+def test_torchrun_matches_reference(tmp_path, plan):
+    """With "auto", every rank joins the communication benchmark, rank 0 profiles, and all ranks
+    must run the same plan."""
     out = tmp_path / "result"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(Path(__file__).with_name("torchrun_fit.py")), str(out)]
+           f"--master_port={free_port()}", str(Path(__file__).with_name("torchrun_fit.py")), str(out), plan]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -32,7 +36,10 @@ def test_torchrun_matches_reference(tmp_path):
     data = torch.randn(30, 16, generator=torch.Generator().manual_seed(1))
     distiller.fit(data, batch_size=7, steps=20, world_size=1, seed=3)
     reference = [p.detach() for p in distiller.student_model().parameters()]
+    plans = set()
     for rank in range(3):
         got = torch.load(f"{out}.{rank}")
+        plans.add(got["plan"])
         assert got["teacher_block_runs"] == [20 * 7] * 5
         assert max((a - b).abs().max().item() for a, b in zip(got["weights"], reference)) <= 1e-5
+    assert len(plans) == 1 and (plan == "auto" or plans == {plan})

@@ -1,7 +1,7 @@
 """Run under torchrun by test_torchrun.py: every rank calls fit (SPMD) and saves what it got.
 
 Each rank builds its models from a different seed on purpose: fit must start all ranks from
-rank 0's weights, as DDP does.
+rank 0's weights, as DDP does. ``argv[2]`` is "auto" or a plan in ``Plan.parse`` form.
 """
 
 import os
@@ -13,7 +13,7 @@ import pipebd
 from pipebd.models import mlp_pair
 
 if __name__ == "__main__":
-    out, plan = sys.argv[1], pipebd.Plan([[0, 1], [2, 3, 4]], [1, 2])
+    out, plan = sys.argv[1], sys.argv[2] if sys.argv[2] == "auto" else pipebd.Plan.parse(sys.argv[2])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     teacher, student = mlp_pair(num_blocks=5, seed=rank)
     distiller = pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
@@ -21,4 +21,4 @@ if __name__ == "__main__":
     data = torch.randn(30, 16, generator=torch.Generator().manual_seed(1))
     report = distiller.fit(data, batch_size=7, steps=20, world_size=world, plan=plan, seed=3, timeout=60)
     torch.save({"weights": [p.detach() for p in distiller.student_model().parameters()],
-                "teacher_block_runs": report.teacher_block_runs}, f"{out}.{rank}")
+                "teacher_block_runs": report.teacher_block_runs, "plan": report.plan.describe()}, f"{out}.{rank}")

@@ -1,0 +1,53 @@
+"""fit(plan="auto"): profile (or read the cache), plan, log, run, and report predicted next to
+measured; the auto plan trains the same weights as the one-process reference.
+
+Emulated blocks (sleeps) with the unbalanced Pipe-BD-like profile, halved, at world size 4:
+block 0 is the most expensive, so one block range per rank is far from balanced.
+"""
+
+import logging
+
+import pytest
+import torch
+
+import pipebd
+from pipebd import profiler
+from pipebd.models import emulated_pair
+from pipebd.plan import default_plan
+
+BATCH, STEPS, WORLD = 32, 24, 4
+
+
+def fit(world=WORLD, plan="auto"):
+    teacher, student = emulated_pair("unbalanced", scale=0.5, seed=0)
+    distiller = pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                                 device="cpu")
+    data = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+    report = distiller.fit(data, batch_size=BATCH, steps=STEPS, world_size=world, plan=plan, seed=3, timeout=120)
+    return [p.detach().clone() for p in distiller.student_model().parameters()], report
+
+
+def test_auto_plan_is_exact_logged_and_predicted(caplog, monkeypatch):
+    reference, _ = fit(world=1, plan=None)
+    with caplog.at_level(logging.INFO, logger="pipebd"):
+        weights, report = fit()
+    assert max((a - b).abs().max().item() for a, b in zip(weights, reference)) <= 1e-5
+    assert report.plan != default_plan(6, WORLD)            # the default leaves stages waiting
+    assert report.prediction.plan == report.plan
+    assert any("auto plan" in r.message and report.plan.describe() in r.message for r in caplog.records)
+    text = str(report)
+    assert "predicted" in text and "pred util" in text
+    # Sleeps dominate, so the prediction holds even on a busy machine (the bench checks 10%).
+    assert 0.7 <= report.samples_per_s / report.simulation.samples_per_s <= 1.3
+    assert report.teacher_block_runs == [STEPS * BATCH] * 6
+
+    # A second fit reads the cached profile instead of measuring again.
+    monkeypatch.setattr(profiler, "_measure_compute", lambda *a: pytest.fail("profile measured twice"))
+    _, again = fit()
+    assert again.plan == report.plan
+
+
+def test_auto_on_one_rank_needs_no_profile(monkeypatch):
+    monkeypatch.setattr(profiler, "_measure_compute", lambda *a: pytest.fail("nothing to choose on one rank"))
+    _, report = fit(world=1)
+    assert report.prediction is None and report.plan.replicas == (1,)
