@@ -11,23 +11,15 @@ baseline's, the teacher block runs and the per-stage utilization of the median r
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shlex
-import statistics
 import sys
 from datetime import date
 
 import torch
 
 import pipebd
+from common import cell, machine
 from pipebd.models import cnn_input_shape, cnn_pair
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return (f"{platform.system()} {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, pipebd {pipebd.__version__}")
 
 
 def run(strategy: str, plan: pipebd.Plan | None, args: argparse.Namespace, data: torch.Tensor,
@@ -82,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         m = median[label]
         runs = ", ".join(f"{r.samples_per_s:.1f}" for r in rs)
         util = ", ".join(f"{u:.0%}" for u in m.stage_utilization)
-        plan = m.plan.describe().replace("|", "\\|")  # a bare | would end the table cell
-        lines.append(f"| {label.split()[0]} | `{plan}` | {m.samples_per_s:.1f} | "
+        plan = cell(m.plan.describe())
+        lines.append(f"| {label.split()[0]} | {plan} | {m.samples_per_s:.1f} | "
                      f"{m.samples_per_s / base:.2f}x | {runs} | {m.teacher_block_runs} | {util} |")
     text = "\n".join(lines + [""])
     print(text)
