@@ -19,8 +19,8 @@ from .planner import auto_plan
 from .profiler import COMM_REPEATS, Profile, comm_task, profile_job
 from .report import Report, build_report
 from .runtime.launch import LOOPS, init_spmd, run_rank, run_spmd, spawn, torchrun_env
-from .simulator import simulate
 from .runtime.worker import Job, TensorSpec
+from .simulator import simulate
 
 log = logging.getLogger("pipebd")
 
