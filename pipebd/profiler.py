@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .plan import Plan
+from .runtime.launch import backend_for, spawn_tasks
 from .runtime.worker import Job, RankRuntime
 
 # Transfer sizes for the communication fits (bytes), and timed repeats of each: collectives of
@@ -194,8 +195,8 @@ def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5,
     if world_size > 1:
         if comm is None:
             comm = functools.partial(measure_comm, world_size, job.device)
-        profile.p2p, profile.allreduce = comm()
-        profile.__post_init__()
+        p2p, allreduce = comm()
+        profile = dataclasses.replace(profile, p2p=p2p, allreduce=allreduce)   # refits the comm models
     if cache:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         profile.save(path)
@@ -281,7 +282,6 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
                  for i in range(n + 1)]
     grad_bytes = [sum(p.numel() * p.element_size() for p in job.student[i].parameters() if p.requires_grad)
                   for i in range(n)]
-    from .runtime.launch import backend_for
     return Profile(n, batch, world_size, job.device, backend_for(job.device), rows, teacher, student, load,
                    act_bytes, grad_bytes, warmup=warmup, repeats=repeats, threads=job.threads)
 
@@ -318,7 +318,6 @@ def measure_comm(world_size: int, device: str = "cpu", repeats: int = COMM_REPEA
                  timeout: float = 120.0) -> tuple[list, list]:
     """Point-to-point and allreduce timings on ``world_size`` fresh local ranks of the backend
     ``device`` uses: ``([(bytes, s)], [(ranks, bytes, s)])``."""
-    from .runtime.launch import backend_for, spawn_tasks
     task = functools.partial(comm_task, device, repeats)
     return spawn_tasks([task] * world_size, backend_for(device), timeout)
 
