@@ -7,7 +7,8 @@ setup(
     python_requires=">=3.10",
     packages=["pipebd", "pipebd.runtime", "pipebd.kernels", "pipebd.models"],
     package_dir={"pipebd.kernels": "kernels", "pipebd.models": "models"},
-    install_requires=["torch>=2.4", "numpy", "pyyaml>=6", "tqdm", "cloudpickle>=2"],
+    install_requires=["torch>=2.4", "numpy", "pyyaml>=6", "tqdm", "cloudpickle>=2",
+                      "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout>=2"],
         "plot": ["matplotlib"],

@@ -45,6 +45,8 @@ class OptimizerConfig:
 @dataclass
 class FinalLossConfig:
     temperature: float = 4.0
+    alpha: float = 0.0                                      # weight of the hard-label cross-entropy
+    backend: str = "auto"                                   # auto | triton | torch
 
 
 @dataclass
@@ -87,7 +89,8 @@ class RunConfig:
         return functools.partial(classes[o.name], lr=o.lr, weight_decay=o.weight_decay)
 
     def build_final_loss(self) -> SoftTargetLoss | None:
-        return None if self.final_loss is None else SoftTargetLoss(self.final_loss.temperature)
+        f = self.final_loss
+        return None if f is None else SoftTargetLoss(f.temperature, alpha=f.alpha, backend=f.backend)
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:

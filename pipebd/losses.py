@@ -7,6 +7,7 @@ full-batch step however the batch is sliced (Goyal et al., 2017, remark 3).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -31,64 +32,149 @@ def resolve_block_loss(loss: str | BlockLoss) -> BlockLoss:
 
 
 def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
-                     reduction: str = "batchmean") -> Tensor:
-    """``T^2 * KL(softmax(t/T) || softmax(s/T))`` over the last dimension of 2-D logits.
+                     reduction: str = "batchmean", *, labels: Tensor | None = None, alpha: float = 0.0,
+                     ignore_index: int = -100, teacher_grad: bool = False, backend: str = "auto") -> Tensor:
+    """Soft-target distillation loss on logits, per row ``r``::
 
-    ``reduction``: ``"batchmean"`` (sum over rows / rows), ``"sum"`` or ``"none"`` (one value per
-    row). The gradient wrt the student logits is ``T * (softmax(s/T) - softmax(t/T))`` per row
-    (divided by rows for batchmean). Computed in float32 at least; teacher entries of probability
-    zero (``-inf`` logits) contribute nothing.
+        (1 - alpha) * T^2 * KL(p_t || softmax(s_r / T)) + alpha * cross_entropy(s_r, labels_r)
+
+    ``student_logits`` is [rows, V]. ``teacher_logits`` is [rows, V], or [n, rows, V] for a
+    teacher that is the average of n prediction sets: ``p_t = mean_k softmax(t_k / T)``
+    (codistillation). Teacher entries of probability zero (``-inf`` logits) contribute nothing.
+
+    ``alpha`` mixes in the hard-label cross-entropy (at temperature 1) and then needs ``labels``
+    [rows] (integers in [0, V), or ``ignore_index`` for rows with no hard term). ``reduction``:
+    ``"batchmean"`` (sum over rows / rows; ignored rows count in the denominator, unlike
+    ``F.cross_entropy``'s mean, so that a batch split into slices sums to the full-batch loss),
+    ``"sum"`` or ``"none"`` (one value per row). The loss is float32 (float64 for float64 input).
+
+    The gradient wrt the student is ``(1 - alpha) * T * (softmax(s/T) - p_t)`` plus
+    ``alpha * (softmax(s) - onehot(labels))`` per row. The teacher gets no gradient unless
+    ``teacher_grad=True`` (mutual learning).
+
+    ``backend``: ``"triton"`` (the fused kernels of ``pipebd.kernels``: CUDA, or CPU under
+    ``TRITON_INTERPRET=1``), ``"torch"`` (plain torch), or ``"auto"`` (Triton for CUDA tensors).
+    Raises ``ValueError``/``TypeError`` naming the bad argument.
     """
-    _check_logits(student_logits, teacher_logits, temperature, reduction)
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    log_ps = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    log_pt = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    sets = _check_logits(student_logits, teacher_logits, temperature, reduction, alpha)
+    if alpha > 0:
+        labels = _check_labels(labels, student_logits, ignore_index)
+    else:
+        labels = None
+    if not teacher_grad:
+        sets = sets.detach()
+    if _use_triton(backend, student_logits):
+        from pipebd.kernels.softmax_kd import fused_soft_target_loss
+        return fused_soft_target_loss(student_logits, sets, labels, temperature, alpha, ignore_index,
+                                      reduction, teacher_grad)
+    return _torch_soft_target_loss(student_logits, sets, labels, temperature, alpha, ignore_index, reduction)
+
+
+def _torch_soft_target_loss(student: Tensor, sets: Tensor, labels: Tensor | None, temperature: float,
+                            alpha: float, ignore_index: int, reduction: str) -> Tensor:
+    dtype = torch.promote_types(torch.promote_types(student.dtype, sets.dtype), torch.float32)
+    log_ps = F.log_softmax(student.to(dtype) / temperature, dim=-1)
+    log_q = F.log_softmax(sets.to(dtype) / temperature, dim=-1)
+    log_pt = log_q[0] if len(sets) == 1 else torch.logsumexp(log_q, dim=0) - math.log(len(sets))
     pt = log_pt.exp()
-    per_row = torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros((), dtype=dtype)).sum(-1)
-    per_row = per_row * temperature**2
+    # pt outside the where: the masked branch then passes no nan (0 * -inf) to either gradient.
+    per_row = temperature**2 * (pt * torch.where(pt > 0, log_pt - log_ps, 0.0)).sum(-1)
+    if labels is not None:
+        hard = F.cross_entropy(student.to(dtype), labels, ignore_index=ignore_index, reduction="none")
+        per_row = (1 - alpha) * per_row + alpha * hard
     if reduction == "none":
         return per_row
     total = per_row.sum()
-    return total / student_logits.shape[0] if reduction == "batchmean" else total
+    return total / student.shape[0] if reduction == "batchmean" else total
 
 
-def _check_logits(student: Tensor, teacher: Tensor, temperature: float, reduction: str) -> None:
-    if student.dim() != 2 or teacher.dim() != 2:
-        raise ValueError(f"soft-target loss needs 2-D [rows, classes] logits, got student "
-                         f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}")
-    if student.shape != teacher.shape:
+def _use_triton(backend: str, logits: Tensor) -> bool:
+    if backend not in SoftTargetLoss.backends:
+        raise ValueError(f"backend must be one of {SoftTargetLoss.backends}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and not logits.is_cuda):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        if backend == "triton":
+            raise ImportError("backend='triton' needs the triton package (pip install triton)") from err
+        return False
+    return True
+
+
+def _check_logits(student: Tensor, teacher: Tensor, temperature: float, reduction: str, alpha: float) -> Tensor:
+    """Validate the arguments; return the teacher as [n, rows, V]."""
+    if student.dim() != 2 or teacher.dim() not in (2, 3):
+        raise ValueError(f"soft-target loss needs student logits [rows, classes] and teacher logits "
+                         f"[rows, classes] or [n, rows, classes], got student {tuple(student.shape)} "
+                         f"and teacher {tuple(teacher.shape)}")
+    if student.shape != teacher.shape[-2:]:
         raise ValueError(f"student logits {tuple(student.shape)} and teacher logits "
                          f"{tuple(teacher.shape)} differ in shape")
+    if min(teacher.shape) == 0:
+        raise ValueError(f"soft-target loss needs at least one row, class and teacher set, got teacher "
+                         f"{tuple(teacher.shape)}")
     if not (student.is_floating_point() and teacher.is_floating_point()):
         raise TypeError(f"logits must be floating point, got {student.dtype} and {teacher.dtype}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_options(temperature, reduction, alpha)
+    return teacher if teacher.dim() == 3 else teacher.unsqueeze(0)
+
+
+def _check_options(temperature: float, reduction: str, alpha: float) -> None:
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+
+def _check_labels(labels: Tensor | None, student: Tensor, ignore_index: int) -> Tensor:
+    rows, classes = student.shape
+    if labels is None:
+        raise ValueError("alpha > 0 mixes in a hard-label cross-entropy and needs labels [rows]")
+    labels = torch.as_tensor(labels, device=student.device)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
+    if labels.shape != (rows,):
+        raise ValueError(f"labels must have shape ({rows},) for {rows} rows of logits, got {tuple(labels.shape)}")
+    labels = labels.to(torch.int64).contiguous()
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= classes))
+    if bad.any():
+        raise ValueError(f"labels must be in [0, {classes}) or ignore_index={ignore_index}, got "
+                         f"{labels[bad][:4].tolist()}")
+    return labels
 
 
 class SoftTargetLoss(nn.Module):
-    """Hinton's distillation loss on logits: ``T^2 * KL(softmax(t/T) || softmax(s/T))``.
+    """Hinton's distillation loss on logits; see ``soft_target_loss`` for the formula, shapes and
+    options.
 
     Use as ``Distiller(..., final_loss=SoftTargetLoss(temperature=4.0))`` to train the last
-    student block on the teacher's softened logits instead of the block loss.
+    student block on the teacher's softened logits instead of the block loss; with ``alpha > 0``
+    the dataset's labels are passed too.
     """
 
-    needs_labels = False
-    backends = ("auto", "torch")
+    backends = ("auto", "triton", "torch")
 
-    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean", backend: str = "auto"):
+    def __init__(self, temperature: float = 1.0, *, alpha: float = 0.0, reduction: str = "batchmean",
+                 ignore_index: int = -100, teacher_grad: bool = False, backend: str = "auto"):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        _check_options(temperature, reduction, alpha)
         if backend not in self.backends:
             raise ValueError(f"backend must be one of {self.backends}, got {backend!r}")
-        self.temperature, self.reduction, self.backend = float(temperature), reduction, backend
+        self.temperature, self.alpha, self.reduction = float(temperature), float(alpha), reduction
+        self.ignore_index, self.teacher_grad, self.backend = int(ignore_index), bool(teacher_grad), backend
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        return soft_target_loss(student_logits, teacher_logits, self.temperature, self.reduction)
+    @property
+    def needs_labels(self) -> bool:
+        return self.alpha > 0
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
+        return soft_target_loss(student_logits, teacher_logits, self.temperature, self.reduction, labels=labels,
+                                alpha=self.alpha, ignore_index=self.ignore_index,
+                                teacher_grad=self.teacher_grad, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}, teacher_grad={self.teacher_grad}, backend={self.backend!r}")

@@ -65,6 +65,17 @@ def test_same_weights_as_one_process_reference(reference, world_size, strategy, 
         assert report.teacher_block_runs == [(BLOCKS - j) * STEPS * BATCH for j in range(BLOCKS)]
 
 
+TRITON_CASES = [(1, "pipebd", None), (2, "baseline", None), (4, "pipebd", P([[0], [1, 2], [3, 4]], [1, 1, 2]))]
+
+
+@pytest.mark.parametrize("world_size, strategy, plan", TRITON_CASES, ids=["w1", "baseline-w2", "hybrid-w4"])
+def test_triton_soft_target_kernel_trains_the_same_weights(reference, world_size, strategy, plan):
+    # The fused kernel (Triton's interpreter on CPU) in place of the torch formula: float32
+    # rounding differs, so the tolerance is the same 1e-5.
+    weights, _ = train(world_size, strategy, plan, final_loss=pipebd.SoftTargetLoss(temperature=2.0, backend="triton"))
+    assert max_diff(weights, reference[0]) <= TOL
+
+
 def test_training_moves_the_weights(reference):
     # Guards the comparison above against a run that never updates anything.
     teacher, student = mlp_pair(num_blocks=BLOCKS, seed=0)
@@ -90,3 +101,20 @@ def test_labels_travel_through_redistributing_stages():
     assert max_diff(got, ref) <= TOL
     without_labels, _ = train(1, final_loss=pipebd.SoftTargetLoss(temperature=2.0), dataset=data)
     assert max_diff(got, without_labels) > 1e-3  # the label term really is in the loss
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_soft_target_loss_with_hard_labels_is_exact_across_slices(backend):
+    # alpha > 0: SoftTargetLoss asks for the labels; "batchmean" weighs every row 1/rows, so the
+    # replicated stage's slices (4 and 3 rows of 7) sum to the full-batch step.
+    gen = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(30, 16, generator=gen), torch.randint(0, 10, (30,), generator=gen))
+    labels = data.tensors[1].clone()
+    labels[::4] = -100
+    data = TensorDataset(data.tensors[0], labels)
+    loss = pipebd.SoftTargetLoss(temperature=2.0, alpha=0.5, ignore_index=-100, backend=backend)
+    ref, _ = train(1, final_loss=pipebd.SoftTargetLoss(temperature=2.0, alpha=0.5), dataset=data)
+    got, _ = train(4, plan=P([[0, 1], [2], [3, 4]], [1, 1, 2]), final_loss=loss, dataset=data)
+    assert max_diff(got, ref) <= TOL
+    soft_only, _ = train(1, final_loss=pipebd.SoftTargetLoss(temperature=2.0), dataset=data)
+    assert max_diff(got, soft_only) > 1e-3

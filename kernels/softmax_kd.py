@@ -1,0 +1,362 @@
+"""Fused softmax-with-temperature kernels for distillation losses.
+
+The soft-target loss of Hinton et al. (2015), "Distilling the Knowledge in a Neural Network", with
+the teacher given as the average of several prediction sets as in codistillation (Anil et al.,
+2018) and an optional hard-label term::
+
+    loss_r = (1 - alpha) * T^2 * KL(p_t || softmax(s_r / T)) + alpha * CE(s_r, y_r)
+    p_t    = mean_k softmax(t_kr / T)                      (k over n teacher prediction sets)
+
+    d loss_r / d s_r   = (1 - alpha) * T * (softmax(s_r / T) - p_t) + alpha * (softmax(s_r) - onehot(y_r))
+    d loss_r / d t_kr  = (1 - alpha) * (T / n) * q_k * (g - <q_k, g>),
+                         q_k = softmax(t_kr / T), g = log p_t - log softmax(s_r / T)
+
+``CE`` is zero for rows whose label is ``ignore_index``. Reductions: ``batchmean`` divides the sum
+over rows by the number of rows (ignored rows included, so that a batch split into slices sums
+to the full-batch loss), ``sum``, or ``none`` (one value per row).
+
+Every kernel runs one program per row over column blocks of ``BLOCK`` logits, keeping per-lane
+running maxima and sums (online softmax) in fp32, or fp64 for fp64 inputs so that gradcheck
+applies. Row offsets are int64. A row is swept twice: once for the normalizers, once to write the
+gradient (with the loss accumulated alongside); the second sweep usually reads from L2. The
+gradient wrt the student is computed in the forward pass, stored in the student's dtype, and only
+scaled by the incoming gradient in backward, so the only rows x V buffer is the gradient itself
+(plus the scaled copy when the incoming gradient is not exactly 1).
+The teacher's gradient, for mutual learning, costs a third sweep and is off by default.
+
+``softmax``/``log_softmax`` are the plain row kernels (with temperature), forward and backward.
+Triton runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` is set before this
+module is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_BLOCK_ELEMENTS = 4096     # logits per column block (all teacher sets together), per program
+
+
+@triton.jit
+def _online(m, z, x, inv_t):
+    """Fold the block ``x`` into per-lane running maxima ``m`` (of raw logits) and sums ``z`` of
+    ``exp((x - m) / T)``; lanes that have seen only -inf keep ``z == 0``."""
+    m_new = tl.maximum(m, x)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    z = z * tl.exp((m - shift) * inv_t) + tl.exp((x - shift) * inv_t)
+    return m_new, z
+
+
+@triton.jit
+def _normalizer(m, z, inv_t, AXIS: tl.constexpr):
+    """Combine per-lane ``(m, z)`` along ``AXIS`` into the row maximum and ``log Z``, so that
+    ``log softmax(x / T) = (x - max) / T - log Z``."""
+    top = tl.max(m, AXIS)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(z * tl.exp((m - tl.expand_dims(top, AXIS)) * inv_t), AXIS)
+    return top, tl.log(total)
+
+
+@triton.jit
+def _softmax_fwd_kernel(x_ptr, y_ptr, x_stride, y_stride, V, inv_t,
+                        LOG: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row, y_row = x_ptr + row * x_stride, y_ptr + row * y_stride
+    lanes = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], float("-inf"), ACC)
+    z = tl.zeros([BLOCK], ACC)
+    for start in range(0, V, BLOCK):
+        cols = start + lanes
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
+        m, z = _online(m, z, x, inv_t)
+    top, log_z = _normalizer(m, z, inv_t, 0)
+    for start in range(0, V, BLOCK):
+        cols = start + lanes
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
+        y = (x - top) * inv_t - log_z
+        if not LOG:
+            y = tl.exp(y)
+        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
+def _softmax_bwd_kernel(y_ptr, dy_ptr, dx_ptr, y_stride, dy_stride, dx_stride, V, inv_t,
+                        LOG: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    # softmax:      dx = (y * (dy - sum(dy * y))) / T
+    # log_softmax:  dx = (dy - exp(y) * sum(dy)) / T
+    row = tl.program_id(0).to(tl.int64)
+    y_row, dy_row, dx_row = y_ptr + row * y_stride, dy_ptr + row * dy_stride, dx_ptr + row * dx_stride
+    lanes = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], ACC)
+    for start in range(0, V, BLOCK):
+        cols = start + lanes
+        dy = tl.load(dy_row + cols, mask=cols < V, other=0.0).to(ACC)
+        if LOG:
+            acc += dy
+        else:
+            acc += dy * tl.load(y_row + cols, mask=cols < V, other=0.0).to(ACC)
+    total = tl.sum(acc, 0)
+    for start in range(0, V, BLOCK):
+        cols = start + lanes
+        dy = tl.load(dy_row + cols, mask=cols < V, other=0.0).to(ACC)
+        y = tl.load(y_row + cols, mask=cols < V, other=0.0).to(ACC)
+        if LOG:
+            dx = (dy - tl.exp(y) * total) * inv_t
+        else:
+            dx = y * (dy - total) * inv_t
+        tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
+def _load_block(s_row, t_rows, sets, start, V, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Student block [BLOCK] and teacher block [NP, BLOCK] at columns ``start + lanes``."""
+    cols = start + tl.arange(0, BLOCK)
+    s = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
+    t = tl.load(t_rows + cols[None, :], mask=sets[:, None] & (cols < V)[None, :], other=float("-inf")).to(ACC)
+    return cols, s, t
+
+
+@triton.jit
+def _probabilities(s, t, sets, s_top, s_log_z, t_top, t_log_z, inv_t, n_sets, NP: tl.constexpr):
+    """log softmax(s/T), the per-set teacher probabilities q [NP, BLOCK], their mean p_t, and
+    g = log p_t - log p_s (zero where p_t is zero)."""
+    log_ps = (s - s_top) * inv_t - s_log_z
+    log_q = (t - t_top[:, None]) * inv_t - t_log_z[:, None]
+    q = tl.where(sets[:, None], tl.exp(log_q), 0.0)
+    if NP == 1:
+        # One set: subtract the logits before scaling by 1/T, so that the rounding of each log
+        # probability (large next to g at large T) does not enter g.
+        t1, t1_top, t1_log_z = tl.sum(t, 0), tl.sum(t_top, 0), tl.sum(t_log_z, 0)
+        p_t = tl.exp((t1 - t1_top) * inv_t - t1_log_z)
+        g = ((t1 - t1_top) - (s - s_top)) * inv_t - (t1_log_z - s_log_z)
+    else:
+        p_t = tl.sum(q, 0) / n_sets
+        g = tl.log(p_t) - log_ps
+    g = tl.where(p_t > 0, g, 0.0)
+    return log_ps, q, p_t, g
+
+
+@triton.jit
+def _soft_target_kernel(
+        s_ptr, t_ptr, y_ptr, loss_ptr, ds_ptr, dt_ptr,
+        s_stride, t_set_stride, t_stride, ds_stride, dt_set_stride, dt_stride,
+        V, n_sets, inv_t, soft_w, hard_w, ignore_index,
+        HARD: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+        NP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    # loss_r = soft_w * KL_r + hard_w * CE_r; soft_w = (1 - alpha) T^2 w, hard_w = alpha w, w the
+    # reduction's row weight. Sweep 1: normalizers of s/T, s (hard term) and each t_k/T.
+    row = tl.program_id(0).to(tl.int64)
+    set_index = tl.arange(0, NP)
+    sets = set_index < n_sets
+    s_row = s_ptr + row * s_stride
+    t_rows = t_ptr + row * t_stride + set_index.to(tl.int64)[:, None] * t_set_stride
+    s_m = tl.full([BLOCK], float("-inf"), ACC)
+    s_z = tl.zeros([BLOCK], ACC)
+    s_z1 = tl.zeros([BLOCK], ACC)
+    t_m = tl.full([NP, BLOCK], float("-inf"), ACC)
+    t_z = tl.zeros([NP, BLOCK], ACC)
+    for start in range(0, V, BLOCK):
+        cols, s, t = _load_block(s_row, t_rows, sets, start, V, BLOCK, ACC)
+        if HARD:
+            _, s_z1 = _online(s_m, s_z1, s, 1.0)
+        s_m, s_z = _online(s_m, s_z, s, inv_t)
+        t_m, t_z = _online(t_m, t_z, t, inv_t)
+    s_top, s_log_z = _normalizer(s_m, s_z, inv_t, 0)
+    t_top, t_log_z = _normalizer(t_m, t_z, inv_t, 1)
+
+    loss = 0.0
+    if HARD:
+        _, s_log_z1 = _normalizer(s_m, s_z1, 1.0, 0)
+        label = tl.load(y_ptr + row)
+        labelled = label != ignore_index
+        s_label = tl.load(s_row + label, mask=labelled, other=0.0).to(ACC)
+        loss = tl.where(labelled, hard_w * (s_top + s_log_z1 - s_label), 0.0)
+
+    # Sweep 2: KL, the student's gradient, and <q_k, g> for the teacher's. KL is taken as
+    # sum(p_t g) / sum(p_t) - log sum(p_t) + log sum(p_s): exact, and free of the rounding of
+    # the two log-normalizers, which otherwise dominates when KL is small (large T).
+    ds_row = ds_ptr + row * ds_stride
+    kl = tl.zeros([BLOCK], ACC)
+    mass_t = tl.zeros([BLOCK], ACC)
+    mass_s = tl.zeros([BLOCK], ACC)
+    qg = tl.zeros([NP, BLOCK], ACC)
+    for start in range(0, V, BLOCK):
+        cols, s, t = _load_block(s_row, t_rows, sets, start, V, BLOCK, ACC)
+        log_ps, q, p_t, g = _probabilities(s, t, sets, s_top, s_log_z, t_top, t_log_z, inv_t, n_sets, NP)
+        p_s = tl.exp(log_ps)
+        kl += p_t * g
+        mass_t += p_t
+        mass_s += p_s
+        if TEACHER_GRAD:
+            qg += q * g[None, :]
+        if STUDENT_GRAD:
+            ds = (p_s - p_t) * soft_w * inv_t
+            if HARD:
+                p1 = tl.exp(s - s_top - s_log_z1)
+                ds += tl.where(labelled, hard_w * (p1 - tl.where(cols == label, 1.0, 0.0)), 0.0)
+            tl.store(ds_row + cols, ds.to(ds_ptr.dtype.element_ty), mask=cols < V)
+    mass = tl.sum(mass_t, 0)
+    kl_row = tl.sum(kl, 0) / mass - tl.log(mass) + tl.log(tl.sum(mass_s, 0))
+    tl.store(loss_ptr + row, loss + kl_row * soft_w)
+
+    if TEACHER_GRAD:
+        # Sweep 3: d/dt_k = soft_w / (T n) * q_k * (g - <q_k, g>).
+        qg_row = tl.sum(qg, 1)
+        dt_rows = dt_ptr + row * dt_stride + set_index.to(tl.int64)[:, None] * dt_set_stride
+        for start in range(0, V, BLOCK):
+            cols, s, t = _load_block(s_row, t_rows, sets, start, V, BLOCK, ACC)
+            _, q, _, g = _probabilities(s, t, sets, s_top, s_log_z, t_top, t_log_z, inv_t, n_sets, NP)
+            # Tensor first: scalar-only products would round to the fp32 of the scalar arguments.
+            dt = q * (g[None, :] - qg_row[:, None]) * soft_w * inv_t / n_sets
+            tl.store(dt_rows + cols[None, :], dt.to(dt_ptr.dtype.element_ty),
+                     mask=sets[:, None] & (cols < V)[None, :])
+
+
+def _launch_config(columns: int, sets: int = 1, block_size: int | None = None) -> tuple[int, int]:
+    """Column block (a power of two) and warps for rows of ``columns`` logits."""
+    if block_size is None:
+        block_size = min(triton.next_power_of_2(columns), max(16, MAX_BLOCK_ELEMENTS // sets))
+    elif block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    elements = block_size * sets
+    return block_size, 16 if elements >= 16384 else 8 if elements >= 4096 else 4
+
+
+def _accumulator(*tensors: Tensor) -> tl.dtype:
+    return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
+
+
+def _check_device(*tensors: Tensor) -> None:
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        raise ValueError(f"tensors are on different devices: {sorted({str(t.device) for t in tensors})}")
+    if device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"the Triton kernels need CUDA tensors (got {device}); on CPU, set "
+                           f"TRITON_INTERPRET=1 before importing pipebd.kernels, or use backend='torch'")
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x`` as [rows, V] with unit column stride (a view when possible)."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class SoftmaxWithTemperature(torch.autograd.Function):
+    """``softmax(x / T)`` or ``log_softmax(x / T)`` over the last dimension; the output has the
+    dtype of ``x``. Backward: ``dx = y * (dy - sum(dy * y)) / T`` (softmax) or
+    ``dx = (dy - exp(y) * sum(dy)) / T`` (log-softmax)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, temperature: float, log: bool, block_size: int | None) -> Tensor:
+        _check_device(x)
+        rows = _rows(x)
+        y = torch.empty_like(rows)
+        if rows.numel():
+            block, warps = _launch_config(rows.shape[1], block_size=block_size)
+            _softmax_fwd_kernel[(rows.shape[0],)](rows, y, rows.stride(0), y.stride(0), rows.shape[1],
+                                                  1.0 / temperature, LOG=log, BLOCK=block,
+                                                  ACC=_accumulator(x), num_warps=warps)
+        ctx.save_for_backward(y)
+        ctx.temperature, ctx.log, ctx.block_size, ctx.shape = temperature, log, block_size, x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None, None]:
+        (y,) = ctx.saved_tensors
+        dy = _rows(dy)
+        dx = torch.empty_like(y)
+        if y.numel():
+            block, warps = _launch_config(y.shape[1], block_size=ctx.block_size)
+            _softmax_bwd_kernel[(y.shape[0],)](y, dy, dx, y.stride(0), dy.stride(0), dx.stride(0), y.shape[1],
+                                               1.0 / ctx.temperature, LOG=ctx.log, BLOCK=block,
+                                               ACC=_accumulator(y, dy), num_warps=warps)
+        return dx.view(ctx.shape), None, None, None
+
+
+def _check_softmax_input(x: Tensor, temperature: float) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"softmax needs floating-point input, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("softmax needs at least one dimension")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def softmax(x: Tensor, temperature: float = 1.0, *, block_size: int | None = None) -> Tensor:
+    """``softmax(x / temperature)`` over the last dimension (Triton)."""
+    _check_softmax_input(x, temperature)
+    return SoftmaxWithTemperature.apply(x, float(temperature), False, block_size)
+
+
+def log_softmax(x: Tensor, temperature: float = 1.0, *, block_size: int | None = None) -> Tensor:
+    """``log_softmax(x / temperature)`` over the last dimension (Triton)."""
+    _check_softmax_input(x, temperature)
+    return SoftmaxWithTemperature.apply(x, float(temperature), True, block_size)
+
+
+class SoftTargetFunction(torch.autograd.Function):
+    """The module docstring's loss for student logits [rows, V] and teacher logits [n, rows, V].
+
+    Returns per-row losses (fp32, fp64 for fp64 input) for ``reduction='none'``, else their sum
+    (the ``batchmean`` row weight 1/rows is applied in the kernel). Gradients are computed in
+    forward; the teacher's only when ``teacher_grad`` is set and the teacher requires grad.
+    Backward scales them by the incoming gradient (an extra pass unless it is exactly 1).
+    """
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, labels: Tensor | None, temperature: float, alpha: float,
+                ignore_index: int, reduction: str, teacher_grad: bool, block_size: int | None) -> Tensor:
+        rows, columns = student.shape
+        sets = teacher.shape[0]
+        student, teacher = _rows(student), teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+        acc = _accumulator(student, teacher)
+        want_ds, want_dt = ctx.needs_input_grad[0], teacher_grad and ctx.needs_input_grad[1]
+        losses = torch.empty(rows, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=student.device)
+        ds = torch.empty_like(student) if want_ds else None
+        dt = torch.empty_like(teacher) if want_dt else None
+        weight = 1.0 / rows if reduction == "batchmean" else 1.0
+        hard = labels is not None and alpha > 0
+        padded_sets = triton.next_power_of_2(sets)
+        block, warps = _launch_config(columns, padded_sets, block_size)
+        _soft_target_kernel[(rows,)](
+            student, teacher, labels if hard else losses, losses,
+            losses if ds is None else ds, losses if dt is None else dt,
+            student.stride(0), teacher.stride(0), teacher.stride(1),
+            0 if ds is None else ds.stride(0), 0 if dt is None else dt.stride(0), 0 if dt is None else dt.stride(1),
+            columns, sets, 1.0 / temperature, (1.0 - alpha) * temperature**2 * weight, alpha * weight,
+            ignore_index, HARD=hard, STUDENT_GRAD=want_ds, TEACHER_GRAD=want_dt,
+            NP=padded_sets, BLOCK=block, ACC=acc, num_warps=warps)
+        ctx.grads, ctx.reduction = [ds, dt], reduction
+        return losses if reduction == "none" else losses.sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor) -> tuple:
+        ds, dt = ctx.grads
+        if ctx.reduction == "none":
+            scale = grad_loss.reshape(-1, 1)
+        elif grad_loss.item() != 1.0:
+            scale = grad_loss
+        else:
+            # loss.backward() passes exactly 1: hand out the stored gradients, no extra pass. They
+            # stay valid for another backward (retain_graph, gradcheck): scaling is out of place.
+            return ds, dt, None, None, None, None, None, None, None
+        return (None if ds is None else ds * scale.to(ds.dtype), None if dt is None else dt * scale.to(dt.dtype),
+                None, None, None, None, None, None, None)
+
+
+def fused_soft_target_loss(student: Tensor, teacher: Tensor, labels: Tensor | None, temperature: float,
+                           alpha: float, ignore_index: int, reduction: str, teacher_grad: bool,
+                           block_size: int | None = None) -> Tensor:
+    """Triton form of ``pipebd.soft_target_loss`` (arguments already validated there; ``teacher``
+    is [n, rows, V])."""
+    _check_device(*(t for t in (student, teacher, labels) if t is not None))
+    return SoftTargetFunction.apply(student, teacher, labels, float(temperature), float(alpha), int(ignore_index),
+                                    reduction, teacher_grad, block_size)

@@ -1,0 +1,328 @@
+"""Triton softmax-with-temperature and soft-target kernels against a float64 torch reference.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (conftest sets it when there is no GPU).
+Tolerances, relative to max(1, the reference's largest magnitude): float64 inputs 1e-10; float32
+2e-6 on gradients (entries are probabilities times T or 1) and 2e-5 on losses, plus, for losses,
+T^2 * 1e-6 * log(V + 1) absolute: KL is then a small difference of log-normalizers whose float32
+resolution is about 1e-7 * log V, and T^2 scales it (the float32 torch formula is no better);
+float16 gradients 1e-3 (their storage dtype's resolution).
+"""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pipebd
+from pipebd.kernels import softmax_kd as K
+
+INF = float("inf")
+SHAPES = [(1, 1), (3, 7), (5, 100, 16), (4, 1000), (2, 5000)]   # rows, V[, column block]
+
+
+def reference(s, t, T, labels=None, alpha=0.0, ignore_index=-100):
+    """Per-row loss in float64, written from the formula; ``t`` is [rows, V] or [n, rows, V]."""
+    s, t = s.double(), t.double()
+    t = t if t.dim() == 3 else t[None]
+    p_t = torch.softmax(t / T, -1).mean(0)
+    log_ps = torch.log_softmax(s / T, -1)
+    log_pt = p_t.log()
+    kl = (p_t * torch.where(p_t > 0, log_pt - log_ps, 0.0)).sum(-1)
+    loss = T**2 * kl
+    if alpha:
+        ce = torch.where(labels == ignore_index, 0.0, -torch.log_softmax(s, -1).gather(
+            1, labels.clamp(min=0)[:, None])[:, 0])
+        loss = (1 - alpha) * loss + alpha * ce
+    return loss
+
+
+def reduce(per_row, reduction):
+    return {"none": per_row, "sum": per_row.sum(), "batchmean": per_row.sum() / len(per_row)}[reduction]
+
+
+def logits(rows, V, *, sets=None, dtype=torch.float32, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    s = (scale * torch.randn(rows, V, generator=g, dtype=torch.float64)).to(dtype)
+    shape = (rows, V) if sets is None else (sets, rows, V)
+    t = (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+    return s, t
+
+
+def assert_close(got, want, rtol, what, atol=0.0):
+    scale = max(want.abs().max().item() if want.numel() else 0.0, 1.0)
+    torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=rtol * scale + atol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def loss_tol(T, V):
+    return T**2 * 1e-6 * math.log(V + 1)
+
+
+def loss_and_grads(s, t, T, *, reduction="batchmean", backend="triton", block=None, teacher_grad=False, **kw):
+    s = s.detach().clone().requires_grad_()
+    t = t.detach().clone().requires_grad_(teacher_grad)
+    if backend == "triton" and block is not None:
+        labels = kw.get("labels")
+        loss = K.fused_soft_target_loss(s, t if t.dim() == 3 else t[None], labels, T, kw.get("alpha", 0.0),
+                                        kw.get("ignore_index", -100), reduction, teacher_grad, block_size=block)
+    else:
+        loss = pipebd.soft_target_loss(s, t, T, reduction, backend=backend, teacher_grad=teacher_grad, **kw)
+    loss.sum().backward()
+    return loss, s.grad, t.grad
+
+
+def reference_grads(s, t, T, reduction, teacher_grad=False, **kw):
+    s = s.detach().double().requires_grad_()
+    t = t.detach().double().requires_grad_(teacher_grad)
+    loss = reduce(reference(s, t, T, **kw), reduction)
+    loss.sum().backward()
+    return loss.detach(), s.grad, t.grad
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("T", [0.1, 1.0, 4.0, 100.0])
+def test_soft_target_loss_and_gradient_match_float64_reference(shape, T):
+    rows, V, *block = shape
+    s, t = logits(rows, V)
+    labels = torch.arange(rows) % V
+    labels[0] = -100
+    for i, (reduction, alpha) in enumerate([("batchmean", 0.0), ("sum", 0.5), ("none", 0.25), ("batchmean", 1.0)]):
+        kw = {"labels": labels, "alpha": alpha} if alpha else {}
+        loss, ds, _ = loss_and_grads(s, t, T, reduction=reduction, block=block[0] if block else None, **kw)
+        want, want_ds, _ = reference_grads(s, t, T, reduction, **kw)
+        assert loss.dtype == torch.float32
+        assert_close(loss, want, 2e-5, f"loss {reduction} alpha={alpha}", loss_tol(T, V))
+        assert_close(ds, want_ds, 2e-6, f"d/ds {reduction} alpha={alpha}")
+
+
+@pytest.mark.parametrize("sets", [1, 2, 3])
+def test_teacher_as_average_of_prediction_sets_with_teacher_gradient(sets):
+    s, t = logits(4, 300, sets=sets, dtype=torch.float64)
+    labels = torch.tensor([3, -100, 7, 299])
+    for reduction in ("batchmean", "none"):
+        got = loss_and_grads(s, t, 2.5, reduction=reduction, block=64, teacher_grad=True, labels=labels, alpha=0.3)
+        want = reference_grads(s, t, 2.5, reduction, teacher_grad=True, labels=labels, alpha=0.3)
+        for g, w, what in zip(got, want, ("loss", "d/ds", "d/dt")):
+            assert_close(g, w, 1e-10, f"{what} {reduction}")
+
+
+def test_teacher_gets_no_gradient_by_default():
+    for backend in ("torch", "triton"):
+        s, t = (x.requires_grad_() for x in logits(3, 20))
+        pipebd.soft_target_loss(s, t, 2.0, backend=backend).backward()
+        assert s.grad is not None and t.grad is None
+
+
+def test_non_unit_incoming_gradient_scales_and_backward_can_repeat():
+    s, t = logits(3, 50, dtype=torch.float64)
+    s.requires_grad_()
+    for reduction, weight in (("batchmean", torch.tensor(2.5)), ("none", torch.tensor([1.0, -2.0, 0.5]))):
+        loss = pipebd.soft_target_loss(s, t, 3.0, reduction, backend="triton")
+        first = torch.autograd.grad(loss, s, weight.double(), retain_graph=True)[0]
+        second = torch.autograd.grad(loss, s, weight.double())[0]
+        want = torch.autograd.grad(reduce(reference(s, t, 3.0), reduction), s, weight.double())[0]
+        assert_close(first, want, 1e-12, reduction)
+        assert torch.equal(first, second)
+
+
+def test_gradcheck_small_shapes():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.tensor([1, -100, 4])
+
+    def loss(s, t):
+        return pipebd.soft_target_loss(s, t, 1.5, "none", labels=labels, alpha=0.4, teacher_grad=True,
+                                       backend="triton")
+
+    assert torch.autograd.gradcheck(loss, (s, t), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x: K.softmax(x, 0.7), (s,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x: K.log_softmax(x, 0.7, block_size=2), (s,), fast_mode=True)
+
+
+def test_masked_vocabulary_and_infinite_losses():
+    s, t = logits(3, 40, dtype=torch.float64)
+    t[:, 10:20] = -INF              # masked for the teacher only: contributes nothing
+    s[1, 30:] = t[1, 30:] = -INF    # masked for both
+    s[2, 5] = -INF                  # the student rules out what the teacher predicts: KL = inf
+    loss, ds, _ = loss_and_grads(s, t, 2.0, reduction="none", block=16)
+    want, want_ds, _ = reference_grads(s, t, 2.0, "none")
+    assert torch.isfinite(loss[:2]).all() and loss[2] == INF and want[2] == INF
+    assert_close(loss[:2], want[:2], 1e-12, "loss")
+    assert_close(ds, want_ds, 1e-12, "d/ds")
+    assert (ds[1, 30:] == 0).all()
+
+
+def test_all_equal_logits_and_one_class():
+    s = torch.full((4, 33), 7.0)
+    loss, ds, _ = loss_and_grads(s, s.clone(), 0.1, reduction="none", labels=torch.tensor([0, 1, 2, -100]), alpha=0.5)
+    want, want_ds, _ = reference_grads(s, s.clone(), 0.1, "none", labels=torch.tensor([0, 1, 2, -100]), alpha=0.5)
+    assert_close(loss, want, 1e-6, "loss")
+    assert_close(ds, want_ds, 1e-6, "d/ds")
+    loss, ds, _ = loss_and_grads(torch.randn(3, 1), torch.randn(3, 1), 2.0, reduction="none")
+    assert (loss == 0).all() and (ds == 0).all()
+
+
+def test_largest_vocabulary():
+    s, t = logits(2, 262144, scale=5.0)
+    loss, ds, _ = loss_and_grads(s, t, 1.0)
+    want, want_ds, _ = reference_grads(s, t, 1.0, "batchmean")
+    assert_close(loss, want, 2e-5, "loss")
+    assert_close(ds, want_ds, 2e-6, "d/ds")
+
+
+def test_half_precision_inputs_accumulate_in_float32():
+    s, t = logits(4, 3000, dtype=torch.float16)
+    loss, ds, _ = loss_and_grads(s, t, 2.0)
+    want, want_ds, _ = reference_grads(s, t, 2.0, "batchmean")
+    assert loss.dtype == torch.float32 and ds.dtype == torch.float16
+    assert_close(loss, want, 2e-5, "loss")
+    assert_close(ds, want_ds, 1e-3, "d/ds")
+
+
+OFFSETS_BEYOND_INT32 = """
+import math, sys, torch, pipebd
+from pipebd.kernels import softmax_kd as K
+# Rows 2**28 elements apart in a sparse file: row 8 starts at element 2**31, which int32 offset
+# arithmetic would wrap. Only the pages of the 10 rows used are ever touched.
+rows, stride, V = 10, 2**28, 64
+with open(sys.argv[1], "wb") as f:
+    f.truncate(2 * rows * stride * 2)
+storage = torch.from_file(sys.argv[1], shared=True, size=2 * rows * stride, dtype=torch.float16)
+s = storage.as_strided((rows, V), (stride, 1))
+t = storage.as_strided((rows, V), (stride, 1), rows * stride)
+g = torch.Generator().manual_seed(0)
+s.copy_(torch.randn(rows, V, generator=g))
+t.copy_(torch.randn(rows, V, generator=g))
+assert t.storage_offset() + (rows - 1) * stride > 2**31
+loss = pipebd.soft_target_loss(s, t, 2.0, "none", backend="triton")
+want = pipebd.soft_target_loss(s.contiguous().double(), t.contiguous().double(), 2.0, "none", backend="torch")
+torch.testing.assert_close(loss.double(), want, rtol=2e-5, atol=1e-6)
+y = K.softmax(s, 2.0)
+torch.testing.assert_close(y.double(), torch.softmax(s.contiguous().double() / 2.0, -1), rtol=0, atol=1e-3)
+print("ok")
+"""
+
+
+def test_row_offsets_beyond_int32(tmp_path):
+    # In a child process: int32 offsets would read out of bounds and could crash the interpreter.
+    run = subprocess.run([sys.executable, "-c", OFFSETS_BEYOND_INT32, str(tmp_path / "logits.bin")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("V, block", [(1, None), (7, None), (100, 16), (5000, None)])
+@pytest.mark.parametrize("T", [0.1, 1.0, 100.0])
+def test_softmax_and_log_softmax_with_temperature(V, block, T):
+    x = 4 * torch.randn(3, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[0, :V // 2] = -INF if V > 1 else x[0, :1]
+    dy = torch.randn_like(x)
+    for log, ours, theirs in ((False, K.softmax, torch.softmax), (True, K.log_softmax, torch.log_softmax)):
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+            xi = x.to(dtype).requires_grad_()
+            y = ours(xi, T, block_size=block)
+            (dx,) = torch.autograd.grad(y, xi, dy.to(dtype))
+            xr = x.requires_grad_()
+            yr = theirs(xr / T, -1)
+            (dxr,) = torch.autograd.grad(yr, xr, dy)
+            finite = torch.isfinite(yr)
+            assert y.dtype == dtype and torch.equal(torch.isfinite(y), finite)
+            assert_close(y[finite], yr.detach()[finite], tol, f"log={log} {dtype} y")
+            assert_close(dx, dxr, tol * max(1.0, 1 / T), f"log={log} {dtype} dx")
+
+
+def test_softmax_keeps_leading_dimensions():
+    x = torch.randn(2, 3, 9)
+    torch.testing.assert_close(K.softmax(x, 2.0), torch.softmax(x / 2, -1), rtol=0, atol=1e-6)
+
+
+def test_module_form_backends_agree():
+    s, t = logits(5, 30)
+    labels = torch.tensor([0, 1, -100, 3, 4])
+    losses = [pipebd.SoftTargetLoss(3.0, alpha=0.2, backend=b)(s, t, labels) for b in ("torch", "triton", "auto")]
+    assert_close(losses[1], losses[0], 2e-6, "triton vs torch")
+    assert losses[2].item() == losses[0].item()   # auto picks the torch reference on CPU
+    assert pipebd.SoftTargetLoss(3.0, alpha=0.2).needs_labels and not pipebd.SoftTargetLoss(3.0).needs_labels
+    assert "alpha=0.2" in repr(pipebd.SoftTargetLoss(3.0, alpha=0.2))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_input_gets_a_clear_error(backend):
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+
+    def loss(s=s, t=t, T=2.0, **kw):
+        return pipebd.soft_target_loss(s, t, T, backend=backend, **kw)
+
+    with pytest.raises(ValueError, match="differ in shape"):
+        loss(t=torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"\[rows, classes\]"):
+        loss(s=torch.randn(4, 5, 2), t=torch.randn(4, 5, 2))
+    with pytest.raises(ValueError, match=r"\[rows, classes\]"):
+        loss(t=torch.randn(1, 1, 4, 5))
+    with pytest.raises(ValueError, match="at least one row"):
+        loss(s=torch.randn(0, 5), t=torch.randn(0, 5))
+    with pytest.raises(TypeError, match="floating point"):
+        loss(s=torch.ones(4, 5, dtype=torch.long), t=torch.ones(4, 5, dtype=torch.long))
+    for T in (0.0, -1.0, INF, math.nan):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            loss(T=T)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        loss(alpha=1.5)
+    with pytest.raises(ValueError, match="needs labels"):
+        loss(alpha=0.5)
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        loss(alpha=0.5, labels=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer class indices"):
+        loss(alpha=0.5, labels=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"in \[0, 5\) or ignore_index=-100, got \[5\]"):
+        loss(alpha=0.5, labels=torch.tensor([0, 5, -100, 1]))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        loss(reduction="mean")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pipebd.soft_target_loss(s, t, 2.0, backend="cuda")
+
+
+def test_triton_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(K, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        pipebd.soft_target_loss(torch.randn(2, 3), torch.randn(2, 3), backend="triton")
+
+
+def test_block_size_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two, got 24"):
+        K.softmax(torch.randn(2, 50), block_size=24)
+
+
+def test_benchmark_script_runs():
+    # bench/kernels.py measures on a GPU only; --smoke runs its code paths on tiny CPU shapes.
+    script = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| 4 | 37 |")]
+    assert [r.split("|")[4].strip() for r in rows][-1] == "pipebd" and len(rows) >= 2
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
+@pytest.mark.parametrize("V", [1000, 32000, 128256])
+def test_cuda_kernels_match_float64_reference(dtype, tol, V):
+    s, t = logits(64, V, sets=2, dtype=dtype)
+    s, t = s.cuda(), t.cuda()
+    labels = torch.randint(0, V, (64,), device="cuda")
+    for backend in ("auto", "triton"):
+        loss, ds, dt = loss_and_grads(s, t, 2.0, backend=backend, labels=labels, alpha=0.1, teacher_grad=True)
+        want, want_ds, want_dt = reference_grads(s, t, 2.0, "batchmean", teacher_grad=True, labels=labels, alpha=0.1)
+        assert ds.dtype == dtype
+        assert_close(loss, want, 2e-5, "loss")
+        assert_close(ds, want_ds, tol, "d/ds")
+        assert_close(dt, want_dt, tol, "d/dt")
+    y = K.softmax(s, 2.0)
+    assert_close(y, torch.softmax(s.double() / 2.0, -1), tol, "softmax")
