@@ -164,7 +164,7 @@ def _soft_target_kernel(
     for start in range(0, V, BLOCK):
         cols, s, t = _load_block(s_row, t_rows, sets, start, V, BLOCK, ACC)
         if HARD:
-            _, s_z1 = _online(s_m, s_z1, s, 1.0)
+            s_m1, s_z1 = _online(s_m, s_z1, s, 1.0)     # s_m1 == the s_m below
         s_m, s_z = _online(s_m, s_z, s, inv_t)
         t_m, t_z = _online(t_m, t_z, t, inv_t)
     s_top, s_log_z = _normalizer(s_m, s_z, inv_t, 0)
@@ -172,7 +172,7 @@ def _soft_target_kernel(
 
     loss = 0.0
     if HARD:
-        _, s_log_z1 = _normalizer(s_m, s_z1, 1.0, 0)
+        s_top1, s_log_z1 = _normalizer(s_m, s_z1, 1.0, 0)  # s_top1 == s_top
         label = tl.load(y_ptr + row)
         labelled = label != ignore_index
         s_label = tl.load(s_row + label, mask=labelled, other=0.0).to(ACC)
@@ -211,7 +211,7 @@ def _soft_target_kernel(
         dt_rows = dt_ptr + row * dt_stride + set_index.to(tl.int64)[:, None] * dt_set_stride
         for start in range(0, V, BLOCK):
             cols, s, t = _load_block(s_row, t_rows, sets, start, V, BLOCK, ACC)
-            _, q, _, g = _probabilities(s, t, sets, s_top, s_log_z, t_top, t_log_z, inv_t, n_sets, NP)
+            log_ps, q, p_t, g = _probabilities(s, t, sets, s_top, s_log_z, t_top, t_log_z, inv_t, n_sets, NP)
             # Tensor first: scalar-only products would round to the fp32 of the scalar arguments.
             dt = q * (g[None, :] - qg_row[:, None]) * soft_w * inv_t / n_sets
             tl.store(dt_rows + cols[None, :], dt.to(dt_ptr.dtype.element_ty),
