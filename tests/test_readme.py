@@ -16,3 +16,12 @@ def test_quick_start_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "samples/s" in proc.stdout and "teacher block runs: [1280, 1280, 1280, 1280]" in proc.stdout
     assert (tmp_path / "trace.json").stat().st_size > 0
+
+
+def test_soft_target_example_runs():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Soft-target loss and Triton kernels", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "grad (8, 32000)" in proc.stdout
