@@ -19,9 +19,11 @@ Every kernel runs one program per row over column blocks of ``BLOCK`` logits, ke
 running maxima and sums (online softmax) in fp32, or fp64 for fp64 inputs so that gradcheck
 applies. Row offsets are int64. A row is swept twice: once for the normalizers, once to write the
 gradient (with the loss accumulated alongside); the second sweep usually reads from L2. The
-gradient wrt the student is computed in the forward pass, stored in the student's dtype, and only
-scaled by the incoming gradient in backward, so the only rows x V buffer is the gradient itself
-(plus the scaled copy when the incoming gradient is not exactly 1).
+gradient wrt the student is computed in the forward pass, stored in the student's dtype (fp32 for
+fp16), and only scaled by the incoming gradient in backward, so the only rows x V buffer is the
+gradient itself (plus the scaled copy when the incoming gradient is not exactly 1). On a GPU the
+temperature and loss weights are fp32 kernel arguments (Triton's float arguments), so fp64 inputs
+are accurate to about 1e-8 relative there; the interpreter keeps them in full precision.
 The teacher's gradient, for mutual learning, costs a third sweep and is off by default.
 
 ``softmax``/``log_softmax`` are the plain row kernels (with temperature), forward and backward.
@@ -31,6 +33,7 @@ module is imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -46,11 +49,12 @@ MAX_BLOCK_ELEMENTS = 4096     # logits per column block (all teacher sets togeth
 @triton.jit
 def _online(m, z, x, inv_t):
     """Fold the block ``x`` into per-lane running maxima ``m`` (of raw logits) and sums ``z`` of
-    ``exp((x - m) / T)``; lanes that have seen only -inf keep ``z == 0``."""
-    m_new = tl.maximum(m, x)
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    z = z * tl.exp((m - shift) * inv_t) + tl.exp((x - shift) * inv_t)
-    return m_new, z
+    ``exp((x - m) / T)``; lanes that have seen only -inf keep ``z == 0``. One exp per element:
+    the smaller of ``x`` and ``m``, relative to the larger, scales either the old sum or the new
+    term (the exp units, not memory, would bound a two-exp update in bf16)."""
+    e = tl.where(x == float("-inf"), 0.0, tl.exp(-tl.abs(x - m) * inv_t))
+    z = tl.where(x > m, z * e + 1.0, z + e)
+    return tl.maximum(m, x), z
 
 
 @triton.jit
@@ -164,7 +168,7 @@ def _soft_target_kernel(
     for start in range(0, V, BLOCK):
         cols, s, t = _load_block(s_row, t_rows, sets, start, V, BLOCK, ACC)
         if HARD:
-            s_m1, s_z1 = _online(s_m, s_z1, s, 1.0)     # s_m1 == the s_m below
+            s_m1, s_z1 = _online(s_m, s_z1, s, 1.0)     # s_m1 is the s_m below
         s_m, s_z = _online(s_m, s_z, s, inv_t)
         t_m, t_z = _online(t_m, t_z, t, inv_t)
     s_top, s_log_z = _normalizer(s_m, s_z, inv_t, 0)
@@ -203,7 +207,8 @@ def _soft_target_kernel(
             tl.store(ds_row + cols, ds.to(ds_ptr.dtype.element_ty), mask=cols < V)
     mass = tl.sum(mass_t, 0)
     kl_row = tl.sum(kl, 0) / mass - tl.log(mass) + tl.log(tl.sum(mass_s, 0))
-    tl.store(loss_ptr + row, loss + kl_row * soft_w)
+    # alpha = 1: no soft term, even where KL is infinite (0 * inf would be nan).
+    tl.store(loss_ptr + row, loss + tl.where(soft_w == 0, 0.0, kl_row * soft_w))
 
     if TEACHER_GRAD:
         # Sweep 3: d/dt_k = soft_w / (T n) * q_k * (g - <q_k, g>).
@@ -224,8 +229,8 @@ def _launch_config(columns: int, sets: int = 1, block_size: int | None = None) -
         block_size = min(triton.next_power_of_2(columns), max(16, MAX_BLOCK_ELEMENTS // sets))
     elif block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
-    elements = block_size * sets
-    return block_size, 16 if elements >= 16384 else 8 if elements >= 4096 else 4
+    # Not yet tuned on a GPU: 8 warps hold a 4096-element block at 16 columns per thread.
+    return block_size, 8 if block_size * sets >= 4096 else 4
 
 
 def _accumulator(*tensors: Tensor) -> tl.dtype:
@@ -241,9 +246,14 @@ def _check_device(*tensors: Tensor) -> None:
                            f"TRITON_INTERPRET=1 before importing pipebd.kernels, or use backend='torch'")
 
 
+def _on_device(x: Tensor):
+    """Launch on ``x``'s GPU: Triton launches on the current CUDA device."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _rows(x: Tensor) -> Tensor:
     """``x`` as [rows, V] with unit column stride (a view when possible)."""
-    x = x.reshape(-1, x.shape[-1])
+    x = x.reshape(-1, x.shape[-1]) if x.shape[-1] else x.reshape(x.numel(), 0)
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -259,9 +269,10 @@ class SoftmaxWithTemperature(torch.autograd.Function):
         y = torch.empty_like(rows)
         if rows.numel():
             block, warps = _launch_config(rows.shape[1], block_size=block_size)
-            _softmax_fwd_kernel[(rows.shape[0],)](rows, y, rows.stride(0), y.stride(0), rows.shape[1],
-                                                  1.0 / temperature, LOG=log, BLOCK=block,
-                                                  ACC=_accumulator(x), num_warps=warps)
+            with _on_device(x):
+                _softmax_fwd_kernel[(rows.shape[0],)](rows, y, rows.stride(0), y.stride(0), rows.shape[1],
+                                                      1.0 / temperature, LOG=log, BLOCK=block,
+                                                      ACC=_accumulator(x), num_warps=warps)
         ctx.save_for_backward(y)
         ctx.temperature, ctx.log, ctx.block_size, ctx.shape = temperature, log, block_size, x.shape
         return y.view(x.shape)
@@ -274,9 +285,10 @@ class SoftmaxWithTemperature(torch.autograd.Function):
         dx = torch.empty_like(y)
         if y.numel():
             block, warps = _launch_config(y.shape[1], block_size=ctx.block_size)
-            _softmax_bwd_kernel[(y.shape[0],)](y, dy, dx, y.stride(0), dy.stride(0), dx.stride(0), y.shape[1],
-                                               1.0 / ctx.temperature, LOG=ctx.log, BLOCK=block,
-                                               ACC=_accumulator(y, dy), num_warps=warps)
+            with _on_device(y):
+                _softmax_bwd_kernel[(y.shape[0],)](y, dy, dx, y.stride(0), dy.stride(0), dx.stride(0), y.shape[1],
+                                                   1.0 / ctx.temperature, LOG=ctx.log, BLOCK=block,
+                                                   ACC=_accumulator(y, dy), num_warps=warps)
         return dx.view(ctx.shape), None, None, None
 
 
@@ -305,58 +317,72 @@ class SoftTargetFunction(torch.autograd.Function):
     """The module docstring's loss for student logits [rows, V] and teacher logits [n, rows, V].
 
     Returns per-row losses (fp32, fp64 for fp64 input) for ``reduction='none'``, else their sum
-    (the ``batchmean`` row weight 1/rows is applied in the kernel). Gradients are computed in
-    forward; the teacher's only when ``teacher_grad`` is set and the teacher requires grad.
-    Backward scales them by the incoming gradient (an extra pass unless it is exactly 1).
+    (the ``batchmean`` row weight 1/rows is applied in the kernel). The gradients named in
+    ``grads`` (student, teacher) are computed in forward and saved for backward, which hands them
+    out as they are when the incoming gradient is exactly 1 (``loss.backward()``) and scales them
+    otherwise. fp16 gradients are kept in fp32 until then, so that a loss scale (GradScaler's
+    65536) neither overflows nor underflows them.
     """
 
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor, labels: Tensor | None, temperature: float, alpha: float,
-                ignore_index: int, reduction: str, teacher_grad: bool, block_size: int | None) -> Tensor:
+                ignore_index: int, reduction: str, grads: tuple[bool, bool], block_size: int | None) -> Tensor:
         rows, columns = student.shape
         sets = teacher.shape[0]
         student, teacher = _rows(student), teacher if teacher.stride(-1) == 1 else teacher.contiguous()
         acc = _accumulator(student, teacher)
-        want_ds, want_dt = ctx.needs_input_grad[0], teacher_grad and ctx.needs_input_grad[1]
         losses = torch.empty(rows, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=student.device)
-        ds = torch.empty_like(student) if want_ds else None
-        dt = torch.empty_like(teacher) if want_dt else None
+        ds, dt = (_grad_buffer(x) if wanted else None for x, wanted in zip((student, teacher), grads))
         weight = 1.0 / rows if reduction == "batchmean" else 1.0
         hard = labels is not None and alpha > 0
         padded_sets = triton.next_power_of_2(sets)
         block, warps = _launch_config(columns, padded_sets, block_size)
-        _soft_target_kernel[(rows,)](
-            student, teacher, labels if hard else losses, losses,
-            losses if ds is None else ds, losses if dt is None else dt,
-            student.stride(0), teacher.stride(0), teacher.stride(1),
-            0 if ds is None else ds.stride(0), 0 if dt is None else dt.stride(0), 0 if dt is None else dt.stride(1),
-            columns, sets, 1.0 / temperature, (1.0 - alpha) * temperature**2 * weight, alpha * weight,
-            ignore_index, HARD=hard, STUDENT_GRAD=want_ds, TEACHER_GRAD=want_dt,
-            NP=padded_sets, BLOCK=block, ACC=acc, num_warps=warps)
-        ctx.grads, ctx.reduction = [ds, dt], reduction
+        with _on_device(student):
+            _soft_target_kernel[(rows,)](
+                student, teacher, labels if hard else losses, losses,
+                losses if ds is None else ds, losses if dt is None else dt,
+                student.stride(0), teacher.stride(0), teacher.stride(1),
+                0 if ds is None else ds.stride(0), 0 if dt is None else dt.stride(0), 0 if dt is None else dt.stride(1),
+                columns, sets, 1.0 / temperature, (1.0 - alpha) * temperature**2 * weight, alpha * weight,
+                ignore_index, HARD=hard, STUDENT_GRAD=ds is not None, TEACHER_GRAD=dt is not None,
+                NP=padded_sets, BLOCK=block, ACC=acc, num_warps=warps)
+        ctx.save_for_backward(ds, dt)
+        ctx.reduction, ctx.dtypes = reduction, (student.dtype, teacher.dtype)
         return losses if reduction == "none" else losses.sum()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor) -> tuple:
-        ds, dt = ctx.grads
         if ctx.reduction == "none":
             scale = grad_loss.reshape(-1, 1)
-        elif grad_loss.item() != 1.0:
-            scale = grad_loss
         else:
-            # loss.backward() passes exactly 1: hand out the stored gradients, no extra pass. They
-            # stay valid for another backward (retain_graph, gradcheck): scaling is out of place.
-            return ds, dt, None, None, None, None, None, None, None
-        return (None if ds is None else ds * scale.to(ds.dtype), None if dt is None else dt * scale.to(dt.dtype),
-                None, None, None, None, None, None, None)
+            # A host sync, but loss.backward() passes exactly 1, and then the saved gradients
+            # are handed out without another pass over them.
+            scale = None if grad_loss.item() == 1.0 else grad_loss
+        ds, dt = (_scaled(g, scale, dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+        return ds, dt, None, None, None, None, None, None, None
+
+
+def _grad_buffer(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=torch.float32 if x.dtype == torch.float16 else x.dtype, device=x.device)
+
+
+def _scaled(grad: Tensor | None, scale: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if grad is None:
+        return None
+    if scale is not None:
+        grad = grad * scale      # a 0-d fp32 scale keeps grad's dtype, computing in fp32
+    return grad.to(dtype)
 
 
 def fused_soft_target_loss(student: Tensor, teacher: Tensor, labels: Tensor | None, temperature: float,
                            alpha: float, ignore_index: int, reduction: str, teacher_grad: bool,
                            block_size: int | None = None) -> Tensor:
     """Triton form of ``pipebd.soft_target_loss`` (arguments already validated there; ``teacher``
-    is [n, rows, V])."""
+    is [n, rows, V], ``labels`` int64 [rows])."""
     _check_device(*(t for t in (student, teacher, labels) if t is not None))
+    grad_mode = torch.is_grad_enabled()
+    grads = (grad_mode and student.requires_grad, grad_mode and teacher_grad and teacher.requires_grad)
+    labels = None if labels is None else labels.contiguous()
     return SoftTargetFunction.apply(student, teacher, labels, float(temperature), float(alpha), int(ignore_index),
-                                    reduction, teacher_grad, block_size)
+                                    reduction, grads, block_size)

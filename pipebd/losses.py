@@ -74,14 +74,19 @@ def _torch_soft_target_loss(student: Tensor, sets: Tensor, labels: Tensor | None
                             alpha: float, ignore_index: int, reduction: str) -> Tensor:
     dtype = torch.promote_types(torch.promote_types(student.dtype, sets.dtype), torch.float32)
     log_ps = F.log_softmax(student.to(dtype) / temperature, dim=-1)
-    log_q = F.log_softmax(sets.to(dtype) / temperature, dim=-1)
-    log_pt = log_q[0] if len(sets) == 1 else torch.logsumexp(log_q, dim=0) - math.log(len(sets))
-    pt = log_pt.exp()
+    if len(sets) == 1:
+        log_pt = F.log_softmax(sets[0].to(dtype) / temperature, dim=-1)
+        pt = log_pt.exp()
+    else:
+        # Not logsumexp over the sets: its backward is nan where every set is -inf.
+        pt = F.softmax(sets.to(dtype) / temperature, dim=-1).mean(0)
+        log_pt = torch.where(pt > 0, pt, 1.0).log()
     # pt outside the where: the masked branch then passes no nan (0 * -inf) to either gradient.
     per_row = temperature**2 * (pt * torch.where(pt > 0, log_pt - log_ps, 0.0)).sum(-1)
     if labels is not None:
         hard = F.cross_entropy(student.to(dtype), labels, ignore_index=ignore_index, reduction="none")
-        per_row = (1 - alpha) * per_row + alpha * hard
+        # alpha = 1: the soft term is left out, not multiplied by 0 (it may be inf).
+        per_row = hard if alpha == 1 else (1 - alpha) * per_row + alpha * hard
     if reduction == "none":
         return per_row
     total = per_row.sum()

@@ -31,7 +31,7 @@ def reference(s, t, T, labels=None, alpha=0.0, ignore_index=-100):
     t = t if t.dim() == 3 else t[None]
     p_t = torch.softmax(t / T, -1).mean(0)
     log_ps = torch.log_softmax(s / T, -1)
-    log_pt = p_t.log()
+    log_pt = torch.where(p_t > 0, p_t, 1.0).log()       # log's backward at 0 would be 0/0
     kl = (p_t * torch.where(p_t > 0, log_pt - log_ps, 0.0)).sum(-1)
     loss = T**2 * kl
     if alpha:
@@ -130,6 +130,66 @@ def test_non_unit_incoming_gradient_scales_and_backward_can_repeat():
         assert torch.equal(first, second)
 
 
+def test_fp16_gradient_survives_a_loss_scale():
+    # GradScaler multiplies the loss by 65536 (above fp16's 65504): the gradient is scaled in
+    # fp32 before it becomes fp16, as the torch formula's is.
+    s, t = logits(256, 512, dtype=torch.float16)
+    s.requires_grad_()
+    (pipebd.soft_target_loss(s, t, 2.0, backend="triton") * 65536.0).backward()
+    _, want, _ = reference_grads(s, t, 2.0, "batchmean")
+    assert s.grad.dtype == torch.float16 and torch.isfinite(s.grad).all()
+    assert_close(s.grad.double() / 65536, want, 1e-3, "d/ds")
+    assert (s.grad != 0).float().mean() > 0.99
+
+
+def test_saved_gradients_are_released_and_skipped_without_grad_mode(monkeypatch):
+    s, t = logits(4, 30)
+    s.requires_grad_()
+    loss = pipebd.soft_target_loss(s, t, 2.0, backend="triton")
+    loss.backward()
+    with pytest.raises(RuntimeError, match="freed|second time"):
+        loss.grad_fn.saved_tensors
+    launches = []
+    kernel = K._soft_target_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: (launches.append(kw), kernel[grid](*args, **kw))
+
+    monkeypatch.setattr(K, "_soft_target_kernel", Spy())
+    with torch.no_grad():
+        pipebd.soft_target_loss(s, t, 2.0, backend="triton")
+    pipebd.soft_target_loss(s, t, 2.0, backend="triton")
+    assert [kw["STUDENT_GRAD"] for kw in launches] == [False, True]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_teacher_gradient_where_every_set_is_masked(backend):
+    s = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[[0.0, 1.0, -INF]] * 2, [[1.0, 0.5, -INF]] * 2], dtype=torch.float64, requires_grad=True)
+    pipebd.soft_target_loss(s, t, 1.0, teacher_grad=True, backend=backend).backward()
+    _, want_ds, want_dt = reference_grads(s, t, 1.0, "batchmean", teacher_grad=True)
+    assert_close(t.grad, want_dt, 1e-12, "d/dt")
+    assert_close(s.grad, want_ds, 1e-12, "d/ds")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_alpha_one_is_cross_entropy_alone(backend):
+    s, t = logits(3, 10, dtype=torch.float64)
+    s[0, 4] = -INF                      # the teacher's mass there would make KL infinite
+    labels = torch.tensor([1, 2, -100])
+    loss = pipebd.soft_target_loss(s, t, 2.0, "sum", labels=labels, alpha=1.0, backend=backend)
+    assert_close(loss, F.cross_entropy(s, labels, reduction="sum"), 1e-12, "loss")
+
+
+def test_strided_labels_and_empty_softmax():
+    s, t = logits(3, 10)
+    labels = torch.tensor([1, 0, 5, 0, 9, 0])[::2]
+    got = K.fused_soft_target_loss(s, t[None], labels, 2.0, 0.5, -100, "none", False)
+    assert_close(got, reference(s, t, 2.0, labels=labels, alpha=0.5), 2e-6, "loss")
+    assert K.softmax(torch.empty(3, 0)).shape == (3, 0)
+
+
 def test_gradcheck_small_shapes():
     g = torch.Generator().manual_seed(0)
     s = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
@@ -169,10 +229,12 @@ def test_all_equal_logits_and_one_class():
 
 
 def test_largest_vocabulary():
+    # KL to 1e-6 relative: the kernel's mass correction measured 9e-8 here, where the plain
+    # float32 formula (the torch backend) is off by 3e-5.
     s, t = logits(2, 262144, scale=5.0)
     loss, ds, _ = loss_and_grads(s, t, 1.0)
     want, want_ds, _ = reference_grads(s, t, 1.0, "batchmean")
-    assert_close(loss, want, 2e-5, "loss")
+    assert_close(loss, want, 1e-6, "loss")
     assert_close(ds, want_ds, 2e-6, "d/ds")
 
 
@@ -310,10 +372,14 @@ def build(kernel, dtype, num_warps, **constexprs):
     pointer = {"y_ptr": "*i64", "loss_ptr": "*fp32"}
     signature = {n: "constexpr" if n in constexprs else pointer.get(n, "*" + dtype) if n.endswith("_ptr")
                  else "fp32" if n in ("inv_t", "soft_w", "hard_w") else "i64" for n in names}
+    # 16-byte alignment of pointers, strides and V, as the JIT specializes real launches with V a
+    # multiple of 16 (32000, 128256): their loads must come out vectorized.
+    aligned = [n for n in names if n.endswith("_ptr") or n.endswith("stride") or n == "V"]
     source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(names.index(n),): v for n, v in constexprs.items()})
+                       constexprs={(names.index(n),): v for n, v in constexprs.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     binary = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    assert binary.asm["cubin"]
+    assert binary.asm["cubin"] and "ld.global.v" in binary.asm["ptx"], kernel.fn.__name__
 
 dtype, hard, student_grad, teacher_grad, sets = sys.argv[1], *map(int, sys.argv[2:])
 block, warps = K._launch_config(128256, sets)
