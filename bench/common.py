@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import sys
+from datetime import date
 
 import torch
 
@@ -19,3 +22,12 @@ def machine() -> str:
 def cell(text: str) -> str:
     """``text`` as code in a markdown table cell (a bare ``|`` would end the cell)."""
     return "`" + text.replace("|", "\\|") + "`"
+
+
+def publish(title: str, script: str, argv: list[str] | None, lines: list[str], append: str | None) -> None:
+    """Append ``lines`` under a heading with the date, machine and exact command to ``append``."""
+    command = f"python bench/{script} " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    text = "\n".join([f"### {title}", "", f"{date.today()} · {machine()}", f"`{command.strip()}`", "", *lines, ""])
+    if append:
+        with open(append, "a") as f:
+            f.write("\n" + text)

@@ -30,16 +30,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
-from datetime import date
 
 import torch
 import torch.nn.functional as F
 
 import pipebd
 
-from common import machine
+from common import publish
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEMPERATURE = 2.0
@@ -156,12 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     print(*header, sep="\n", flush=True)
     lines = [line for rows in args.rows for vocab in args.vocab for dtype in args.dtype
              for line in measure_case(impls, rows, vocab, DTYPES[dtype], device, measure, copy_bw)]
-    command = "python bench/kernels.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    text = "\n".join(["### Soft-target loss kernels, forward + backward", "", f"{date.today()} · {machine()}",
-                      f"`{command}`", "", *header, *lines, ""])
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + text)
+    publish("Soft-target loss kernels, forward + backward", "kernels.py", argv, header + lines, args.append)
 
 
 if __name__ == "__main__":

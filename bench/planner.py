@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
-import sys
-from datetime import date
 
 import torch
 
@@ -35,7 +32,7 @@ from pipebd.models import PROFILES, cnn_input_shape, cnn_pair, emulated_pair
 from pipebd.planner import auto_plan
 from pipebd.simulator import simulate, simulate_baseline
 
-from common import cell, machine
+from common import cell, publish
 
 
 
@@ -129,7 +126,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predict-cnn", action="store_true", help="simulator predictions for the CNN pair only")
     parser.add_argument("--append", metavar="PATH", help="append the result as markdown to PATH")
     args = parser.parse_args(argv)
-    command = "python bench/planner.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.predict_cnn:
         title = "Simulator predictions for the CNN pair (predictions, not measurements)"
         lines = predict_cnn(args)
@@ -140,10 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         lines, checks = emulated(args)
         print("\n".join(checks))
         lines += [""] + checks
-    text = "\n".join([f"### {title}", "", f"{date.today()} · {machine()}", f"`{command}`", "", *lines, ""])
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + text)
+    publish(title, "planner.py", argv, lines, args.append)
 
 
 if __name__ == "__main__":
