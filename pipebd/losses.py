@@ -18,6 +18,7 @@ BlockLoss = Callable[[Tensor, Tensor], Tensor]
 
 _BLOCK_LOSSES: dict[str, BlockLoss] = {"mse": F.mse_loss, "l1": F.l1_loss}
 _REDUCTIONS = ("batchmean", "sum", "none")
+_BACKENDS = ("auto", "triton", "torch")
 
 
 def resolve_block_loss(loss: str | BlockLoss) -> BlockLoss:
@@ -56,7 +57,7 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     ``TRITON_INTERPRET=1``), ``"torch"`` (plain torch), or ``"auto"`` (Triton for CUDA tensors).
     Raises ``ValueError``/``TypeError`` naming the bad argument.
     """
-    sets = _check_logits(student_logits, teacher_logits, temperature, reduction, alpha)
+    sets = _check_logits(student_logits, teacher_logits, temperature, reduction, alpha, backend)
     if alpha > 0:
         labels = _check_labels(labels, student_logits, ignore_index)
     else:
@@ -94,8 +95,6 @@ def _torch_soft_target_loss(student: Tensor, sets: Tensor, labels: Tensor | None
 
 
 def _use_triton(backend: str, logits: Tensor) -> bool:
-    if backend not in SoftTargetLoss.backends:
-        raise ValueError(f"backend must be one of {SoftTargetLoss.backends}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and not logits.is_cuda):
         return False
     try:
@@ -107,7 +106,8 @@ def _use_triton(backend: str, logits: Tensor) -> bool:
     return True
 
 
-def _check_logits(student: Tensor, teacher: Tensor, temperature: float, reduction: str, alpha: float) -> Tensor:
+def _check_logits(student: Tensor, teacher: Tensor, temperature: float, reduction: str, alpha: float,
+                  backend: str) -> Tensor:
     """Validate the arguments; return the teacher as [n, rows, V]."""
     if student.dim() != 2 or teacher.dim() not in (2, 3):
         raise ValueError(f"soft-target loss needs student logits [rows, classes] and teacher logits "
@@ -121,17 +121,19 @@ def _check_logits(student: Tensor, teacher: Tensor, temperature: float, reductio
                          f"{tuple(teacher.shape)}")
     if not (student.is_floating_point() and teacher.is_floating_point()):
         raise TypeError(f"logits must be floating point, got {student.dtype} and {teacher.dtype}")
-    _check_options(temperature, reduction, alpha)
+    _check_options(temperature, reduction, alpha, backend)
     return teacher if teacher.dim() == 3 else teacher.unsqueeze(0)
 
 
-def _check_options(temperature: float, reduction: str, alpha: float) -> None:
+def _check_options(temperature: float, reduction: str, alpha: float, backend: str) -> None:
     if not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
 
 
 def _check_labels(labels: Tensor | None, student: Tensor, ignore_index: int) -> Tensor:
@@ -160,14 +162,12 @@ class SoftTargetLoss(nn.Module):
     the dataset's labels are passed too.
     """
 
-    backends = ("auto", "triton", "torch")
+    backends = _BACKENDS
 
     def __init__(self, temperature: float = 1.0, *, alpha: float = 0.0, reduction: str = "batchmean",
                  ignore_index: int = -100, teacher_grad: bool = False, backend: str = "auto"):
         super().__init__()
-        _check_options(temperature, reduction, alpha)
-        if backend not in self.backends:
-            raise ValueError(f"backend must be one of {self.backends}, got {backend!r}")
+        _check_options(temperature, reduction, alpha, backend)
         self.temperature, self.alpha, self.reduction = float(temperature), float(alpha), reduction
         self.ignore_index, self.teacher_grad, self.backend = int(ignore_index), bool(teacher_grad), backend
 

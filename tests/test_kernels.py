@@ -41,6 +41,13 @@ def reference(s, t, T, labels=None, alpha=0.0, ignore_index=-100):
     return loss
 
 
+def run_child(args, env=None):
+    """Run ``python *args`` in a child process; assert it succeeded and return its stdout."""
+    run = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=170)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
 def reduce(per_row, reduction):
     return {"none": per_row, "sum": per_row.sum(), "batchmean": per_row.sum() / len(per_row)}[reduction]
 
@@ -273,9 +280,7 @@ print("ok")
 
 def test_row_offsets_beyond_int32(tmp_path):
     # In a child process: int32 offsets would read out of bounds and could crash the interpreter.
-    run = subprocess.run([sys.executable, "-c", OFFSETS_BEYOND_INT32, str(tmp_path / "logits.bin")],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    assert run_child(["-c", OFFSETS_BEYOND_INT32, str(tmp_path / "logits.bin")]).strip() == "ok"
 
 
 @pytest.mark.parametrize("V, block", [(1, None), (7, None), (100, 16), (5000, None)])
@@ -399,17 +404,13 @@ def test_kernels_compile_for_hopper(variant):
     # its own ptxas (no GPU needed), rejects more (loop-carried type changes, bad broadcasts). It
     # runs in a child process without TRITON_INTERPRET, which is read when kernels are defined.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER, *map(str, variant)], env=env,
-                         capture_output=True, text=True, timeout=170)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+    assert run_child(["-c", COMPILE_FOR_HOPPER, *map(str, variant)], env=env).strip() == "ok"
 
 
 def test_benchmark_script_runs():
     # bench/kernels.py measures on a GPU only; --smoke runs its code paths on tiny CPU shapes.
     script = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = [line for line in run.stdout.splitlines() if line.startswith("| 4 | 37 |")]
+    rows = [line for line in run_child([str(script), "--smoke"]).splitlines() if line.startswith("| 4 | 37 |")]
     assert [r.split("|")[4].strip() for r in rows][-1] == "pipebd" and len(rows) >= 2
 
 
