@@ -33,6 +33,8 @@ class Distiller:
     ``teacher[i]`` maps activation ``a_{i-1}`` to ``a_i`` and stays frozen; ``student[i]`` is
     trained to map ``a_{i-1}`` to ``a_i`` with ``block_loss`` (the last block with ``final_loss``
     when given). ``optimizer`` builds one optimizer per student block from its parameters.
+    ``scheduler`` (optional) builds a learning-rate scheduler from each block's optimizer; it is
+    stepped after every optimizer step (``pipebd.lr.warmup`` gives Goyal et al.'s gradual warmup).
     ``device`` is ``"cpu"``, ``"cuda"`` or None (CUDA when available). ``fit`` trains the student
     modules in place, like any optimizer loop; ``student_model()`` returns them as a Sequential.
     """
@@ -40,7 +42,8 @@ class Distiller:
     def __init__(self, teacher: Sequence[nn.Module], student: Sequence[nn.Module],
                  optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
                  block_loss: str | Callable[[Tensor, Tensor], Tensor] = "mse",
-                 final_loss: Callable[..., Tensor] | None = None, device: str | None = None):
+                 final_loss: Callable[..., Tensor] | None = None, device: str | None = None,
+                 scheduler: Callable[[torch.optim.Optimizer], Any] | None = None):
         self.teacher, self.student = list(teacher), list(student)
         for name, blocks in (("teacher", self.teacher), ("student", self.student)):
             if not blocks:
@@ -57,6 +60,9 @@ class Distiller:
             raise ValueError(f"teacher has {len(self.teacher)} blocks but student has "
                              f"{len(self.student)}; blockwise distillation pairs them one to one")
         self.optimizer = optimizer or functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+        if scheduler is not None and not callable(scheduler):
+            raise TypeError(f"scheduler must be a callable optimizer -> scheduler, got {type(scheduler).__name__}")
+        self.scheduler = scheduler
         self.block_loss = resolve_block_loss(block_loss)
         if isinstance(final_loss, SoftTargetLoss) and final_loss.reduction != "batchmean":
             raise ValueError("final_loss must average over rows (reduction='batchmean') so that "
@@ -167,7 +173,8 @@ class Distiller:
                    optimizer=self.optimizer, block_loss=self.block_loss, final_loss=self.final_loss,
                    dataset=dataset, dataset_len=length, batch_size=batch_size, steps=steps, seed=seed,
                    boundary=boundary, labels=labels, device=self.device, max_inflight=max_inflight,
-                   threads=threads, progress=sys.stderr.isatty() if progress is None else progress)
+                   threads=threads, progress=sys.stderr.isatty() if progress is None else progress,
+                   scheduler=self.scheduler)
 
     def _resolve_plan(self, plan: Plan | str | None, strategy: str, world_size: int) -> Plan:
         n = self.num_blocks

@@ -60,6 +60,7 @@ class Job:
     max_inflight: int = 2
     threads: int | None = None
     progress: bool = False
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None   # stepped after each optimizer step
 
     def blocks_of(self, rank: int) -> list[int]:
         where = self.plan.locate(rank)
@@ -127,6 +128,7 @@ class RankRuntime:
         self.student = {i: job.student[i].to(self.device).train() for i in self.blocks}
         self.buckets = {i: GradBucket(self.student[i]) for i in self.blocks}
         self.optimizers = {i: job.optimizer(self.student[i].parameters()) for i in self.blocks}
+        self.schedulers = {i: job.scheduler(self.optimizers[i]) for i in self.blocks} if job.scheduler else {}
         self.teacher_rows = {i: 0 for i in self.blocks}
         self.group_size = dist.get_world_size(group) if group is not None else 1
         self.losses = torch.zeros(job.steps, job.num_blocks, dtype=torch.float32, device=self.device)
@@ -182,6 +184,8 @@ class RankRuntime:
             for i in blocks:
                 self.optimizers[i].step()
                 self.buckets[i].zero()
+                if self.schedulers:
+                    self.schedulers[i].step()
         self.check_finite(blocks, step)
 
     def check_finite(self, blocks: list[int], step: int) -> None:
