@@ -1,7 +1,8 @@
 """Timed spans per rank, and their export as Chrome trace events (Perfetto, chrome://tracing).
 
 Span kinds (``Span.kind``): compute (``data``, ``teacher``, ``student``, ``step``), communication
-(``allreduce``), and waiting (``recv-wait``, ``send-wait``). Time outside any span is idle.
+(``allreduce``), and waiting (``recv-wait``, ``send-wait``, codistillation's ``exchange-wait``).
+Time outside any span is idle.
 Each span is also a ``torch.profiler`` range (``record_function``), so the same names appear in
 torch profiler traces.
 """
@@ -18,7 +19,7 @@ from torch.autograd.profiler import record_function
 
 COMPUTE = ("data", "teacher", "student", "step")
 COMMUNICATION = ("allreduce",)
-WAITING = ("recv-wait", "send-wait")
+WAITING = ("recv-wait", "send-wait", "exchange-wait")
 
 
 @dataclass

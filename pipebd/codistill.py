@@ -1,0 +1,606 @@
+"""Codistillation and online distillation: n models that learn from each other while they train.
+
+Codistillation (Anil et al., "Large scale distributed neural network training through online
+distillation", ICLR 2018): model i trains on its own disjoint shard of the data, with loss
+
+    task_loss(s_i, y) + alpha * T^2 * KL(mean_{j != i} softmax(t_j / T) || softmax(s_i / T))
+
+where ``t_j`` are model j's predictions on model i's batch, computed locally from j's latest
+received checkpoint. Checkpoints are exchanged every ``exchange_every`` steps, asynchronously,
+under the staleness rule of ``pipebd.runtime.exchange``: at step t (t >= 2K) the others' weights
+are those after ``K * (t // K - 1)`` steps. Before ``burn_in`` steps the loss is the task loss alone.
+
+Online mode (deep mutual learning, Zhang et al., CVPR 2018): every model sees the same batch and
+``t_j`` are the others' current predictions (detached), exchanged every step.
+
+Each model may be trained data parallel (DDP) by a group of ranks: ``world_size = n * g`` gives
+every model g ranks; ``world_size = 1`` trains all n models in the calling process with the same
+arithmetic. The task loss is cross-entropy over the rows of the last logits dimension, summed and
+divided by the rows of the model's global batch, so a group's slices sum to the full-batch step.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .api import _device_of
+from .data import BatchOrder, dataset_length, load_rows, probe_item
+from .losses import _BACKENDS, soft_target_loss
+from .runtime.exchange import PeerLogits, Transfer, WeightExchange, pack, unpack
+from .runtime.launch import _broadcast_from_rank0, backend_for, init_spmd, spawn_tasks, torchrun_env
+from .runtime.redistribute import slices
+from .runtime.worker import NonFiniteLoss, _NoProgress
+from .trace import Recorder, Span, busy_time, write_chrome_trace
+
+log = logging.getLogger("pipebd")
+
+MODES = ("codistill", "online")
+
+
+def combined_loss(logits: Tensor, labels: Tensor, peers: Tensor | None, alpha: float, temperature: float,
+                  ignore_index: int = -100, backend: str = "auto") -> Tensor:
+    """Summed over rows: ``CE(logits, labels) + alpha * T^2 * KL(mean_j softmax(peers_j/T) ||
+    softmax(logits/T))``. ``logits`` [rows, V], ``labels`` [rows], ``peers`` [n, rows, V] (no
+    gradient flows to them) or None for the task loss alone. One fused pass over the logits: the
+    soft-target loss with hard-label weight ``1 / (1 + alpha)``, scaled by ``1 + alpha``."""
+    if peers is None or alpha == 0:
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    hard = 1.0 / (1.0 + alpha)
+    return soft_target_loss(logits, peers, temperature, "sum", labels=labels, alpha=hard,
+                            ignore_index=ignore_index, backend=backend) * (1.0 + alpha)
+
+
+def derived_seed(seed: int, *keys: Any) -> int:
+    """A seed for one use of the run's ``seed`` (the same in every process, unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def shards(length: int, n: int, seed: int) -> list[Tensor]:
+    """Disjoint shards of ``range(length)`` that cover it: a seeded permutation cut into n
+    contiguous parts whose sizes differ by at most one."""
+    if length < n:
+        raise ValueError(f"a dataset of {length} samples cannot give {n} models a shard each")
+    perm = torch.randperm(length, generator=torch.Generator().manual_seed(derived_seed(seed, "shards")))
+    return [perm[lo:hi] for lo, hi in slices(length, n)]
+
+
+@dataclass
+class _Job:
+    models: list[nn.Module]
+    mode: str
+    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None
+    alpha: float
+    temperature: float
+    burn_in: int
+    exchange_every: int
+    ignore_index: int
+    backend: str
+    dataset: Any
+    shards: list[Tensor] | None        # codistill: sample indices of each model's shard
+    batch_size: int
+    steps: int
+    seed: int
+    device: str
+    eval_data: tuple[Tensor, Tensor] | None
+    eval_every: int | None
+    keep_checkpoints: bool
+    threads: int | None
+    progress: bool
+    timeout: float
+
+    @property
+    def n(self) -> int:
+        return len(self.models)
+
+    def publishes_at(self, step: int) -> bool:
+        """Whether the checkpoint of ``step`` is published: it is installed at ``step + K`` and
+        used until ``step + 2K``, so skip it if training ends first or burn-in outlasts it."""
+        k = self.exchange_every
+        return (self.mode == "codistill" and self.n > 1 and self.alpha > 0 and step > 0 and step % k == 0
+                and step + k < self.steps and step + 2 * k > self.burn_in)
+
+
+@dataclass
+class _RankResult:
+    rank: int
+    models: list[int]
+    elapsed: float
+    spans: list[Span]
+    losses: dict[int, list[float]]                         # model -> this rank's share, per step
+    sources: list[int | None]                              # step -> checkpoint step distilled from
+    eval_steps: list[int]
+    eval_probs: dict[int, list[Tensor]]                    # leaders only
+    state: dict[int, dict[str, Tensor]]                    # leaders only
+    exchanged_bytes: int
+    published: dict[tuple[int, int], dict[torch.dtype, Tensor]] = field(default_factory=dict)
+    installed: dict[tuple[int, int], dict[int, dict[torch.dtype, Tensor]]] = field(default_factory=dict)
+
+
+class Codistillation:
+    """n models trained together, each distilling from the others (see the module docstring).
+
+    ``models``: a callable ``i -> nn.Module`` (called in ``fit`` under a seed derived from
+    ``(seed, i)``, so a run is a function of its seed) or a sequence of n modules (trained in
+    place). ``n`` defaults to 2, or to ``len(models)``. ``optimizer`` builds one optimizer per
+    model (default SGD, lr 0.01, momentum 0.9); ``scheduler`` optionally builds a learning-rate
+    scheduler from it, stepped after every optimizer step (see ``pipebd.lr``).
+    ``mode``: ``"codistill"`` (disjoint shards, stale checkpoints every ``exchange_every`` steps)
+    or ``"online"`` (same batch, current predictions every step). ``alpha`` weighs the
+    distillation term, ``temperature`` softens both sides; the term is off before ``burn_in``
+    steps. ``backend`` selects the soft-target kernel (``pipebd.soft_target_loss``).
+    The models must map a batch to logits [batch, ..., classes]; labels are class indices of
+    shape [batch, ...] (``ignore_index`` marks rows without a label).
+    """
+
+    def __init__(self, models: Callable[[int], nn.Module] | Sequence[nn.Module], n: int | None = None, *,
+                 optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+                 scheduler: Callable[[torch.optim.Optimizer], Any] | None = None, alpha: float = 1.0,
+                 temperature: float = 1.0, burn_in: int = 0, exchange_every: int = 100,
+                 mode: str = "codistill", ignore_index: int = -100, backend: str = "auto",
+                 device: str | None = None):
+        if callable(models) and not isinstance(models, nn.Module):
+            self.model_fn, self._models = models, None
+            n = 2 if n is None else n
+        else:
+            self._models = list(models)
+            self.model_fn = None
+            for i, m in enumerate(self._models):
+                if not isinstance(m, nn.Module):
+                    raise TypeError(f"model {i} is a {type(m).__name__}, not an nn.Module")
+            if n is not None and n != len(self._models):
+                raise ValueError(f"n={n} but {len(self._models)} models were given")
+            n = len(self._models)
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        for name, value, low in (("burn_in", burn_in, 0), ("exchange_every", exchange_every, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        for name, fn in (("optimizer", optimizer), ("scheduler", scheduler)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a callable, got {type(fn).__name__}")
+        self.n, self.mode, self.alpha, self.temperature = n, mode, float(alpha), float(temperature)
+        self.burn_in, self.exchange_every, self.ignore_index, self.backend = burn_in, exchange_every, ignore_index, backend
+        self.optimizer = optimizer or functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+        self.scheduler = scheduler
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def models(self) -> list[nn.Module]:
+        """The n models (trained in place by ``fit``); built by the first ``fit`` from a model_fn."""
+        if self._models is None:
+            raise RuntimeError("the models are built by fit() from model_fn; call fit first")
+        return self._models
+
+    def fit(self, dataset: Any, batch_size: int, steps: int, world_size: int = 1, seed: int = 0, *,
+            eval_data: tuple[Tensor, Tensor] | None = None, eval_every: int | None = None,
+            keep_checkpoints: bool = False, threads: int | None = None, progress: bool | None = None,
+            timeout: float = 600.0) -> "CodistillReport":
+        """Train every model for ``steps`` steps of ``batch_size`` samples each.
+
+        ``world_size``: 1 (all models in this process) or a multiple of n (``world_size // n``
+        data-parallel ranks per model; local workers are spawned unless the script runs under
+        torchrun). ``eval_data`` = (inputs, labels): each model's softmax predictions on it are
+        recorded every ``eval_every`` steps and after the last (``report.accuracy``).
+        ``keep_checkpoints`` records every published and installed checkpoint in the report (for
+        tests of the staleness rule; costs memory). ``timeout`` (seconds) bounds every transfer.
+        Raises ValueError/TypeError before any process starts; ``pipebd.WorkerError`` if a rank
+        fails (``pipebd.ExchangeError`` in its message when a transfer failed).
+        """
+        env = torchrun_env()
+        if env is not None and env[1] != world_size:
+            raise ValueError(f"fit(world_size={world_size}) but torchrun started WORLD_SIZE={env[1]} processes")
+        job = self._job(dataset, batch_size, steps, world_size, seed, eval_data, eval_every, keep_checkpoints,
+                        threads, progress, timeout)
+        log.info("pipebd: %s of %d models on %d rank(s)", self.mode, self.n, world_size)
+        if env is not None:
+            init_spmd(self.device, timeout)
+            _broadcast_from_rank0(job.models, torch.device(self.device))
+            results = _run(job, dist.get_rank(), world_size)
+        elif world_size == 1:
+            results = _run(job, 0, 1)
+        else:
+            tasks = [functools.partial(_run, job) for _ in range(world_size)]
+            g = world_size // self.n
+            results = spawn_tasks(tasks, backend_for(self.device), timeout,
+                                  lambda r: f" (model {r // g}, replica {r % g})")
+        for r in results:
+            for i, state in r.state.items():
+                self._models[i].load_state_dict(state)
+        return _build_report(job, world_size, results)
+
+    def _job(self, dataset: Any, batch_size: int, steps: int, world_size: int, seed: int,
+             eval_data: Any, eval_every: int | None, keep_checkpoints: bool, threads: int | None,
+             progress: bool | None, timeout: float) -> _Job:
+        for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 1), ("world_size", world_size, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if world_size > 1 and world_size % self.n:
+            raise ValueError(f"world_size {world_size} must be 1 or a multiple of n={self.n} "
+                             f"(each model gets world_size // n ranks)")
+        group_size = max(1, world_size // self.n)
+        if batch_size < group_size:
+            raise ValueError(f"batch_size {batch_size} is smaller than the {group_size} ranks per model; "
+                             f"every rank needs at least one row")
+        if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
+            raise ValueError(f"eval_every must be an integer >= 1, got {eval_every!r}")
+        if eval_every is not None and eval_data is None:
+            raise ValueError("eval_every needs eval_data")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if self.device.startswith("cuda") and torchrun_env() is None and world_size > torch.cuda.device_count():
+            raise ValueError(f"world_size {world_size} needs one GPU per rank but "
+                             f"{torch.cuda.device_count()} are visible")
+        length = dataset_length(dataset)
+        if length == 0:
+            raise ValueError("dataset is empty")
+        parts = shards(length, self.n, seed) if self.mode == "codistill" else None
+        models = self._build(seed)
+        evaluation = None
+        if eval_data is not None:
+            if not (isinstance(eval_data, (tuple, list)) and len(eval_data) == 2):
+                raise TypeError("eval_data must be an (inputs, labels) pair of tensors")
+            evaluation = (torch.as_tensor(eval_data[0]), torch.as_tensor(eval_data[1]))
+        self._probe(models, probe_item(dataset), "dataset")
+        if evaluation is not None:
+            self._probe(models, (evaluation[0][:1], evaluation[1][:1]), "eval_data")
+        if threads is None and world_size > 1 and torchrun_env() is None:
+            threads = max(1, (os.cpu_count() or 1) // world_size)
+        return _Job(models=models, mode=self.mode, optimizer=self.optimizer, scheduler=self.scheduler,
+                    alpha=self.alpha, temperature=self.temperature, burn_in=self.burn_in,
+                    exchange_every=self.exchange_every, ignore_index=self.ignore_index, backend=self.backend,
+                    dataset=dataset, shards=parts, batch_size=batch_size, steps=steps, seed=seed,
+                    device=self.device, eval_data=evaluation, eval_every=eval_every,
+                    keep_checkpoints=keep_checkpoints, threads=threads,
+                    progress=sys.stderr.isatty() if progress is None else progress, timeout=timeout)
+
+    def _build(self, seed: int) -> list[nn.Module]:
+        if self.model_fn is not None:
+            built = []
+            for i in range(self.n):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(derived_seed(seed, "init", i))
+                    model = self.model_fn(i)
+                if not isinstance(model, nn.Module):
+                    raise TypeError(f"model_fn({i}) returned a {type(model).__name__}, not an nn.Module")
+                built.append(model)
+            self._models = built
+        return self._models
+
+    def _probe(self, models: list[nn.Module], item: tuple[Any, Any], source: str) -> None:
+        """One sample through every model: logits of one shape for all, integer labels that fit."""
+        x, y = item
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{source} items must be (tensor, label) pairs, got {type(x).__name__}")
+        if y is None:
+            raise ValueError(f"{source} items carry no labels; codistillation needs (x, y) items")
+        y = torch.as_tensor(y)
+        if y.is_floating_point() or y.is_complex():
+            raise TypeError(f"labels must be class indices (an integer tensor), got {y.dtype}")
+        shapes = set()
+        for i, m in enumerate(models):
+            mode = m.training
+            try:
+                with torch.no_grad():
+                    out = m.eval()(x.to(_device_of(m)))
+            except Exception as err:
+                raise ValueError(f"model {i} failed on a {source} input of shape {tuple(x.shape[1:])} per "
+                                 f"sample (probed with one sample): {err}") from err
+            finally:
+                m.train(mode)
+            if not isinstance(out, Tensor) or out.dim() < 2:
+                raise ValueError(f"model {i} must return logits [batch, ..., classes], got "
+                                 f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+            shapes.add(tuple(out.shape[1:]))
+            if out.shape[:-1] != y.shape:
+                raise ValueError(f"model {i} returns logits of shape {tuple(out.shape[1:])} per sample, so labels "
+                                 f"need shape {tuple(out.shape[1:-1])}, but {source} labels have "
+                                 f"{tuple(y.shape[1:])}")
+        if len(shapes) > 1:
+            raise ValueError(f"the models' logits differ in shape per sample: {sorted(shapes)}")
+
+
+class _Rank:
+    """What one rank holds: its models (DDP-wrapped in groups of several ranks), their
+    optimizers, the others' stale copies (codistill) and the transfers."""
+
+    def __init__(self, job: _Job, rank: int, world_size: int):
+        n = job.n
+        self.job, self.rank = job, rank
+        self.g = max(1, world_size // n)
+        self.own = list(range(n)) if world_size == 1 else [rank // self.g]
+        self.leader = rank % self.g == 0
+        self.device = torch.device(job.device)
+        if self.device.type == "cuda" and world_size > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+        self.recorder = Recorder()
+        members = [list(range(i * self.g, (i + 1) * self.g)) for i in range(n)]
+        self.models = {i: job.models[i].to(self.device).train() for i in self.own}
+        self.trained = dict(self.models)    # what forward calls: the DDP wrappers in groups
+        if self.g > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            for i in range(n):   # every rank takes part in every new_group call
+                group = dist.new_group(members[i], timeout=timedelta(seconds=job.timeout))
+                if i in self.own:
+                    self.trained[i] = DistributedDataParallel(self.models[i], process_group=group)
+        self.optimizers = {i: job.optimizer(self.models[i].parameters()) for i in self.own}
+        self.schedulers = {i: job.scheduler(o) for i, o in self.optimizers.items()} if job.scheduler else {}
+        self.lo, self.hi = slices(job.batch_size, self.g)[rank % self.g]
+        self.scale = self.g / job.batch_size   # local sum -> share of the global mean, before DDP averages
+        if job.mode == "codistill":
+            self.orders = {i: BatchOrder(len(job.shards[i]), job.batch_size, derived_seed(job.seed, "order", i))
+                           for i in self.own}
+            others = [j for j in range(n) if world_size == 1 or j not in self.own]
+            self.stale = {j: copy.deepcopy(job.models[j]).to(self.device).eval().requires_grad_(False)
+                          for j in others}
+            self.exchange = WeightExchange(job.models, [m[0] for m in members], members, rank, world_size,
+                                           self.device, job.timeout)
+        else:
+            self.orders = dict.fromkeys(self.own, BatchOrder(dataset_length(job.dataset), job.batch_size, job.seed))
+            self.peers = PeerLogits(n, self.g, rank, world_size, job.timeout)
+        self.losses = torch.zeros(job.steps, n, dtype=torch.float32, device=self.device)
+        self.sources: list[int | None] = []
+        self.eval_steps: list[int] = []
+        self.eval_probs: dict[int, list[Tensor]] = {i: [] for i in self.own}
+        self.published: dict = {}
+        self.installed: dict = {}
+        self.exchanged_bytes = 0
+
+    def load(self, i: int, step: int) -> tuple[Tensor, Tensor]:
+        with self.recorder.span("data", step):
+            index = self.orders[i].indices(step, self.lo, self.hi)
+            if self.job.shards is not None:
+                index = self.job.shards[i][index]
+            x, y = load_rows(self.job.dataset, index)
+            return x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device, non_blocking=True)
+
+    def install(self, transfer: Transfer, step: int) -> None:
+        with self.recorder.span("exchange-wait", step):
+            received = self.exchange.wait(transfer)
+        for j, packed in received.items():
+            unpack(self.stale[j], packed)
+        self.exchanged_bytes += transfer.bytes
+        if self.job.keep_checkpoints:
+            for i in self.own:
+                self.installed[(i, step)] = {j: {d: f.cpu() for d, f in received[j].items()}
+                                             for j in received if j != i}
+
+    def publish(self, index: int, step: int) -> Transfer:
+        if self.job.keep_checkpoints and self.leader:
+            for i in self.own:
+                self.published[(i, step)] = {d: f.cpu() for d, f in pack(self.models[i]).items()}
+        return self.exchange.publish(index, step, self.models)
+
+    def targets(self, step: int, source: int | None, xs: dict[int, Tensor],
+                logits: dict[int, Tensor]) -> dict[int, Tensor | None]:
+        """Model -> the others' logits on its rows, [n-1, rows, V], or None (task loss only)."""
+        job = self.job
+        if source is None:
+            return dict.fromkeys(self.own)
+        if job.mode == "online":
+            everyone = self.peers.gather(step, {i: out.detach() for i, out in logits.items()})
+            return {i: torch.stack([everyone[j] for j in range(job.n) if j != i]) for i in self.own}
+        with self.recorder.span("teacher", step), torch.no_grad():
+            return {i: torch.stack([self.stale[j](xs[i]) for j in range(job.n) if j != i]) for i in self.own}
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> None:
+        x, y = self.job.eval_data
+        self.eval_steps.append(step)
+        if not self.leader:
+            return
+        with self.recorder.span("eval", step):
+            for i in self.own:
+                model = self.models[i]
+                model.eval()
+                probs = [F.softmax(model(x[lo:lo + 1024].to(self.device)).float(), dim=-1).cpu()
+                         for lo in range(0, len(x), 1024)]
+                model.train()
+                self.eval_probs[i].append(torch.cat(probs))
+
+    def check_finite(self, step: int) -> None:
+        losses = self.losses[step]
+        if not torch.isfinite(losses).all():
+            i = next(i for i in self.own if not torch.isfinite(losses[i]))
+            raise NonFiniteLoss(f"non-finite loss ({losses[i].item()}) of model {i} at step {step}")
+
+    def result(self, world_size: int) -> _RankResult:
+        state = {i: {k: v.detach().cpu() for k, v in self.models[i].state_dict().items()} for i in self.own} \
+            if self.leader else {}
+        losses = self.losses.cpu()
+        return _RankResult(self.rank, self.own, self.recorder.now(), self.recorder.spans,
+                           {i: losses[:, i].tolist() for i in self.own}, self.sources, self.eval_steps,
+                           self.eval_probs if self.leader else {}, state, self.exchanged_bytes,
+                           self.published, self.installed)
+
+
+def _run(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
+    """Train this rank's model(s) for ``job.steps`` steps; every rank returns all ranks' results."""
+    if job.threads is not None:
+        torch.set_num_threads(job.threads)
+    rt = _Rank(job, rank, world_size)
+    if world_size > 1:
+        dist.barrier()
+    rt.recorder.restart()
+    k = job.exchange_every
+    pending: Transfer | None = None
+    installed_step: int | None = None   # the step of the others' checkpoint in rt.stale
+    bar = _progress(job, rank)
+    try:
+        for t in range(job.steps):
+            if job.mode == "codistill" and t > 0 and t % k == 0:
+                if pending is not None:
+                    rt.install(pending, t)
+                    installed_step = pending.step
+                pending = rt.publish(t // k, t) if job.publishes_at(t) else None
+            distill = job.alpha > 0 and job.n > 1 and t >= job.burn_in
+            source = (t if job.mode == "online" else installed_step) if distill else None
+            rt.sources.append(source)
+            xs, ys, logits = {}, {}, {}
+            for i in rt.own:
+                xs[i], ys[i] = rt.load(i, t)
+                with rt.recorder.span("student", t):
+                    logits[i] = rt.trained[i](xs[i])
+            targets = rt.targets(t, source, xs, logits)
+            for i in rt.own:
+                with rt.recorder.span("student", t):
+                    out = logits[i]
+                    peers = targets[i]
+                    rows = out.reshape(-1, out.shape[-1])
+                    if peers is not None:
+                        peers = peers.reshape(peers.shape[0], -1, peers.shape[-1])
+                    loss = combined_loss(rows, ys[i].reshape(-1), peers, job.alpha, job.temperature,
+                                         job.ignore_index, job.backend) / job.batch_size
+                    if rt.g > 1:
+                        loss = loss * rt.g   # DDP averages over the group's ranks
+                    loss.backward()
+                rt.losses[t, i] = loss.detach() / rt.g
+                with rt.recorder.span("step", t):
+                    rt.optimizers[i].step()
+                    rt.optimizers[i].zero_grad(set_to_none=True)
+                    if rt.schedulers:
+                        rt.schedulers[i].step()
+            if rt.device.type == "cpu" or t == job.steps - 1 or t % 20 == 19:
+                rt.check_finite(t)
+            if job.eval_data is not None and ((job.eval_every and (t + 1) % job.eval_every == 0)
+                                              or t == job.steps - 1):
+                rt.evaluate(t + 1)
+            bar.update()
+    finally:
+        bar.close()
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    mine = rt.result(world_size)
+    if world_size == 1:
+        return [mine]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def _progress(job: _Job, rank: int) -> Any:
+    if not (job.progress and rank == 0):
+        return _NoProgress()
+    import threading
+
+    from tqdm.auto import tqdm
+    tqdm.set_lock(threading.RLock())
+    return tqdm(total=job.steps, unit="step", desc=f"pipebd {job.mode}", leave=False)
+
+
+@dataclass
+class CodistillReport:
+    """The result of ``Codistillation.fit``.
+
+    ``losses[i][t]``: model i's loss on its global batch at step t (task + alpha * distillation).
+    ``sources[t]``: the step of the others' checkpoint distilled from at step t (online mode: t),
+    or None where the loss was the task loss alone. ``eval_steps`` and ``eval_probs[i][e]`` (the
+    softmax predictions [rows, classes] of model i on ``eval_data`` after ``eval_steps[e]`` steps)
+    are filled when ``fit`` got ``eval_data``. With ``keep_checkpoints``: ``published[(j, s)]``
+    is model j's checkpoint published after s steps and ``installed[(i, t)][j]`` the checkpoint of
+    model j that model i installed at step t (both ``pipebd.runtime.exchange.pack`` layouts).
+    """
+
+    mode: str
+    n: int
+    world_size: int
+    batch_size: int
+    steps: int
+    exchange_every: int
+    wall_s: float
+    losses: list[list[float]]
+    sources: list[int | None]
+    eval_steps: list[int]
+    eval_probs: list[list[Tensor]] = field(repr=False)
+    eval_labels: Tensor | None = field(repr=False)
+    exchange_wait_s: float
+    exchanged_bytes: int
+    tracks: list[tuple[str, list[Span]]] = field(repr=False)
+    published: dict = field(default_factory=dict, repr=False)
+    installed: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def samples_per_s(self) -> float:
+        """Training samples per second, all models together."""
+        return self.n * self.steps * self.batch_size / self.wall_s if self.wall_s > 0 else float("inf")
+
+    @property
+    def accuracy(self) -> list[list[float]]:
+        """Per model, the accuracy on ``eval_data`` at each of ``eval_steps``."""
+        return [[_accuracy(p, self.eval_labels) for p in probs] for probs in self.eval_probs]
+
+    @property
+    def ensemble_accuracy(self) -> list[float]:
+        """Accuracy of the n models' averaged softmax predictions at each of ``eval_steps``."""
+        return [_accuracy(torch.stack(ps).mean(0), self.eval_labels) for ps in zip(*self.eval_probs)]
+
+    def save_trace(self, path: str) -> None:
+        """Chrome trace with one track per rank (data, student, teacher, step, exchange-wait, eval)."""
+        write_chrome_trace(path, self.tracks)
+
+    def __str__(self) -> str:
+        g = max(1, self.world_size // self.n)
+        first = next((t for t, s in enumerate(self.sources) if s is not None), None)
+        lines = [f"pipebd codistillation report: mode={self.mode} n={self.n} world_size={self.world_size} "
+                 f"({g} rank(s) per model) batch_size={self.batch_size} steps={self.steps}",
+                 f"throughput {self.samples_per_s:.1f} samples/s, all models (wall {self.wall_s:.3f} s)",
+                 "distillation term: " + (f"from step {first}" if first is not None else "never on")]
+        if self.mode == "codistill":
+            lines.append(f"exchanges every {self.exchange_every} steps: {self.exchanged_bytes / 1e6:.3f} MB "
+                         f"received per rank (max), {self.exchange_wait_s:.3f} s blocked on transfers (max)")
+        accuracy = self.accuracy if self.eval_steps else None
+        lines.append(f"{'model':>5} {'loss first':>10} {'loss last':>10}"
+                     + (f" {'accuracy':>9}" if accuracy else ""))
+        for i, h in enumerate(self.losses):
+            last = sum(h[-5:]) / len(h[-5:])
+            lines.append(f"{i:>5} {h[0]:>10.4g} {last:>10.4g}" + (f" {accuracy[i][-1]:>9.2%}" if accuracy else ""))
+        if accuracy and self.n > 1:
+            lines.append(f"ensemble accuracy after {self.eval_steps[-1]} steps: {self.ensemble_accuracy[-1]:.2%}")
+        return "\n".join(lines)
+
+
+def _accuracy(probs: Tensor, labels: Tensor) -> float:
+    return (probs.argmax(-1) == labels).float().mean().item()
+
+
+def _build_report(job: _Job, world_size: int, results: list[_RankResult]) -> CodistillReport:
+    losses = [[0.0] * job.steps for _ in range(job.n)]
+    eval_probs: list[list[Tensor]] = [[] for _ in range(job.n)]
+    published, installed = {}, {}
+    for r in results:
+        for i, history in r.losses.items():
+            losses[i] = [a + b for a, b in zip(losses[i], history)]
+        for i, probs in r.eval_probs.items():
+            eval_probs[i] = probs
+        published.update(r.published)
+        if r.rank % max(1, world_size // job.n) == 0:
+            installed.update(r.installed)
+    wait = max(busy_time(r.spans, ("exchange-wait",)) for r in results)
+    tracks = [(f"rank {r.rank} (model {', '.join(map(str, r.models))})", r.spans) for r in results]
+    labels = job.eval_data[1] if job.eval_data is not None else None
+    return CodistillReport(job.mode, job.n, world_size, job.batch_size, job.steps, job.exchange_every,
+                           max(r.elapsed for r in results), losses, results[0].sources, results[0].eval_steps,
+                           eval_probs, labels, wait, max(r.exchanged_bytes for r in results), tracks,
+                           published, installed)

@@ -1,0 +1,291 @@
+"""Codistillation and online distillation against a plain-torch reference loop.
+
+The reference below is written from the documented semantics, not from the implementation: n
+models, each with its own SGD; codistill mode trains model i on its shard and distills at step t
+from copies of the others taken after ``K * (t // K - 1)`` steps (t >= 2K, t >= burn_in); online
+mode trains every model on the same batch and distills from the others' current logits. The loss
+is ``(CE_sum + alpha * T^2 * KL_sum) / batch`` written out with log_softmax.
+
+Tolerance: 1e-5 max abs on the weights after 24 steps (float32; what differs is summation order:
+DDP's gradient averaging over unequal slices, the fused loss's reparametrization). Exact equality
+where nothing can differ (alpha = 0 in one process or one rank per model).
+"""
+
+import copy
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import pipebd
+from pipebd.codistill import combined_loss, derived_seed, shards
+from pipebd.data import BatchOrder
+from pipebd.runtime.exchange import pack
+
+FEATURES, CLASSES, LENGTH, BATCH, STEPS, K, TOL = 6, 5, 61, 9, 24, 4, 1e-5
+
+
+def dataset():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(LENGTH, FEATURES, generator=gen)
+    y = (x[:, :CLASSES] + 0.5 * torch.randn(LENGTH, CLASSES, generator=gen)).argmax(1)
+    return TensorDataset(x, y)
+
+
+def initial_models(n):
+    gen = torch.Generator().manual_seed(5)
+    models = []
+    for _ in range(n):
+        m = nn.Sequential(nn.Linear(FEATURES, 12), nn.Tanh(), nn.Linear(12, CLASSES))
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        models.append(m)
+    return models
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.2, momentum=0.5)
+
+
+def run(world_size, n=2, mode="codistill", alpha=0.7, temperature=2.0, burn_in=0, **fit):
+    cd = pipebd.Codistillation(initial_models(n), optimizer=sgd, alpha=alpha, temperature=temperature,
+                               burn_in=burn_in, exchange_every=K, mode=mode, backend="torch", device="cpu")
+    report = cd.fit(dataset(), batch_size=BATCH, steps=STEPS, world_size=world_size, seed=3, timeout=60, **fit)
+    return [list(m.parameters()) for m in cd.models], report
+
+
+def reference(n=2, mode="codistill", alpha=0.7, temperature=2.0, burn_in=0, record=False):
+    """Returns the final parameters of each model (and, with ``record``, model j's weights after
+    every step s as ``snapshots[(j, s)]``)."""
+    data = dataset()
+    x_all, y_all = data.tensors
+    models = initial_models(n)
+    optimizers = [sgd(m.parameters()) for m in models]
+    if mode == "codistill":
+        parts = shards(LENGTH, n, 3)
+        orders = [BatchOrder(len(p), BATCH, derived_seed(3, "order", i)) for i, p in enumerate(parts)]
+        index = [lambda t, i=i: parts[i][orders[i].indices(t)] for i in range(n)]
+    else:
+        order = BatchOrder(LENGTH, BATCH, 3)
+        index = [lambda t: order.indices(t)] * n
+    copies, snapshots = {}, {}
+    for t in range(STEPS):
+        if t % K == 0:
+            copies[t] = [copy.deepcopy(m) for m in models]
+        if record:
+            snapshots.update({(j, t): pack(m) for j, m in enumerate(models)})
+        batches = [(x_all[index[i](t)], y_all[index[i](t)]) for i in range(n)]
+        logits = [m(x) for m, (x, _) in zip(models, batches)]
+        stale = copies.get(K * (t // K - 1))
+        distill = alpha > 0 and t >= burn_in and (mode == "online" or t >= 2 * K)
+        for i in range(n):
+            loss = F.cross_entropy(logits[i], batches[i][1], reduction="sum")
+            if distill:
+                x = batches[i][0]
+                others = [logits[j].detach() if mode == "online" else stale[j](x).detach()
+                          for j in range(n) if j != i]
+                p_t = torch.stack([F.softmax(o / temperature, -1) for o in others]).mean(0)
+                kl = (p_t * (p_t.log() - F.log_softmax(logits[i] / temperature, -1))).sum()
+                loss = loss + alpha * temperature**2 * kl
+            (loss / BATCH).backward()
+            optimizers[i].step()
+            optimizers[i].zero_grad()
+    if record:
+        snapshots.update({(j, STEPS): pack(m) for j, m in enumerate(models)})
+    return [list(m.parameters()) for m in models], snapshots
+
+
+def max_diff(a, b):
+    return max((x - y).abs().max().item() for ma, mb in zip(a, b) for x, y in zip(ma, mb))
+
+
+@pytest.mark.parametrize("length, n", [(61, 2), (61, 3), (7, 7), (100, 4)])
+def test_shards_are_disjoint_and_cover_the_data(length, n):
+    parts = shards(length, n, seed=3)
+    assert len(parts) == n
+    joined = torch.cat(parts)
+    assert sorted(joined.tolist()) == list(range(length))   # disjoint and covering
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert all(torch.equal(a, b) for a, b in zip(parts, shards(length, n, seed=3)))
+    assert not torch.equal(joined, torch.cat(shards(length, n, seed=4)))
+
+
+# (world_size, n, mode): one process, one rank per model (async broadcasts), and DDP groups of
+# two ranks over a batch of 9 (slices of 5 and 4).
+CASES = [(1, 2, "codistill"), (2, 2, "codistill"), (4, 2, "codistill"), (3, 3, "codistill"),
+         (1, 2, "online"), (4, 2, "online")]
+
+
+@pytest.mark.parametrize("world_size, n, mode", CASES, ids=[f"{m}-n{n}-w{w}" for w, n, m in CASES])
+def test_same_weights_as_the_reference_loop(world_size, n, mode):
+    want, _ = reference(n, mode, burn_in=10)
+    got, report = run(world_size, n, mode, burn_in=10)
+    assert max_diff(got, want) <= TOL
+    assert max_diff(got, [list(m.parameters()) for m in initial_models(n)]) > 1e-2
+    # Burn-in ends at 10; by then the checkpoint of step 4 has been installed (at step 2K = 8).
+    assert report.sources == [None] * 10 + [t if mode == "online" else K * (t // K - 1) for t in range(10, STEPS)]
+    without, _ = reference(n, mode, alpha=0.0)
+    assert max_diff(got, without) > 1e-3          # the distillation term changed the training
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_alpha_zero_is_independent_training_exactly(world_size):
+    want, _ = reference(alpha=0.0)
+    got, report = run(world_size, alpha=0.0)
+    assert all(torch.equal(a, b) for ma, mb in zip(got, want) for a, b in zip(ma, mb))
+    assert report.sources == [None] * STEPS and report.exchanged_bytes == 0
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_distills_from_the_checkpoint_published_one_exchange_earlier(world_size):
+    """Weights published at exchange k (after kK steps) are used from exchange k+1 on, although
+    the transfer is asynchronous: what model i installed at step t is bit for bit what model j
+    published at t - K, and that is model j's state after t - K steps (reference, 1e-5)."""
+    _, report = run(world_size, keep_checkpoints=True)
+    _, snapshots = reference(record=True)
+    exchanges = list(range(2 * K, STEPS, K))
+    assert sorted(report.installed) == [(i, t) for i in range(2) for t in exchanges]
+    assert sorted(report.published) == [(j, t) for j in range(2) for t in range(K, STEPS - K, K)]
+    for (i, t), received in report.installed.items():
+        (j, checkpoint), = received.items()
+        assert j == 1 - i
+        published = report.published[(j, t - K)]
+        assert all(torch.equal(checkpoint[d], published[d]) for d in published)
+        assert (published[torch.float32] - snapshots[(j, t - K)][torch.float32]).abs().max() <= TOL
+        # ... and not the fresher state of step t, which the schedule must not use.
+        assert (published[torch.float32] - snapshots[(j, t)][torch.float32]).abs().max() > 1e-4
+    for t in range(STEPS):
+        assert report.sources[t] == (K * (t // K - 1) if t >= 2 * K else None)
+
+
+def test_combined_loss_gradient_matches_the_formula():
+    """Gradient of CE + alpha T^2 KL(mean_j softmax(t_j/T) || softmax(s/T)) wrt the student
+    logits, both backends (Triton's interpreter on CPU), against float64 autograd of the plain
+    formula; 3 peers, an ignored row. Tolerance 1e-5 relative (float32 kernels)."""
+    gen = torch.Generator().manual_seed(0)
+    rows, classes, alpha, temperature = 6, 11, 0.8, 3.0
+    s = torch.randn(rows, classes, generator=gen) * 3
+    peers = torch.randn(3, rows, classes, generator=gen) * 3
+    labels = torch.randint(0, classes, (rows,), generator=gen)
+    labels[2] = -100
+    s64 = s.double().requires_grad_()
+    p_t = F.softmax(peers.double() / temperature, -1).mean(0)
+    want = (F.cross_entropy(s64, labels, ignore_index=-100, reduction="sum")
+            + alpha * temperature**2 * (p_t * (p_t.log() - F.log_softmax(s64 / temperature, -1))).sum())
+    want.backward()
+    for backend in ("torch", "triton"):
+        s32 = s.clone().requires_grad_()
+        got = combined_loss(s32, labels, peers, alpha, temperature, backend=backend)
+        got.backward()
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        assert (s32.grad.double() - s64.grad).abs().max() <= 1e-5 * s64.grad.abs().max()
+    assert torch.equal(combined_loss(s, labels, peers, 0.0, temperature),
+                       F.cross_entropy(s, labels, reduction="sum"))
+
+
+def test_report_accuracy_and_ensemble_match_the_models():
+    data = dataset()
+    x, y = data.tensors
+    cd = pipebd.Codistillation(initial_models(2), optimizer=sgd, exchange_every=K, device="cpu")
+    report = cd.fit(data, batch_size=BATCH, steps=STEPS, eval_data=(x, y), eval_every=10)
+    assert report.eval_steps == [10, 20, STEPS]
+    with torch.no_grad():
+        probs = [F.softmax(m(x), -1) for m in cd.models]
+    for i, p in enumerate(probs):
+        assert torch.allclose(report.eval_probs[i][-1], p, atol=1e-6)
+        assert report.accuracy[i][-1] == (p.argmax(1) == y).float().mean().item()
+    assert report.ensemble_accuracy[-1] == ((probs[0] + probs[1]).argmax(1) == y).float().mean().item()
+    text = str(report)
+    assert "mode=codistill n=2" in text and "ensemble accuracy after 24 steps" in text
+    assert len(report.losses) == 2 and len(report.losses[0]) == STEPS
+
+
+def test_model_fn_is_seeded_per_model_and_run():
+    def build(i):
+        return nn.Linear(FEATURES, CLASSES)
+
+    def weights(seed):
+        cd = pipebd.Codistillation(build, n=2, device="cpu")
+        cd.fit(dataset(), batch_size=BATCH, steps=1, seed=seed)
+        return [m.weight.detach().clone() for m in cd.models]
+
+    a, b = weights(0), weights(0)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], a[1])
+    assert not torch.equal(a[0], weights(1)[0])
+
+
+class Fails(nn.Module):
+    """On rank 1, the ``after``-th training call ends the process or sleeps past the timeout."""
+
+    def __init__(self, inner, how, after=7):
+        super().__init__()
+        self.inner, self.how, self.after, self.calls = inner, how, after, 0
+
+    def forward(self, x):
+        import os
+
+        import torch.distributed as dist
+        if self.training and dist.is_initialized() and dist.get_rank() == 1:
+            self.calls += 1
+            if self.calls == self.after:
+                if self.how == "exit":
+                    os._exit(3)
+                time.sleep(120)
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("how", ["stall", "exit"])
+def test_an_exchange_that_fails_surfaces_as_a_clear_error(how):
+    # Rank 1 stops in step 6, after publishing at step 6: rank 0 receives that checkpoint, but
+    # its broadcast of step 8 has no peer (connection reset, or the 8 s timeout).
+    models = [Fails(m, how) for m in initial_models(2)]
+    cd = pipebd.Codistillation(models, optimizer=sgd, exchange_every=2, device="cpu")
+    start = time.monotonic()
+    with pytest.raises(pipebd.WorkerError) as info:
+        cd.fit(dataset(), batch_size=BATCH, steps=STEPS, world_size=2, timeout=8)
+    assert time.monotonic() - start < 60
+    message = str(info.value)
+    assert ("ExchangeError: weight exchange 4 failed on rank 0, sending model 0's checkpoint (after step 8) "
+            "to the other models' ranks") in message
+    assert "(a peer may have stopped or stalled; timeout 8 s)" in message
+    if how == "stall":
+        assert message.startswith("rank 0 (model 0, replica 0) failed:")
+    else:
+        assert "rank 1 exited with code 3 without reporting an error" in message
+
+
+@pytest.mark.parametrize("kwargs, fit, message", [
+    (dict(n=3), {}, "n=3 but 2 models were given"),
+    (dict(mode="dml"), {}, "mode must be one of"),
+    (dict(alpha=-1), {}, "alpha must be >= 0"),
+    (dict(temperature=0), {}, "temperature must be > 0"),
+    (dict(exchange_every=0), {}, "exchange_every must be an integer >= 1"),
+    (dict(backend="cuda"), {}, "backend must be one of"),
+    ({}, dict(world_size=3), "world_size 3 must be 1 or a multiple of n=2"),
+    ({}, dict(world_size=4, batch_size=1), "batch_size 1 is smaller than the 2 ranks per model"),
+    ({}, dict(eval_every=5), "eval_every needs eval_data"),
+    ({}, dict(data=torch.randn(10, FEATURES)), "items carry no labels"),
+    ({}, dict(data=TensorDataset(torch.randn(10, FEATURES), torch.rand(10))), "labels must be class indices"),
+    ({}, dict(data=TensorDataset(torch.randn(1, FEATURES), torch.zeros(1, dtype=torch.long))),
+     "a dataset of 1 samples cannot give 2 models a shard each"),
+    ({}, dict(data=TensorDataset(torch.randn(10, 3), torch.zeros(10, dtype=torch.long))),
+     r"model 0 failed on a dataset input of shape \(3,\)"),
+    ({}, dict(data=TensorDataset(torch.randn(10, FEATURES), torch.zeros(10, 2, dtype=torch.long))),
+     r"labels need shape \(\), but dataset labels have \(2,\)"),
+])
+def test_bad_input_is_refused_before_training(monkeypatch, kwargs, fit, message):
+    monkeypatch.setattr(pipebd.codistill, "spawn_tasks", lambda *a, **k: pytest.fail("workers were started"))
+    monkeypatch.setattr(pipebd.codistill, "_run", lambda *a, **k: pytest.fail("training started"))
+    data = fit.pop("data", dataset())
+    with pytest.raises((ValueError, TypeError), match=message):
+        pipebd.Codistillation(initial_models(2), **kwargs).fit(data, **{"batch_size": 4, "steps": 2, **fit})
+
+
+def test_models_whose_logits_differ_are_refused():
+    models = [nn.Linear(FEATURES, CLASSES), nn.Linear(FEATURES, CLASSES + 1)]
+    with pytest.raises(ValueError, match=r"logits differ in shape per sample: \[\(5,\), \(6,\)\]"):
+        pipebd.Codistillation(models).fit(dataset(), batch_size=4, steps=1)
