@@ -97,7 +97,7 @@ class Distiller:
         if env is not None and env[1] != world_size:
             raise ValueError(f"fit(world_size={world_size}) but torchrun started WORLD_SIZE={env[1]} processes")
         job = self._job(dataset, batch_size, steps, world_size, strategy, plan, seed, max_inflight,
-                        threads, progress)
+                        threads, progress, timeout)
         prediction = None
         if plan == "auto" and world_size > 1:
             profile = self._profile(job, world_size, timeout, progress=job.progress)
@@ -123,7 +123,7 @@ class Distiller:
         """Measure what every block costs at each per-replica batch size a plan on ``world_size``
         ranks can give it, and the backend's point-to-point and allreduce costs (cached; see
         ``pipebd.profiler``). ``fit(plan="auto")`` does this itself."""
-        job = self._job(dataset, batch_size, 1, world_size, "pipebd", None, 0, 1, threads, False)
+        job = self._job(dataset, batch_size, 1, world_size, "pipebd", None, 0, 1, threads, False, timeout)
         return self._profile(job, world_size, timeout, warmup=warmup, repeats=repeats, cache=cache)
 
     def _profile(self, job: Job, world_size: int, timeout: float, **options: Any) -> Profile:
@@ -144,7 +144,7 @@ class Distiller:
 
     def _job(self, dataset: Any, batch_size: int, steps: int, world_size: int, strategy: str,
              plan: Plan | str | None, seed: int, max_inflight: int, threads: int | None,
-             progress: bool | None) -> Job:
+             progress: bool | None, timeout: float) -> Job:
         """Validate everything that can be checked in the caller and build the job."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -174,7 +174,7 @@ class Distiller:
                    dataset=dataset, dataset_len=length, batch_size=batch_size, steps=steps, seed=seed,
                    boundary=boundary, labels=labels, device=self.device, max_inflight=max_inflight,
                    threads=threads, progress=sys.stderr.isatty() if progress is None else progress,
-                   scheduler=self.scheduler)
+                   scheduler=self.scheduler, timeout=timeout)
 
     def _resolve_plan(self, plan: Plan | str | None, strategy: str, world_size: int) -> Plan:
         n = self.num_blocks

@@ -82,18 +82,22 @@ def test_other_bad_arguments(no_spawn):
 
 
 class FailsInTraining(nn.Module):
-    """Wraps a block; after ``after`` training calls it raises, or ends the process silently."""
+    """Wraps a block; after ``after`` training calls (on ``rank`` only, if given) it raises, ends
+    the process silently, or stalls for two minutes."""
 
-    def __init__(self, inner, after, how="raise"):
+    def __init__(self, inner, after, how="raise", rank=None):
         super().__init__()
-        self.inner, self.after, self.how, self.calls = inner, after, how, 0
+        self.inner, self.after, self.how, self.rank, self.calls = inner, after, how, rank, 0
 
     def forward(self, x):
-        if self.training:
+        import torch.distributed as dist
+        if self.training and (self.rank is None or dist.get_rank() == self.rank):
             self.calls += 1
             if self.calls > self.after:
                 if self.how == "exit":
                     os._exit(3)
+                if self.how == "stall":
+                    time.sleep(120)
                 raise RuntimeError("student block exploded on purpose")
         return self.inner(x)
 
@@ -120,6 +124,17 @@ def test_worker_that_dies_silently_is_reported():
     start = time.monotonic()
     with pytest.raises(pipebd.WorkerError, match="rank 1 exited with code 3 without reporting an error"):
         failing_distiller("exit").fit(DATA, batch_size=4, steps=10, world_size=2, timeout=60)
+    assert time.monotonic() - start < 60
+
+
+def test_a_stalled_replica_times_out_its_peers_allreduce():
+    # The stage's data-parallel group must use fit's timeout, not torch's 30-minute default.
+    teacher, student = mlp_pair(num_blocks=4, seed=0)
+    student[3] = FailsInTraining(student[3], after=3, how="stall", rank=1)
+    start = time.monotonic()
+    with pytest.raises(pipebd.WorkerError, match="rank 0 .*failed"):
+        pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=4, steps=10, world_size=2,
+                                                             plan=pipebd.Plan([[0, 1, 2, 3]], [2]), timeout=5)
     assert time.monotonic() - start < 60
 
 

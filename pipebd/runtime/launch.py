@@ -44,13 +44,14 @@ class WorkerError(RuntimeError):
         self.rank = rank
 
 
-def stage_group(plan: Plan, rank: int) -> Any:
+def stage_group(plan: Plan, rank: int, timeout_s: float) -> Any:
     """Create one process group per replicated stage (every rank must take part in each
-    ``new_group`` call) and return the one of ``rank``'s stage, or None."""
+    ``new_group`` call) and return the one of ``rank``'s stage, or None. Subgroups do not inherit
+    the default group's timeout (torch gives them its own default), so it is passed on."""
     mine = None
     for s, k in enumerate(plan.replicas):
         if k > 1:
-            group = dist.new_group(plan.stage_ranks(s))
+            group = dist.new_group(plan.stage_ranks(s), timeout=timedelta(seconds=timeout_s))
             if rank in plan.stage_ranks(s):
                 mine = group
     return mine
@@ -63,7 +64,7 @@ def run_rank(job: Job, rank: int, world_size: int) -> list[RankResult]:
     if job.threads is not None:
         torch.set_num_threads(job.threads)
     distributed = world_size > 1
-    group = stage_group(job.plan, rank) if distributed else None
+    group = stage_group(job.plan, rank, job.timeout) if distributed else None
     rt = RankRuntime(job, rank, world_size, group)
     if distributed:
         dist.barrier()

@@ -61,6 +61,7 @@ class Job:
     threads: int | None = None
     progress: bool = False
     scheduler: Callable[[torch.optim.Optimizer], Any] | None = None   # stepped after each optimizer step
+    timeout: float = 600.0             # seconds, for every collective and point-to-point wait
 
     def blocks_of(self, rank: int) -> list[int]:
         where = self.plan.locate(rank)
