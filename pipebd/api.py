@@ -144,7 +144,7 @@ class Distiller:
 
     def _job(self, dataset: Any, batch_size: int, steps: int, world_size: int, strategy: str,
              plan: Plan | str | None, seed: int, max_inflight: int, threads: int | None,
-             progress: bool | None, timeout: float) -> Job:
+             progress: bool | None, timeout: float = 600.0) -> Job:
         """Validate everything that can be checked in the caller and build the job."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")

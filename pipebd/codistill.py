@@ -339,12 +339,14 @@ class _Rank:
         members = [list(range(i * self.g, (i + 1) * self.g)) for i in range(n)]
         self.models = {i: job.models[i].to(self.device).train() for i in self.own}
         self.trained = dict(self.models)    # what forward calls: the DDP wrappers in groups
+        self.groups: list[Any] = []         # the process groups this rank belongs to
         if self.g > 1:
             from torch.nn.parallel import DistributedDataParallel
             for i in range(n):   # every rank takes part in every new_group call
                 group = dist.new_group(members[i], timeout=timedelta(seconds=job.timeout))
                 if i in self.own:
                     self.trained[i] = DistributedDataParallel(self.models[i], process_group=group)
+                    self.groups.append(group)
         self.optimizers = {i: job.optimizer(self.models[i].parameters()) for i in self.own}
         self.schedulers = {i: job.scheduler(o) for i, o in self.optimizers.items()} if job.scheduler else {}
         self.lo, self.hi = slices(job.batch_size, self.g)[rank % self.g]
@@ -357,9 +359,11 @@ class _Rank:
                           for j in others}
             self.exchange = WeightExchange(job.models, [m[0] for m in members], members, rank, world_size,
                                            self.device, job.timeout)
+            self.groups += self.exchange.groups.values()
         else:
             self.orders = dict.fromkeys(self.own, BatchOrder(dataset_length(job.dataset), job.batch_size, job.seed))
             self.peers = PeerLogits(n, self.g, rank, world_size, job.timeout)
+            self.groups += [self.peers.group] if self.peers.group is not None else []
         self.losses = torch.zeros(job.steps, n, dtype=torch.float32, device=self.device)
         self.sources: list[int | None] = []
         self.eval_steps: list[int] = []
@@ -497,6 +501,8 @@ def _run(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
         return [mine]
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, mine)
+    for group in rt.groups:   # under torchrun the script may go on and fit again
+        dist.destroy_process_group(group)
     return gathered
 
 

@@ -25,3 +25,15 @@ def test_soft_target_example_runs():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "grad (8, 32000)" in proc.stdout
+
+
+def test_codistillation_example_runs(tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Codistillation and online distillation", 1)[1]
+    script = tmp_path / "codistill.py"
+    script.write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mode=codistill n=2 world_size=2" in proc.stdout
+    assert "ensemble accuracy after 300 steps" in proc.stdout
+    assert "[None, None, None, None, None, 25, 25, 25, 25, 25]" in proc.stdout   # burn-in 50, K 25

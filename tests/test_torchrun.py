@@ -43,3 +43,18 @@ def test_torchrun_matches_reference(tmp_path, plan):
         assert got["teacher_block_runs"] == [20 * 7] * 5
         assert max((a - b).abs().max().item() for a, b in zip(got["weights"], reference)) <= 1e-5
     assert len(plans) == 1 and (plan == "auto" or plans == {plan})
+
+
+@pytest.mark.parametrize("mode", ["codistill", "online"])
+def test_torchrun_codistillation_matches_the_reference_loop(tmp_path, mode):
+    # 2 models x 2 ranks (DDP groups); every rank ends with both trained models.
+    from test_codistill import max_diff, reference
+    out = tmp_path / "result"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(Path(__file__).with_name("torchrun_codistill.py")), str(out), mode]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    want, _ = reference(2, mode, burn_in=10)
+    for rank in range(4):
+        assert max_diff(torch.load(f"{out}.{rank}"), want) <= 1e-5

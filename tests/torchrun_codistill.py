@@ -1,0 +1,24 @@
+"""Run under torchrun by test_torchrun.py: every rank calls Codistillation.fit (SPMD) and saves
+the trained models. Ranks other than 0 perturb their initial weights on purpose: fit must start
+every rank from rank 0's models."""
+
+import os
+import sys
+
+import torch
+
+import pipebd
+from test_codistill import BATCH, K, STEPS, dataset, initial_models, sgd
+
+if __name__ == "__main__":
+    out, mode = sys.argv[1], sys.argv[2]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    models = initial_models(2)
+    with torch.no_grad():
+        for m in models:
+            for p in m.parameters():
+                p.add_(rank)
+    cd = pipebd.Codistillation(models, optimizer=sgd, alpha=0.7, temperature=2.0, burn_in=10, exchange_every=K,
+                               mode=mode, backend="torch", device="cpu")
+    cd.fit(dataset(), batch_size=BATCH, steps=STEPS, world_size=world, seed=3, timeout=60)
+    torch.save([[p.detach() for p in m.parameters()] for m in cd.models], f"{out}.{rank}")
