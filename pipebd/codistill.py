@@ -16,7 +16,7 @@ Online mode (deep mutual learning, Zhang et al., CVPR 2018): every model sees th
 Each model may be trained data parallel (DDP) by a group of ranks: ``world_size = n * g`` gives
 every model g ranks; ``world_size = 1`` trains all n models in the calling process with the same
 arithmetic. The task loss is cross-entropy over the rows of the last logits dimension, summed and
-divided by the rows of the model's global batch, so a group's slices sum to the full-batch step.
+divided by the model's batch size (samples), so a group's slices sum to the full-batch step.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def combined_loss(logits: Tensor, labels: Tensor, peers: Tensor | None, alpha: f
     softmax(logits/T))``. ``logits`` [rows, V], ``labels`` [rows], ``peers`` [n, rows, V] (no
     gradient flows to them) or None for the task loss alone. One fused pass over the logits: the
     soft-target loss with hard-label weight ``1 / (1 + alpha)``, scaled by ``1 + alpha``."""
-    if peers is None or alpha == 0:
-        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    if peers is None or alpha == 0:   # summed in float32 at least, like the fused path
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels,
+                               ignore_index=ignore_index, reduction="sum")
     hard = 1.0 / (1.0 + alpha)
     return soft_target_loss(logits, peers, temperature, "sum", labels=labels, alpha=hard,
                             ignore_index=ignore_index, backend=backend) * (1.0 + alpha)
@@ -143,7 +144,8 @@ class Codistillation:
     distillation term, ``temperature`` softens both sides; the term is off before ``burn_in``
     steps. ``backend`` selects the soft-target kernel (``pipebd.soft_target_loss``).
     The models must map a batch to logits [batch, ..., classes]; labels are class indices of
-    shape [batch, ...] (``ignore_index`` marks rows without a label).
+    shape [batch, ...] (``ignore_index`` marks rows without a label: no task loss there, but they
+    are still distilled).
     """
 
     def __init__(self, models: Callable[[int], nn.Module] | Sequence[nn.Module], n: int | None = None, *,
@@ -188,7 +190,8 @@ class Codistillation:
 
     @property
     def models(self) -> list[nn.Module]:
-        """The n models (trained in place by ``fit``); built by the first ``fit`` from a model_fn."""
+        """The n models, trained in place by ``fit``. Given a model_fn, every ``fit`` builds them
+        afresh (a run is a function of its seed); pass modules to continue training."""
         if self._models is None:
             raise RuntimeError("the models are built by fit() from model_fn; call fit first")
         return self._models
@@ -216,7 +219,7 @@ class Codistillation:
         log.info("pipebd: %s of %d models on %d rank(s)", self.mode, self.n, world_size)
         if env is not None:
             init_spmd(self.device, timeout)
-            _broadcast_from_rank0(job.models, torch.device(self.device))
+            _broadcast_from_rank0(job.models, _rank_device(self.device, dist.get_rank(), world_size))
             results = _run(job, dist.get_rank(), world_size)
         elif world_size == 1:
             results = _run(job, 0, 1)
@@ -321,6 +324,17 @@ class Codistillation:
             raise ValueError(f"the models' logits differ in shape per sample: {sorted(shapes)}")
 
 
+def _rank_device(device: str, rank: int, world_size: int) -> torch.device:
+    """The rank's device; on CUDA with several ranks its own GPU (LOCAL_RANK under torchrun, the
+    rank for spawned workers), made current before any NCCL collective."""
+    if not device.startswith("cuda") or world_size == 1:
+        return torch.device(device)
+    local = int(os.environ["LOCAL_RANK"]) if torchrun_env() is not None and "LOCAL_RANK" in os.environ else rank
+    pinned = torch.device("cuda", local % torch.cuda.device_count())
+    torch.cuda.set_device(pinned)
+    return pinned
+
+
 class _Rank:
     """What one rank holds: its models (DDP-wrapped in groups of several ranks), their
     optimizers, the others' stale copies (codistill) and the transfers."""
@@ -331,10 +345,7 @@ class _Rank:
         self.g = max(1, world_size // n)
         self.own = list(range(n)) if world_size == 1 else [rank // self.g]
         self.leader = rank % self.g == 0
-        self.device = torch.device(job.device)
-        if self.device.type == "cuda" and world_size > 1:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-            torch.cuda.set_device(self.device)
+        self.device = _rank_device(job.device, rank, world_size)
         self.recorder = Recorder()
         members = [list(range(i * self.g, (i + 1) * self.g)) for i in range(n)]
         self.models = {i: job.models[i].to(self.device).train() for i in self.own}

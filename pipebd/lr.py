@@ -55,7 +55,8 @@ def warmup(optimizer: Optimizer, steps: int, start_factor: float = 0.1,
         raise ValueError(f"start_factor must be in (0, 1], got {start_factor}")
     if then is not None and then.optimizer is not optimizer:
         raise ValueError("then must schedule the same optimizer as the warmup")
-    ramp = LinearLR(optimizer, start_factor=start_factor, end_factor=1.0, total_iters=steps)
+    # LinearLR over 0 steps would keep start_factor for good; no warmup means factor 1.
+    ramp = LinearLR(optimizer, start_factor=start_factor if steps else 1.0, end_factor=1.0, total_iters=steps)
     return ramp if then is None else ChainedScheduler([ramp, then])
 
 
@@ -65,16 +66,17 @@ def param_groups(params: nn.Module | Iterable[nn.Parameter], weight_decay: float
     {"params": not decayed, "weight_decay": 0.0}]`` for any torch optimizer.
 
     Given a module, the parameters of normalization layers (BatchNorm, GroupNorm, LayerNorm,
-    RMSNorm, ...) and every parameter named ``bias`` are not decayed. Given only parameters (what
-    a ``Distiller`` hands its optimizer factory), the one-dimensional ones are not decayed: in
-    torch's layers those are exactly the biases and the normalization scales and shifts.
+    RMSNorm, ...) and every parameter whose name ends in ``bias`` are not decayed. Given only
+    parameters (what a ``Distiller`` hands its optimizer factory), the one-dimensional ones are not
+    decayed: in most torch layers those are the biases and the normalization scales and shifts,
+    but other 1-D parameters (PReLU's weight, for one) are exempted too.
     Empty groups are left out; shared parameters appear once.
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     if isinstance(params, nn.Module):
         exempt = {id(p) for m in params.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
-        exempt |= {id(p) for name, p in params.named_parameters() if name.rsplit(".", 1)[-1] == "bias"}
+        exempt |= {id(p) for name, p in params.named_parameters() if name.rsplit(".", 1)[-1].endswith("bias")}
         trainable = [p for p in params.parameters() if p.requires_grad]
     else:
         trainable = [p for p in params if p.requires_grad]

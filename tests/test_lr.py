@@ -56,6 +56,17 @@ def test_warmup_composes_with_torch_schedulers(schedule, factor):
     assert got == pytest.approx([2.0 * ramp(t) * factor(t) for t in range(12)], abs=1e-12)
 
 
+def test_no_warmup_keeps_the_rate():
+    opt = optimizer()
+    assert lrs(opt, warmup(opt, 0, start_factor=0.25), 4) == [2.0] * 4
+
+
+def test_multihead_attention_biases_are_exempt():
+    model = nn.MultiheadAttention(8, 2)
+    _, keep = param_groups(model, weight_decay=0.1)
+    assert names(model, keep["params"]) == ["in_proj_bias", "out_proj.bias"]
+
+
 def test_warmup_bad_arguments():
     opt = optimizer()
     with pytest.raises(ValueError, match=r"start_factor must be in \(0, 1\], got 0"):
