@@ -441,7 +441,7 @@ class _Rank:
             i = next(i for i in self.own if not torch.isfinite(losses[i]))
             raise NonFiniteLoss(f"non-finite loss ({losses[i].item()}) of model {i} at step {step}")
 
-    def result(self, world_size: int) -> _RankResult:
+    def result(self) -> _RankResult:
         state = {i: {k: v.detach().cpu() for k, v in self.models[i].state_dict().items()} for i in self.own} \
             if self.leader else {}
         losses = self.losses.cpu()
@@ -507,7 +507,7 @@ def _run(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
         bar.close()
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
-    mine = rt.result(world_size)
+    mine = rt.result()
     if world_size == 1:
         return [mine]
     gathered: list[Any] = [None] * world_size
