@@ -122,7 +122,7 @@ def accuracy(probs: Tensor, labels: Tensor) -> float:
 
 def curves(reports: dict, labels: Tensor) -> dict[str, list[float]]:
     """Seed-0 accuracy at every evaluation, per method (model 0; the ensemble of both seeds)."""
-    out = {m: [accuracy(p, labels) for p in reports[(m, 0)].eval_probs[0]] for m in METHODS[:-1]}
+    out = {m: reports[(m, 0)].accuracy[0] for m in METHODS[:-1]}
     alone = [reports[("alone", s)].eval_probs[0] for s in SEEDS]
     out["ensemble"] = [accuracy((a + b) / 2, labels) for a, b in zip(*alone)]
     return out
@@ -143,7 +143,7 @@ def run_task(task: Task, args: argparse.Namespace) -> tuple[list[str], dict[str,
     labels = task.test[1]
     steps = reports[("alone", 0)].eval_steps
     acc = curves(reports, labels)
-    final = {m: [accuracy(reports[(m, s)].eval_probs[0][-1], labels) for s in SEEDS] for m in METHODS[:-1]}
+    final = {m: [reports[(m, s)].accuracy[0][-1] for s in SEEDS] for m in METHODS[:-1]}
     final["ensemble"] = [acc["ensemble"][-1]]
     target = acc["alone"][-1]
     rows = [f"**{task.name}**: {len(task.train)} train / {len(labels)} test rows, batch {task.batch_size} "

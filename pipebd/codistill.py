@@ -42,7 +42,7 @@ from .losses import _BACKENDS, soft_target_loss
 from .runtime.exchange import PeerLogits, Transfer, WeightExchange, pack, unpack
 from .runtime.launch import _broadcast_from_rank0, backend_for, init_spmd, spawn_tasks, torchrun_env
 from .runtime.redistribute import slices
-from .runtime.worker import NonFiniteLoss, _NoProgress
+from .runtime.worker import NonFiniteLoss, progress_bar
 from .trace import Recorder, Span, busy_time, write_chrome_trace
 
 log = logging.getLogger("pipebd")
@@ -107,11 +107,16 @@ class _Job:
     def n(self) -> int:
         return len(self.models)
 
+    @property
+    def exchanges(self) -> bool:
+        """Whether checkpoints move at all (codistill mode, several models, a distillation term)."""
+        return self.mode == "codistill" and self.n > 1 and self.alpha > 0
+
     def publishes_at(self, step: int) -> bool:
         """Whether the checkpoint of ``step`` is published: it is installed at ``step + K`` and
         used until ``step + 2K``, so skip it if training ends first or burn-in outlasts it."""
         k = self.exchange_every
-        return (self.mode == "codistill" and self.n > 1 and self.alpha > 0 and step > 0 and step % k == 0
+        return (self.exchanges and step > 0 and step % k == 0
                 and step + k < self.steps and step + 2 * k > self.burn_in)
 
 
@@ -365,16 +370,17 @@ class _Rank:
         if job.mode == "codistill":
             self.orders = {i: BatchOrder(len(job.shards[i]), job.batch_size, derived_seed(job.seed, "order", i))
                            for i in self.own}
+        else:
+            self.order = BatchOrder(dataset_length(job.dataset), job.batch_size, job.seed)
+            self.peers = PeerLogits(n, self.g, rank, world_size, job.timeout)
+            self.groups += [self.peers.group] if self.peers.group is not None else []
+        if job.exchanges:
             others = [j for j in range(n) if world_size == 1 or j not in self.own]
             self.stale = {j: copy.deepcopy(job.models[j]).to(self.device).eval().requires_grad_(False)
                           for j in others}
             self.exchange = WeightExchange(job.models, [m[0] for m in members], members, rank, world_size,
                                            self.device, job.timeout)
             self.groups += self.exchange.groups.values()
-        else:
-            self.orders = dict.fromkeys(self.own, BatchOrder(dataset_length(job.dataset), job.batch_size, job.seed))
-            self.peers = PeerLogits(n, self.g, rank, world_size, job.timeout)
-            self.groups += [self.peers.group] if self.peers.group is not None else []
         self.losses = torch.zeros(job.steps, n, dtype=torch.float32, device=self.device)
         self.sources: list[int | None] = []
         self.eval_steps: list[int] = []
@@ -383,11 +389,16 @@ class _Rank:
         self.installed: dict = {}
         self.exchanged_bytes = 0
 
-    def load(self, i: int, step: int) -> tuple[Tensor, Tensor]:
+    def load(self, step: int) -> dict[int, tuple[Tensor, Tensor]]:
+        """Model -> (inputs, labels) of this rank's rows of its batch ``step``; in online mode
+        every model shares one batch, loaded once."""
+        if self.job.mode == "online":
+            return dict.fromkeys(self.own, self._rows(self.order.indices(step, self.lo, self.hi), step))
+        return {i: self._rows(self.job.shards[i][self.orders[i].indices(step, self.lo, self.hi)], step)
+                for i in self.own}
+
+    def _rows(self, index: Tensor, step: int) -> tuple[Tensor, Tensor]:
         with self.recorder.span("data", step):
-            index = self.orders[i].indices(step, self.lo, self.hi)
-            if self.job.shards is not None:
-                index = self.job.shards[i][index]
             x, y = load_rows(self.job.dataset, index)
             return x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device, non_blocking=True)
 
@@ -462,7 +473,7 @@ def _run(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
     k = job.exchange_every
     pending: Transfer | None = None
     installed_step: int | None = None   # the step of the others' checkpoint in rt.stale
-    bar = _progress(job, rank)
+    bar = progress_bar(job.steps, f"pipebd {job.mode}", job.progress and rank == 0)
     try:
         for t in range(job.steps):
             if job.mode == "codistill" and t > 0 and t % k == 0:
@@ -473,9 +484,10 @@ def _run(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
             distill = job.alpha > 0 and job.n > 1 and t >= job.burn_in
             source = (t if job.mode == "online" else installed_step) if distill else None
             rt.sources.append(source)
-            xs, ys, logits = {}, {}, {}
+            batches = rt.load(t)
+            xs = {i: x for i, (x, _) in batches.items()}
+            logits = {}
             for i in rt.own:
-                xs[i], ys[i] = rt.load(i, t)
                 with rt.recorder.span("student", t):
                     logits[i] = rt.trained[i](xs[i])
             targets = rt.targets(t, source, xs, logits)
@@ -486,12 +498,10 @@ def _run(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
                     rows = out.reshape(-1, out.shape[-1])
                     if peers is not None:
                         peers = peers.reshape(peers.shape[0], -1, peers.shape[-1])
-                    loss = combined_loss(rows, ys[i].reshape(-1), peers, job.alpha, job.temperature,
+                    loss = combined_loss(rows, batches[i][1].reshape(-1), peers, job.alpha, job.temperature,
                                          job.ignore_index, job.backend) / job.batch_size
-                    if rt.g > 1:
-                        loss = loss * rt.g   # DDP averages over the group's ranks
-                    loss.backward()
-                rt.losses[t, i] = loss.detach() / rt.g
+                    (loss * rt.g if rt.g > 1 else loss).backward()   # DDP averages over the group's ranks
+                rt.losses[t, i] = loss.detach()
                 with rt.recorder.span("step", t):
                     rt.optimizers[i].step()
                     rt.optimizers[i].zero_grad(set_to_none=True)
@@ -515,16 +525,6 @@ def _run(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
     for group in rt.groups:   # under torchrun the script may go on and fit again
         dist.destroy_process_group(group)
     return gathered
-
-
-def _progress(job: _Job, rank: int) -> Any:
-    if not (job.progress and rank == 0):
-        return _NoProgress()
-    import threading
-
-    from tqdm.auto import tqdm
-    tqdm.set_lock(threading.RLock())
-    return tqdm(total=job.steps, unit="step", desc=f"pipebd {job.mode}", leave=False)
 
 
 @dataclass

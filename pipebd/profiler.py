@@ -37,7 +37,7 @@ from torch import nn
 
 from .plan import Plan
 from .runtime.launch import backend_for, spawn_tasks
-from .runtime.worker import Job, RankRuntime
+from .runtime.worker import Job, RankRuntime, progress_bar
 
 # Transfer sizes for the communication fits (bytes), and timed repeats of each: collectives of
 # many ranks sharing few cores vary more from call to call than block computations do.
@@ -261,7 +261,7 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
             acts.append(rt.teacher_forward(i, acts[-1], 0))
         load = [timer(lambda r=r: rt.load(0, 0, r)) for r in rows]
         teacher, student = [], []
-        todo = _progress(n * len(rows), progress)
+        todo = progress_bar(n * len(rows), "pipebd profile", progress, unit="block-size")
         for i in range(n):
             teacher.append([timer(lambda r=r: rt.teacher_forward(i, acts[i][:r], 0)) for r in rows])
             times = []
@@ -297,21 +297,6 @@ def _median_time(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callabl
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def _progress(total: int, show: bool) -> Any:
-    if not show:
-        return _Quiet()
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="pipebd profile", unit="block-size", leave=False)
-
-
-class _Quiet:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def measure_comm(world_size: int, device: str = "cpu", repeats: int = COMM_REPEATS,

@@ -205,12 +205,7 @@ class RankRuntime:
 
     def progress(self, total: int, show: bool) -> Any:
         """A tqdm bar on the rank that finishes last, or a no-op."""
-        if not (show and self.job.progress):
-            return _NoProgress()
-        from tqdm.auto import tqdm
-        # A thread lock: tqdm's default multiprocessing lock leaks a semaphore per worker.
-        tqdm.set_lock(threading.RLock())
-        return tqdm(total=total, unit="step", desc=f"pipebd {self.job.strategy}", leave=False)
+        return progress_bar(total, f"pipebd {self.job.strategy}", show and self.job.progress)
 
     def result(self) -> RankResult:
         for bucket in self.buckets.values():
@@ -223,6 +218,16 @@ class RankRuntime:
                      for i in self.blocks}
         return RankResult(self.rank, self.stage, self.replica, self.recorder.now(), self.recorder.spans,
                           self.teacher_rows, {i: losses[:, i].tolist() for i in self.blocks}, state)
+
+
+def progress_bar(total: int, desc: str, show: bool, unit: str = "step") -> Any:
+    """A tqdm bar, or a no-op with the same ``update``/``close`` when ``show`` is false."""
+    if not show:
+        return _NoProgress()
+    from tqdm.auto import tqdm
+    # A thread lock: tqdm's default multiprocessing lock leaks a semaphore per worker.
+    tqdm.set_lock(threading.RLock())
+    return tqdm(total=total, unit=unit, desc=desc, leave=False)
 
 
 class _NoProgress:
