@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import checkpoint
 from .data import dataset_length, probe_item
 from .losses import SoftTargetLoss, resolve_block_loss
 from .plan import Plan, default_plan
@@ -77,7 +78,8 @@ class Distiller:
     def fit(self, dataset: Any, batch_size: int, steps: int, world_size: int = 1,
             strategy: str = "pipebd", plan: Plan | str | None = None, seed: int = 0, *,
             max_inflight: int = 2, threads: int | None = None, progress: bool | None = None,
-            timeout: float = 600.0) -> Report:
+            timeout: float = 600.0, checkpoint_dir: str | os.PathLike | None = None,
+            checkpoint_every: int | None = None, resume: bool = False) -> Report:
         """Train every student block for ``steps`` steps of ``batch_size`` samples.
 
         ``strategy``: ``"pipebd"`` (teacher relaying over pipeline stages) or ``"baseline"``
@@ -90,6 +92,15 @@ class Distiller:
         rank calls ``fit``. A stage runs at most ``max_inflight + 1`` batches ahead of the
         next; ``threads`` sets torch threads per spawned worker (default: cores / world_size);
         ``timeout`` (seconds) bounds every collective and point-to-point wait.
+
+        Checkpoints (``pipebd.checkpoint``): with ``checkpoint_dir``, each student block's
+        weights, optimizer and scheduler state are saved there, atomically, every
+        ``checkpoint_every`` steps and after the last. ``resume=True`` continues the run saved
+        there (each block from the step it saved; a directory without a checkpoint starts from
+        step 0), with any strategy, plan and world size, and ends with the weights of an
+        uninterrupted run; ``steps`` may be raised to train further. Without ``resume`` a
+        directory that already holds a checkpoint is refused rather than overwritten.
+
         Raises ValueError/TypeError for bad input before any process starts, and
         ``pipebd.WorkerError`` with the failing rank's traceback if a worker fails.
         """
@@ -98,6 +109,7 @@ class Distiller:
             raise ValueError(f"fit(world_size={world_size}) but torchrun started WORLD_SIZE={env[1]} processes")
         job = self._job(dataset, batch_size, steps, world_size, strategy, plan, seed, max_inflight,
                         threads, progress, timeout)
+        self._checkpoints(job, checkpoint_dir, checkpoint_every, resume)
         prediction = None
         if plan == "auto" and world_size > 1:
             profile = self._profile(job, world_size, timeout, progress=job.progress)
@@ -112,11 +124,47 @@ class Distiller:
         else:
             results = spawn(job, world_size, timeout)
         self._load_states(results)
-        report = build_report(strategy, world_size, job.plan, batch_size, steps, self.num_blocks, results)
+        report = build_report(strategy, world_size, job.plan, batch_size, steps, self.num_blocks, results,
+                              [job.start_of(i) for i in range(self.num_blocks)])
         if prediction is not None:
             report.prediction = prediction
             report.simulation = simulate(profile, job.plan, steps, max_inflight)
         return report
+
+    def _checkpoints(self, job: Job, directory: str | os.PathLike | None, every: int | None, resume: bool) -> None:
+        """Check the checkpoint options against ``directory``; on resume, load the saved student
+        weights into the blocks and give the job each block's step and optimizer state."""
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ValueError(f"checkpoint_every must be an integer >= 1, got {every!r}")
+        if every is not None and directory is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir: where to write the checkpoints")
+        if not isinstance(resume, bool):
+            raise TypeError(f"resume must be True or False, got {resume!r}")
+        directory = None if directory is None else os.path.abspath(os.fspath(directory))
+        spmd = torchrun_env() is not None and directory is not None
+        if spmd:
+            init_spmd(job.device, job.timeout)
+        key = checkpoint.RunKey(self.num_blocks, job.batch_size, job.seed, job.dataset_len)
+        states = checkpoint.read(directory, key, job.steps, resume)
+        if len(states) == self.num_blocks and all(st["step"] == job.steps for st in states.values()):
+            raise ValueError(f"every block of the checkpoint in {directory} has completed steps={job.steps}; "
+                             f"pass a larger steps to train further")
+        for block, state in states.items():
+            checkpoint.load_student(block, self.student[block], state)
+        job.start = {block: state["step"] for block, state in states.items()}
+        job.resume_state = {block: {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}
+                            for block, state in states.items()}
+        if states:
+            log.info("pipebd: resuming from %s; blocks had completed steps %s", directory,
+                     [job.start_of(i) for i in range(self.num_blocks)])
+        if directory is None:
+            return
+        if spmd:
+            import torch.distributed as dist
+            dist.barrier()   # every rank has read the directory before rank 0 writes to it
+        if not spmd or dist.get_rank() == 0:
+            checkpoint.start(directory, key)
+        job.checkpoint_dir, job.checkpoint_every = directory, every
 
     def profile(self, dataset: Any, batch_size: int, world_size: int, *, threads: int | None = None,
                 warmup: int = 2, repeats: int = 5, cache: bool = True, timeout: float = 600.0) -> Profile:

@@ -38,7 +38,9 @@ def run(config: RunConfig) -> None:
     distiller, dataset = build(config)
     report = distiller.fit(dataset, batch_size=config.batch_size, steps=config.steps,
                            world_size=config.world_size, strategy=config.strategy, plan=config.fit_plan(),
-                           seed=config.seed, max_inflight=config.max_inflight)
+                           seed=config.seed, max_inflight=config.max_inflight,
+                           checkpoint_dir=config.checkpoint_dir, checkpoint_every=config.checkpoint_every,
+                           resume=config.resume)
     print(report)
     if config.trace:
         report.save_trace(config.trace)
@@ -74,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", nargs="?", help="YAML file (default: built-in defaults)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set steps=10 --set plan.replicas=[1,3]")
+        if name == "run":
+            p.add_argument("--resume", action="store_true",
+                           help="continue the run saved in checkpoint_dir (same as --set resume=true)")
     args = parser.parse_args(argv)
+    if getattr(args, "resume", False):
+        args.overrides.append("resume=true")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = load_config(args.config, args.overrides)

@@ -71,6 +71,9 @@ class RunConfig:
     device: str | None = None
     max_inflight: int = 2
     trace: str | None = None                                # write a Chrome trace here
+    checkpoint_dir: str | None = None                       # save each block's state here
+    checkpoint_every: int | None = None                     # steps between saves (null: after the last only)
+    resume: bool = False                                    # continue the run saved in checkpoint_dir
 
     def fit_plan(self) -> Plan | str | None:
         if isinstance(self.plan, PlanConfig):
@@ -145,7 +148,7 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         base = get_origin(option) or option
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if base in (int, str, dict, list) and isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        if base in (int, str, dict, list, bool) and isinstance(value, base) and not (base is int and isinstance(value, bool)):
             return value
     expected = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
     raise ValueError(f"config key '{path}' must be {expected}, got {value!r}")

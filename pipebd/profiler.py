@@ -25,7 +25,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -35,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import atomic_write
 from .plan import Plan
 from .runtime.launch import backend_for, spawn_tasks
 from .runtime.worker import Job, RankRuntime, progress_bar
@@ -110,7 +110,7 @@ class Profile:
         return cls(**data)
 
     def save(self, path: str) -> None:
-        _atomic_write(path, json.dumps(self.to_dict(), indent=1))
+        atomic_write(path, lambda f: f.write(json.dumps(self.to_dict(), indent=1)), "w")
 
     @classmethod
     def load_file(cls, path: str) -> "Profile":
@@ -246,7 +246,7 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
     # One rank holding copies of every block, run through the runtime's own code paths.
     solo = dataclasses.replace(job, strategy="baseline", plan=Plan([list(range(n))], [1]), steps=calls + 1,
                                teacher=copy.deepcopy(job.teacher), student=copy.deepcopy(job.student),
-                               progress=False)
+                               progress=False, start={}, resume_state={}, checkpoint_dir=None)
     threads = torch.get_num_threads()
     if job.threads is not None:
         torch.set_num_threads(job.threads)
@@ -343,16 +343,3 @@ def comm_task(device: str, repeats: int, rank: int, world_size: int) -> tuple[li
     result = [(p2p, allreduce)]
     dist.broadcast_object_list(result, src=0)
     return result[0]
-
-
-def _atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

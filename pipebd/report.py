@@ -1,9 +1,10 @@
 """The result of a fit: throughput, per-stage utilization, teacher work and losses.
 
 Time fractions are of the run's wall time (start barrier to the last rank's end), averaged over a
-stage's replicas: ``utilization`` is compute (data, teacher, student, optimizer step),
-``communication`` the gradient allreduce waits, ``waiting`` the time blocked on activations
-(receive) or on the next stage (send backpressure), and ``idle`` the rest (pipeline fill/drain).
+stage's replicas: ``utilization`` is compute (data, teacher, student, optimizer step) and
+checkpoint writes, ``communication`` the gradient allreduce waits, ``waiting`` the time blocked on
+activations (receive) or on the next stage (send backpressure), and ``idle`` the rest (pipeline
+fill/drain).
 """
 
 from __future__ import annotations
@@ -39,24 +40,36 @@ class Report:
     wall_s: float
     teacher_block_runs: list[int]
     stages: list[StageStats]
-    losses: list[list[float]]              # per block: global-batch loss at each step
+    losses: list[list[float]]              # per block: global-batch loss at each step (NaN before start)
     tracks: list[tuple[str, list[Span]]] = field(repr=False)
     prediction: Any = None       # plan="auto": the planner's steady-state Prediction
     simulation: Any = None       # plan="auto": the simulator's Simulation of this run's steps
+    start: list[int] = field(default_factory=list)   # per block: steps completed before this fit (resume)
+
+    @property
+    def trained_steps(self) -> list[int]:
+        """Steps each block trained in this fit: ``steps``, less what a resumed block had done."""
+        return [self.steps - s for s in self.start] if self.start else [self.steps] * len(self.losses)
 
     @property
     def samples_per_s(self) -> float:
-        """Samples per second through the whole distillation: steps * batch_size / wall time.
+        """Samples per second through the whole distillation: steps * batch_size / wall time,
+        with steps averaged over the blocks when a resumed fit trains some blocks for fewer steps.
         For the baseline this covers all of its block-by-block phases."""
-        return self.steps * self.batch_size / self.wall_s if self.wall_s > 0 else float("inf")
+        trained = self.trained_steps
+        samples = sum(trained) / len(trained) * self.batch_size
+        return samples / self.wall_s if self.wall_s > 0 else float("inf")
 
     @property
     def stage_utilization(self) -> list[float]:
         return [s.utilization for s in self.stages]
 
     def final_losses(self, window: int = 5) -> list[float]:
-        """Mean loss of each block over its last ``window`` steps."""
-        return [sum(h[-window:]) / len(h[-window:]) for h in self.losses]
+        """Mean loss of each block over its last ``window`` steps trained in this fit."""
+        return [sum(h[-window:]) / len(h[-window:]) for h in (self._trained(i) for i in range(len(self.losses)))]
+
+    def _trained(self, block: int) -> list[float]:
+        return self.losses[block][self.start[block] if self.start else 0:] or [float("nan")]
 
     def save_trace(self, path: str) -> None:
         """Write a Chrome trace (one track per rank) for Perfetto or chrome://tracing."""
@@ -82,16 +95,18 @@ class Report:
                          f"{st.waiting:>6.1%} {st.idle:>6.1%}"
                          + (f" {sim.stage_utilization[s]:>9.1%}" if sim is not None else ""))
         lines.append(f"teacher block runs: {self.teacher_block_runs}")
-        first = [h[0] for h in self.losses]
+        if any(self.start):
+            lines.append(f"resumed: blocks had completed steps {self.start}")
+        first = [self._trained(i)[0] for i in range(len(self.losses))]
         lines.append("block loss first -> last: " + ", ".join(
             f"{i}: {a:.4g} -> {b:.4g}" for i, (a, b) in enumerate(zip(first, self.final_losses()))))
         return "\n".join(lines)
 
 
 def build_report(strategy: str, world_size: int, plan: Plan, batch_size: int, steps: int,
-                 num_blocks: int, results: list[RankResult]) -> Report:
+                 num_blocks: int, results: list[RankResult], start: list[int] | None = None) -> Report:
     """Aggregate the gathered per-rank results. For the baseline, ``plan`` is its single stage
-    of all blocks on all ranks."""
+    of all blocks on all ranks; ``start`` gives the steps each block had completed before."""
     wall = max(r.elapsed for r in results)
     runs = [0] * num_blocks
     losses = [[0.0] * steps for _ in range(num_blocks)]
@@ -114,4 +129,5 @@ def build_report(strategy: str, world_size: int, plan: Plan, batch_size: int, st
     for r in results:
         role = "idle" if r.stage is None else f"stage {r.stage}, replica {r.replica}"
         tracks.append((f"rank {r.rank} ({role})", r.spans))
-    return Report(strategy, world_size, plan, batch_size, steps, wall, runs, stages, losses, tracks)
+    return Report(strategy, world_size, plan, batch_size, steps, wall, runs, stages, losses, tracks,
+                  start=list(start) if start is not None else [0] * num_blocks)

@@ -1,8 +1,8 @@
 """Timed spans per rank, and their export as Chrome trace events (Perfetto, chrome://tracing).
 
-Span kinds (``Span.kind``): compute (``data``, ``teacher``, ``student``, ``step``), communication
-(``allreduce``), and waiting (``recv-wait``, ``send-wait``, codistillation's ``exchange-wait``).
-Time outside any span is idle.
+Span kinds (``Span.kind``): compute (``data``, ``teacher``, ``student``, ``step``, and the
+``checkpoint`` writes, which keep a rank as busy), communication (``allreduce``), and waiting
+(``recv-wait``, ``send-wait``, codistillation's ``exchange-wait``). Time outside any span is idle.
 Each span is also a ``torch.profiler`` range (``record_function``), so the same names appear in
 torch profiler traces.
 """
@@ -17,7 +17,7 @@ from typing import Iterator
 
 from torch.autograd.profiler import record_function
 
-COMPUTE = ("data", "teacher", "student", "step")
+COMPUTE = ("data", "teacher", "student", "step", "checkpoint")
 COMMUNICATION = ("allreduce",)
 WAITING = ("recv-wait", "send-wait", "exchange-wait")
 

@@ -37,3 +37,15 @@ def test_codistillation_example_runs(tmp_path):
     assert "mode=codistill n=2 world_size=2" in proc.stdout
     assert "ensemble accuracy after 300 steps" in proc.stdout
     assert "[None, None, None, None, None, 25, 25, 25, 25, 25]" in proc.stdout   # burn-in 50, K 25
+
+
+def test_checkpoint_example_runs(tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Checkpoints and resume", 1)[1]
+    script = tmp_path / "resume.py"
+    script.write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed: blocks had completed steps [50, 50, 50, 50]" in proc.stdout
+    assert "teacher block runs: [1600, 1600, 1600, 1600]" in proc.stdout     # steps 50-99 only
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"block{i}.pt" for i in range(4)] + ["run.json"]

@@ -19,23 +19,31 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("plan", ["[0-1]x1 | [2-4]x2", "auto"])
-def test_torchrun_matches_reference(tmp_path, plan):
-    """With "auto", every rank joins the communication benchmark, rank 0 profiles, and all ranks
-    must run the same plan."""
-    out = tmp_path / "result"
+def torchrun_fit(out, plan, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(Path(__file__).with_name("torchrun_fit.py")), str(out), plan]
+           f"--master_port={free_port()}", str(Path(__file__).with_name("torchrun_fit.py")), str(out), plan,
+           *map(str, extra)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
+
+def reference_weights():
     teacher, student = mlp_pair(num_blocks=5, seed=0)
     distiller = pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
                                  device="cpu")
     data = torch.randn(30, 16, generator=torch.Generator().manual_seed(1))
     distiller.fit(data, batch_size=7, steps=20, world_size=1, seed=3)
-    reference = [p.detach() for p in distiller.student_model().parameters()]
+    return [p.detach() for p in distiller.student_model().parameters()]
+
+
+@pytest.mark.parametrize("plan", ["[0-1]x1 | [2-4]x2", "auto"])
+def test_torchrun_matches_reference(tmp_path, plan):
+    """With "auto", every rank joins the communication benchmark, rank 0 profiles, and all ranks
+    must run the same plan."""
+    out = tmp_path / "result"
+    torchrun_fit(out, plan)
+    reference = reference_weights()
     plans = set()
     for rank in range(3):
         got = torch.load(f"{out}.{rank}")
@@ -43,6 +51,19 @@ def test_torchrun_matches_reference(tmp_path, plan):
         assert got["teacher_block_runs"] == [20 * 7] * 5
         assert max((a - b).abs().max().item() for a, b in zip(got["weights"], reference)) <= 1e-5
     assert len(plans) == 1 and (plan == "auto" or plans == {plan})
+
+
+def test_torchrun_resumes_from_a_checkpoint(tmp_path):
+    """Every rank checks the directory before rank 0 claims it; the resumed ranks load the saved
+    state and end with the uninterrupted run's weights."""
+    out, saved = tmp_path / "result", tmp_path / "checkpoint"
+    torchrun_fit(out, "[0-1]x1 | [2-4]x2", saved, 10, "new")
+    torchrun_fit(out, "[0-2]x2 | [3-4]x1", saved, 20, "resume")
+    reference = reference_weights()
+    for rank in range(3):
+        got = torch.load(f"{out}.{rank}")
+        assert got["teacher_block_runs"] == [10 * 7] * 5
+        assert max((a - b).abs().max().item() for a, b in zip(got["weights"], reference)) <= 1e-5
 
 
 @pytest.mark.parametrize("mode", ["codistill", "online"])

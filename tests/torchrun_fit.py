@@ -1,7 +1,8 @@
 """Run under torchrun by test_torchrun.py: every rank calls fit (SPMD) and saves what it got.
 
 Each rank builds its models from a different seed on purpose: fit must start all ranks from
-rank 0's weights, as DDP does. ``argv[2]`` is "auto" or a plan in ``Plan.parse`` form.
+rank 0's weights, as DDP does. ``argv[2]`` is "auto" or a plan in ``Plan.parse`` form; optional
+``argv[3:6]``: a checkpoint directory, the steps, and "resume" or "new".
 """
 
 import os
@@ -19,6 +20,10 @@ if __name__ == "__main__":
     distiller = pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
                                  device="cpu")
     data = torch.randn(30, 16, generator=torch.Generator().manual_seed(1))
-    report = distiller.fit(data, batch_size=7, steps=20, world_size=world, plan=plan, seed=3, timeout=60)
+    checkpoints = {}
+    if len(sys.argv) > 3:
+        checkpoints = dict(checkpoint_dir=sys.argv[3], steps=int(sys.argv[4]), resume=sys.argv[5] == "resume")
+    report = distiller.fit(data, batch_size=7, world_size=world, plan=plan, seed=3, timeout=60,
+                           **{"steps": 20, **checkpoints})
     torch.save({"weights": [p.detach() for p in distiller.student_model().parameters()],
                 "teacher_block_runs": report.teacher_block_runs, "plan": report.plan.describe()}, f"{out}.{rank}")

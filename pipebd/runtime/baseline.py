@@ -17,9 +17,9 @@ from .worker import RankRuntime
 def run_baseline(rt: RankRuntime) -> None:
     job = rt.job
     lo, hi = slices(job.batch_size, job.plan.replicas[0])[rt.replica]
-    bar = rt.progress(job.num_blocks * job.steps, show=rt.rank == 0)
+    bar = rt.progress(sum(job.steps - job.start_of(b) for b in range(job.num_blocks)), show=rt.rank == 0)
     for block in range(job.num_blocks):
-        for t in range(job.steps):
+        for t in range(job.start_of(block), job.steps):   # a resumed block continues where it stopped
             x, y = rt.load(t, lo, hi)
             for i in range(block):
                 x = rt.teacher_forward(i, x, t)

@@ -49,8 +49,9 @@ def run_relay(rt: RankRuntime) -> None:
 
     sends: deque = deque()
     incoming = post_recv() if s > 0 else None
-    bar = rt.progress(job.steps, show=s == last_stage and q == 0)
-    for t in range(job.steps):
+    first = job.first_step     # after a resume, blocks that completed step t skip its training
+    bar = rt.progress(job.steps - first, show=s == last_stage and q == 0)
+    for t in range(first, job.steps):
         if s == 0:
             x, y = rt.load(t, lo, hi)
         else:
@@ -71,8 +72,9 @@ def run_relay(rt: RankRuntime) -> None:
                         h.wait()
             out = (acts[-1].contiguous(),) + ((y,) if y is not None else ())
             sends.append((_post(dist.isend, out, outbound), out))  # out outlives its sends
-        grads = [rt.train_block(i, acts[j], acts[j + 1], y, t) for j, i in enumerate(blocks)]
-        rt.finish_step(blocks, grads, t)
+        due = [j for j, i in enumerate(blocks) if t >= job.start_of(i)]
+        grads = [rt.train_block(blocks[j], acts[j], acts[j + 1], y, t) for j in due]
+        rt.finish_step([blocks[j] for j in due], grads, t)
         bar.update()
     with rt.recorder.span("send-wait", job.steps - 1):
         while sends:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import checkpoint
 from ..data import BatchOrder, load_rows
 from ..plan import Plan
 from ..trace import Recorder, Span
@@ -62,6 +63,24 @@ class Job:
     progress: bool = False
     scheduler: Callable[[torch.optim.Optimizer], Any] | None = None   # stepped after each optimizer step
     timeout: float = 600.0             # seconds, for every collective and point-to-point wait
+    start: dict[int, int] = field(default_factory=dict)      # block -> steps it completed before (resume)
+    resume_state: dict[int, dict] = field(default_factory=dict)   # block -> its checkpoint (optimizer, scheduler)
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None   # None: save only after the last step
+
+    def start_of(self, block: int) -> int:
+        return self.start.get(block, 0)
+
+    @property
+    def first_step(self) -> int:
+        """The first step any block still has to train: where a (resumed) relay starts."""
+        return min(self.start_of(i) for i in range(self.num_blocks))
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether blocks save their state after completing ``step``."""
+        if self.checkpoint_dir is None:
+            return False
+        return step + 1 == self.steps or (self.checkpoint_every is not None and (step + 1) % self.checkpoint_every == 0)
 
     def blocks_of(self, rank: int) -> list[int]:
         where = self.plan.locate(rank)
@@ -76,6 +95,7 @@ class Job:
         loads_data = where is not None and (self.strategy == "baseline" or where[0] == 0)
         return replace(self, teacher={i: self.teacher[i] for i in blocks},
                        student={i: self.student[i] for i in blocks},
+                       resume_state={i: self.resume_state[i] for i in blocks if i in self.resume_state},
                        dataset=self.dataset if loads_data else None)
 
 
@@ -130,12 +150,18 @@ class RankRuntime:
         self.buckets = {i: GradBucket(self.student[i]) for i in self.blocks}
         self.optimizers = {i: job.optimizer(self.student[i].parameters()) for i in self.blocks}
         self.schedulers = {i: job.scheduler(self.optimizers[i]) for i in self.blocks} if job.scheduler else {}
+        for i in self.blocks:
+            if i in job.resume_state:
+                checkpoint.load_training(i, self.optimizers[i], self.schedulers.get(i), job.resume_state[i])
         self.teacher_rows = {i: 0 for i in self.blocks}
         self.group_size = dist.get_world_size(group) if group is not None else 1
+        # NaN marks the steps a resumed block had completed before this fit.
         self.losses = torch.zeros(job.steps, job.num_blocks, dtype=torch.float32, device=self.device)
+        for i in self.blocks:
+            self.losses[:job.start_of(i), i] = float("nan")
         # A NaN check reads the losses back to the host; on a GPU do it every few steps only.
         self.check_every = 1 if self.device.type == "cpu" else 20
-        self.checked = {i: 0 for i in self.blocks}   # block -> first step not yet checked
+        self.checked = {i: job.start_of(i) for i in self.blocks}   # block -> first step not yet checked
         self.order = BatchOrder(job.dataset_len, job.batch_size, job.seed) if job.dataset is not None else None
 
     def load(self, step: int, lo: int, hi: int) -> tuple[Tensor, Tensor | None]:
@@ -188,12 +214,17 @@ class RankRuntime:
                 if self.schedulers:
                     self.schedulers[i].step()
         self.check_finite(blocks, step)
+        if self.replica == 0 and self.job.checkpoint_due(step):
+            with self.recorder.span("checkpoint", step):
+                for i in blocks:
+                    checkpoint.save_block(self.job.checkpoint_dir, i, step + 1, self.student[i],
+                                          self.optimizers[i], self.schedulers.get(i))
 
     def check_finite(self, blocks: list[int], step: int) -> None:
         """Raise NonFiniteLoss naming the stage, block and step of the first NaN/inf loss."""
         for b in blocks:
             first = self.checked[b]
-            if step + 1 - first < self.check_every and step != self.job.steps - 1:
+            if step + 1 - first < self.check_every and step != self.job.steps - 1 and not self.job.checkpoint_due(step):
                 continue
             window = self.losses[first:step + 1, b]
             bad = (~torch.isfinite(window)).nonzero()

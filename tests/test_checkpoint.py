@@ -1,0 +1,184 @@
+"""Checkpoint and resume (pipebd.checkpoint): a run interrupted by a crash and resumed, on any
+strategy, plan and world size, ends with the weights of an uninterrupted run (1e-5, the
+tolerance of the exactness tests: replicated stages sum in another order); files are replaced
+atomically; bad resumes are refused before any process starts."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import pipebd
+from pipebd import checkpoint
+from pipebd.cli import main
+
+D, BLOCKS, BATCH, STEPS = 6, 5, 7, 20
+DATA = torch.randn(50, D, generator=torch.Generator().manual_seed(1))
+
+
+class Crashing(nn.Linear):
+    """A Linear (same state dict) that raises on its training call number ``fail_at + 1``."""
+
+    def __init__(self, features: int, fail_at: int | None = None):
+        super().__init__(features, features)
+        self.fail_at, self.calls = fail_at, 0
+
+    def forward(self, x):
+        if self.training and self.fail_at is not None:
+            self.calls += 1
+            if self.calls > self.fail_at:
+                raise RuntimeError("injected crash")
+        return super().forward(x)
+
+
+def warmup_then_cosine(optimizer):
+    return pipebd.lr.warmup(optimizer, 5, then=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, STEPS))
+
+
+def distiller(crash_block=None, crash_at=None, scheduler=warmup_then_cosine):
+    torch.manual_seed(0)
+    teacher = [nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(BLOCKS)]
+    student = [Crashing(D, crash_at if i == crash_block else None) for i in range(BLOCKS)]
+    return pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+                            scheduler=scheduler, device="cpu")
+
+
+def weights(d):
+    return d.student_model().state_dict()
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    d = distiller()
+    d.fit(DATA, BATCH, STEPS, progress=False)
+    return weights(d)
+
+
+def saved_steps(directory):
+    paths = [checkpoint.block_path(directory, i) for i in range(BLOCKS)]
+    return [torch.load(p, weights_only=True)["step"] if os.path.exists(p) else 0 for p in paths]
+
+
+@pytest.mark.parametrize("crashed, resumed", [
+    (dict(world_size=2, plan=pipebd.Plan([[0, 1, 2], [3, 4]], [1, 1])),
+     dict(world_size=3, plan=pipebd.Plan([[0], [1, 2, 3, 4]], [1, 2]))),
+    (dict(world_size=2, strategy="baseline"), dict(world_size=2)),
+    (dict(world_size=1), dict(world_size=1, strategy="baseline")),
+], ids=["pipebd-w2-to-hybrid-w3", "baseline-w2-to-pipebd-w2", "w1-to-baseline-w1"])
+def test_a_crashed_run_resumes_to_the_uninterrupted_weights(tmp_path, reference, crashed, resumed):
+    # Student block 3 raises in its 14th training step: with checkpoints every 5 steps, block 3
+    # saved step 10; the blocks before it saved 10 or 15 (their stage may run ahead under the
+    # relay; under the baseline, blocks 0-2 finished all 20 steps first).
+    with pytest.raises((pipebd.WorkerError, RuntimeError), match="injected crash"):
+        distiller(3, 13).fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, checkpoint_every=5, progress=False,
+                             timeout=60, **crashed)
+    before = saved_steps(tmp_path)
+    assert before[3] == 10 and before[4] <= 10
+    if crashed.get("strategy") == "baseline":
+        assert before == [20, 20, 20, 10, 0]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+    d = distiller()
+    report = d.fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, resume=True, progress=False, timeout=60, **resumed)
+    assert max_diff(weights(d), reference) < 1e-5
+    assert report.start == before
+    assert saved_steps(tmp_path) == [STEPS] * BLOCKS
+    for block, history in enumerate(report.losses):
+        assert all(v != v for v in history[:before[block]])          # NaN: not trained in this fit
+        assert all(v == v for v in history[before[block]:])
+    if report.strategy == "pipebd":
+        # The relay restarts at the earliest saved step; blocks ahead of it only relay.
+        assert report.teacher_block_runs == [(STEPS - min(before)) * BATCH] * BLOCKS
+    assert "resumed: blocks had completed steps" in str(report)
+
+
+def test_resume_can_train_further_and_equals_one_longer_run(tmp_path):
+    longer = distiller()
+    longer.fit(DATA, BATCH, 2 * STEPS, progress=False)
+    d = distiller()
+    d.fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, progress=False)
+    assert saved_steps(tmp_path) == [STEPS] * BLOCKS           # saved after the last step by default
+    d = distiller()
+    report = d.fit(DATA, BATCH, 2 * STEPS, world_size=2, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert max_diff(weights(d), weights(longer)) < 1e-5
+    assert report.trained_steps == [STEPS] * BLOCKS
+    assert report.samples_per_s == pytest.approx(STEPS * BATCH / report.wall_s)
+
+
+def test_resume_from_an_empty_directory_starts_at_step_0(tmp_path, reference):
+    d = distiller()
+    report = d.fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path / "new", resume=True, progress=False)
+    assert max_diff(weights(d), reference) == 0.0
+    assert report.start == [0] * BLOCKS
+    assert json.loads((tmp_path / "new" / "run.json").read_text()) == {
+        "num_blocks": BLOCKS, "batch_size": BATCH, "seed": 0, "dataset_len": len(DATA)}
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = str(tmp_path / "block0.pt")
+    checkpoint.atomic_write(path, lambda f: f.write(b"old"))
+
+    def broken(f):
+        f.write(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_write(path, broken)
+    assert open(path, "rb").read() == b"old"
+    assert os.listdir(tmp_path) == ["block0.pt"]
+
+
+@pytest.fixture
+def saved(tmp_path):
+    distiller().fit(DATA, BATCH, 10, checkpoint_dir=tmp_path, checkpoint_every=5, progress=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(resume=False), "already holds a checkpoint; pass resume=True"),
+    (dict(batch_size=8), "batch_size=7, this run has batch_size=8"),
+    (dict(seed=1), "seed=0, this run has seed=1"),
+    (dict(steps=6), "block 0 of the checkpoint in .* has trained 10 steps, more than steps=6"),
+    (dict(steps=10), "every block of the checkpoint .* has completed steps=10; pass a larger steps"),
+    (dict(checkpoint_every=0), "checkpoint_every must be an integer >= 1"),
+    (dict(checkpoint_dir=None), "resume=True needs checkpoint_dir"),
+])
+def test_bad_resumes_are_refused_before_any_worker_starts(saved, change, message):
+    args = dict(batch_size=BATCH, steps=20, world_size=2, checkpoint_dir=saved, resume=True, progress=False)
+    args.update(change)
+    d = distiller()
+    before = {k: v.clone() for k, v in weights(d).items()}
+    with pytest.raises(ValueError, match=message):
+        d.fit(DATA, **args)
+    assert max_diff(weights(d), before) == 0.0          # nothing loaded into the blocks
+    assert saved_steps(saved) == [10] * BLOCKS          # nothing overwritten
+
+
+def test_a_checkpoint_that_does_not_fit_is_named(saved):
+    torch.manual_seed(0)
+    other = pipebd.Distiller([nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(BLOCKS)],
+                             [nn.Sequential(nn.Linear(D, D)) for _ in range(BLOCKS)], device="cpu")
+    with pytest.raises(ValueError, match="checkpoint of student block 0 does not fit the student block"):
+        other.fit(DATA, BATCH, 20, checkpoint_dir=saved, resume=True, progress=False)
+    with pytest.raises(ValueError, match="saved with a scheduler; resume with the same scheduler"):
+        distiller(scheduler=None).fit(DATA, BATCH, 20, checkpoint_dir=saved, resume=True, progress=False)
+    with open(checkpoint.block_path(saved, 2), "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read the checkpoint of block 2"):
+        distiller().fit(DATA, BATCH, 20, checkpoint_dir=saved, resume=True, progress=False)
+
+
+def test_cli_resumes_a_run(tmp_path, capsys):
+    common = ["run", "--set", "model={pair: mlp}", "--set", "batch_size=8", "--set", "data.samples=64",
+              "--set", f"checkpoint_dir={tmp_path}", "--set", "checkpoint_every=2"]
+    assert main(common + ["--set", "steps=4"]) == 0
+    assert main(common + ["--set", "steps=6"]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert main(common + ["--set", "steps=6", "--resume"]) == 0
+    assert "resumed: blocks had completed steps [4, 4, 4, 4]" in capsys.readouterr().out
