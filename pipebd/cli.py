@@ -45,6 +45,9 @@ def run(config: RunConfig) -> None:
     if config.trace:
         report.save_trace(config.trace)
         print(f"trace written to {config.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    if config.plot:
+        report.plot(config.plot)
+        print(f"plot written to {config.plot}")
 
 
 def profile(config: RunConfig) -> None:

@@ -75,6 +75,12 @@ class Report:
         """Write a Chrome trace (one track per rank) for Perfetto or chrome://tracing."""
         write_chrome_trace(path, self.tracks)
 
+    def plot(self, path: str) -> None:
+        """Draw the timeline of every rank and each stage's time breakdown to ``path`` (PNG;
+        needs the ``plot`` extra, matplotlib). See ``pipebd.plot``."""
+        from .plot import plot_report
+        plot_report(self, path)
+
     def __str__(self) -> str:
         sim = self.simulation
         lines = [

@@ -34,14 +34,15 @@ def test_config_errors_name_the_key(tmp_path, text, message):
     assert message in str(info.value)
 
 
-def test_cli_runs_a_config_and_writes_a_trace(tmp_path, capsys):
-    trace = tmp_path / "t.json"
+def test_cli_runs_a_config_and_writes_a_trace_and_a_plot(tmp_path, capsys):
+    trace, plot = tmp_path / "t.json", tmp_path / "p.png"
     code = main(["run", "--set", "model={pair: mlp}", "--set", "steps=5", "--set", "batch_size=8",
-                 "--set", "data.samples=64", "--set", "world_size=2", "--set", f"trace={trace}"])
+                 "--set", "data.samples=64", "--set", "world_size=2", "--set", f"trace={trace}",
+                 "--set", f"plot={plot}"])
     out = capsys.readouterr().out
     assert code == 0
     assert "throughput" in out and "teacher block runs: [40, 40, 40, 40]" in out
-    assert trace.exists()
+    assert trace.exists() and plot.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_profile_prints_costs_plan_and_predictions(capsys):

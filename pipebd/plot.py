@@ -1,0 +1,87 @@
+"""Pictures of a run, for the optional ``plot`` extra (matplotlib): a timeline with one row per
+rank and a bar per span, and, for a ``Distiller`` report, each stage's time split into compute,
+communication, waiting and idle (the report's fractions). ``Report.plot(path)`` writes both to
+one PNG; ``plot_report`` also takes a ``CodistillReport`` (timeline only).
+
+The figure is built without pyplot, so plotting neither needs a display nor changes the
+caller's matplotlib state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# One colour per span kind: compute in blues and greens, communication in red, waiting in greys.
+KIND_COLORS = {
+    "data": "#9ecae1", "teacher": "#3182bd", "student": "#31a354", "step": "#a1d99b",
+    "checkpoint": "#756bb1", "eval": "#fdae6b", "allreduce": "#de2d26",
+    "recv-wait": "#bdbdbd", "send-wait": "#969696", "exchange-wait": "#737373",
+}
+BREAKDOWN = (("compute", "#31a354"), ("communication", "#de2d26"), ("waiting", "#969696"), ("idle", "#f0f0f0"))
+
+
+def plot_report(report: Any, path: str | None = None, *, dpi: int = 120) -> Any:
+    """Draw ``report`` (a ``pipebd.Report`` or ``CodistillReport``) and save it to ``path``
+    (format from the suffix, e.g. ``.png``) when given. Returns the matplotlib ``Figure``."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch
+    except ImportError as err:
+        raise ImportError("plotting needs matplotlib: pip install 'pipebd[plot]'") from err
+    tracks = report.tracks
+    stages = getattr(report, "stages", None) or []
+    height = 1.2 + 0.35 * len(tracks) + (0.9 + 0.35 * len(stages) if stages else 0.0)
+    fig = Figure(figsize=(11, height), layout="constrained")
+    if stages:
+        timeline, bars = fig.subplots(2, 1, height_ratios=[1.2 + 0.35 * len(tracks), 0.9 + 0.35 * len(stages)])
+    else:
+        timeline, bars = fig.subplots(1, 1), None
+
+    kinds: list[str] = []
+    for row, (_, spans) in enumerate(tracks):
+        for kind in sorted({s.kind for s in spans}, key=_kind_order):
+            extents = [(s.start, s.end - s.start) for s in spans if s.kind == kind]
+            timeline.broken_barh(extents, (row - 0.4, 0.8), facecolors=KIND_COLORS.get(kind, "black"),
+                                 label=kind, gid=f"{row}:{kind}")
+            if kind not in kinds:
+                kinds.append(kind)
+    timeline.set_yticks(range(len(tracks)), [name for name, _ in tracks])
+    timeline.set_ylim(len(tracks) - 0.5, -0.5)
+    timeline.set_xlabel("seconds since the start barrier")
+    timeline.set_title(_title(report))
+    timeline.legend(handles=[Patch(color=KIND_COLORS.get(k, "black"), label=k) for k in kinds],
+                    loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
+
+    if bars is not None:
+        labels = []
+        for s, st in enumerate(stages):
+            blocks = f"{st.blocks[0]}-{st.blocks[-1]}" if len(st.blocks) > 1 else f"{st.blocks[0]}"
+            labels.append(f"stage {s}: blocks {blocks} x{len(st.ranks)}")
+            left = 0.0
+            for (name, color), value in zip(BREAKDOWN, (st.utilization, st.communication, st.waiting, st.idle)):
+                bars.barh(s, value, left=left, color=color, edgecolor="white", gid=f"{s}:{name}")
+                if value >= 0.06:
+                    bars.text(left + value / 2, s, f"{value:.0%}", ha="center", va="center", fontsize="small")
+                left += value
+        bars.set_yticks(range(len(stages)), labels)
+        bars.set_ylim(len(stages) - 0.5, -0.5)
+        bars.set_xlim(0, 1)
+        bars.set_xlabel("fraction of the wall time (mean over a stage's replicas)")
+        bars.legend(handles=[Patch(color=c, label=n) for n, c in BREAKDOWN], loc="upper left",
+                    bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
+    if path is not None:
+        fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def _kind_order(kind: str) -> tuple[int, str]:
+    order = list(KIND_COLORS)
+    return (order.index(kind) if kind in order else len(order), kind)
+
+
+def _title(report: Any) -> str:
+    plan = getattr(report, "plan", None)
+    where = f"plan {plan.describe()}" if plan is not None else f"mode {getattr(report, 'mode', '?')}"
+    return (f"{getattr(report, 'strategy', 'codistillation')} on {report.world_size} rank(s), {where}: "
+            f"{report.samples_per_s:.1f} samples/s")
+
