@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything the open issues need from a GPU, in one device call (a session has 30 minutes of
+# device time; a machine's start costs minutes, so batch): the CUDA tests, the kernel benchmark
+# against torch eager, torch.compile and Liger-Kernel, and the environment they ran in.
+#
+#   bash bench/gpu_session.sh "$OUT"          # from the repository root, on the GPU machine
+#
+# The GPU machine cannot reach the package registries. Liger-Kernel (pure Python) travels as a
+# wheel: here, `python3 -m pip download --no-deps --only-binary=:all: -d .whl liger-kernel`, with
+# .whl ignored by git (`echo /.whl/ >> .git/info/exclude`) and named in the device call's carry.
+# Results land in OUT: copy the kernel table into BENCHMARKS.md with the command that made it.
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_session.sh OUT_DIR}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# pipebd itself, offline: its dependencies are in the machine's image.
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+{
+    nvidia-smi
+    python3 -c 'import torch, triton, platform; print("torch", torch.__version__, "triton", triton.__version__,
+"python", platform.python_version(), torch.cuda.get_device_name())'
+    python3 -c 'import liger_kernel; print("liger-kernel", getattr(liger_kernel, "__version__", "installed"))' ||
+        echo "liger-kernel: not installed (its column will be skipped)"
+} 2>&1 | tee "$out/environment.txt"
+status=0
+python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_cuda.py 2>&1 | tee "$out/gpu-tests.txt" || status=1
+python3 bench/kernels.py --append "$out/kernels.md" 2>&1 | tee "$out/kernels.txt" || status=1
+exit $status

@@ -1,0 +1,64 @@
+"""The CUDA paths of the engine on one GPU (marked gpu; skipped without CUDA): the relay,
+checkpoints and codistillation on a GPU give the CPU's results. Kernels: tests/test_kernels.py.
+Run them with ``pytest -m gpu`` on a machine with a GPU (bench/gpu_session.sh does)."""
+
+import pytest
+import torch
+from torch import nn
+
+import pipebd
+from pipebd.models import mlp_pair
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+DATA = torch.randn(60, 16, generator=torch.Generator().manual_seed(1))
+
+
+def distiller(device):
+    teacher, student = mlp_pair(num_blocks=4, seed=0)
+    return pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                            scheduler=lambda o: pipebd.lr.warmup(o, 3), device=device)
+
+
+def max_diff(a, b):
+    a, b = a.student_model().state_dict(), b.student_model().state_dict()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.mark.parametrize("strategy", ["pipebd", "baseline"])
+def test_fit_on_cuda_matches_cpu(strategy):
+    cpu, gpu = distiller("cpu"), distiller("cuda")
+    cpu.fit(DATA, 7, 20, strategy=strategy, progress=False)
+    report = gpu.fit(DATA, 7, 20, strategy=strategy, progress=False)
+    assert max_diff(cpu, gpu) < 1e-4
+    assert all(0.0 < u <= 1.0 for u in report.stage_utilization)
+
+
+def test_checkpoint_on_cuda_resumes_to_the_uninterrupted_weights(tmp_path):
+    whole = distiller("cuda")
+    whole.fit(DATA, 7, 20, progress=False)
+    distiller("cuda").fit(DATA, 7, 10, checkpoint_dir=tmp_path, progress=False)
+    resumed = distiller("cuda")
+    resumed.fit(DATA, 7, 20, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert max_diff(whole, resumed) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["codistill", "online"])
+def test_codistillation_on_cuda_matches_cpu(mode):
+    x, y = torch.randn(96, 8), torch.randint(0, 5, (96,))
+    results = []
+    for device in ("cpu", "cuda"):
+        co = pipebd.Codistillation(lambda i: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 5)),
+                                   optimizer=lambda p: torch.optim.SGD(p, lr=0.1), exchange_every=4,
+                                   mode=mode, device=device)
+        results.append(co.fit(torch.utils.data.TensorDataset(x, y), batch_size=12, steps=16, progress=False))
+    for a, b in zip(results[0].losses, results[1].losses):
+        assert max(abs(u - v) for u, v in zip(a, b)) < 1e-4
