@@ -19,7 +19,7 @@ from .plan import Plan, default_plan
 from .planner import auto_plan
 from .profiler import COMM_REPEATS, Profile, comm_task, profile_job
 from .report import Report, build_report
-from .runtime.launch import LOOPS, init_spmd, run_rank, run_spmd, spawn, torchrun_env
+from .runtime.launch import LOOPS, init_spmd, pin_device, run_rank, run_spmd, spawn, torchrun_env
 from .runtime.worker import Job, TensorSpec
 from .simulator import simulate
 
@@ -128,12 +128,13 @@ class Distiller:
                               [job.start_of(i) for i in range(self.num_blocks)])
         if prediction is not None:
             report.prediction = prediction
-            report.simulation = simulate(profile, job.plan, steps, max_inflight)
+            report.simulation = simulate(profile, job.plan, steps - job.first_step, max_inflight)
         return report
 
     def _checkpoints(self, job: Job, directory: str | os.PathLike | None, every: int | None, resume: bool) -> None:
-        """Check the checkpoint options against ``directory``; on resume, load the saved student
-        weights into the blocks and give the job each block's step and optimizer state."""
+        """Check the checkpoint options and ``directory``; on resume, check every saved state
+        (``checkpoint.check``), then load the saved student weights into the blocks and give
+        the job each block's step and optimizer state. A fresh run saves every block at step 0."""
         if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
             raise ValueError(f"checkpoint_every must be an integer >= 1, got {every!r}")
         if every is not None and directory is None:
@@ -143,27 +144,33 @@ class Distiller:
         directory = None if directory is None else os.path.abspath(os.fspath(directory))
         spmd = torchrun_env() is not None and directory is not None
         if spmd:
+            import torch.distributed as dist
             init_spmd(job.device, job.timeout)
+            pin_device(job, int(os.environ.get("LOCAL_RANK", dist.get_rank())))   # before NCCL's barrier
         key = checkpoint.RunKey(self.num_blocks, job.batch_size, job.seed, job.dataset_len)
         states = checkpoint.read(directory, key, job.steps, resume)
         if len(states) == self.num_blocks and all(st["step"] == job.steps for st in states.values()):
             raise ValueError(f"every block of the checkpoint in {directory} has completed steps={job.steps}; "
                              f"pass a larger steps to train further")
+        checkpoint.check(states, self.student, self.optimizer, self.scheduler)
         for block, state in states.items():
-            checkpoint.load_student(block, self.student[block], state)
+            self.student[block].load_state_dict(state["student"])
         job.start = {block: state["step"] for block, state in states.items()}
-        job.resume_state = {block: {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}
-                            for block, state in states.items()}
+        job.resume_state = {block: state for block, state in states.items()}
         if states:
             log.info("pipebd: resuming from %s; blocks had completed steps %s", directory,
                      [job.start_of(i) for i in range(self.num_blocks)])
         if directory is None:
             return
         if spmd:
-            import torch.distributed as dist
             dist.barrier()   # every rank has read the directory before rank 0 writes to it
         if not spmd or dist.get_rank() == 0:
             checkpoint.start(directory, key)
+            for block in range(self.num_blocks):
+                if block not in states:
+                    optimizer = self.optimizer(self.student[block].parameters())
+                    scheduler = self.scheduler(optimizer) if self.scheduler is not None else None
+                    checkpoint.save_block(directory, block, 0, self.student[block], optimizer, scheduler)
         job.checkpoint_dir, job.checkpoint_every = directory, every
 
     def profile(self, dataset: Any, batch_size: int, world_size: int, *, threads: int | None = None,

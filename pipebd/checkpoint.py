@@ -13,12 +13,16 @@ Nor do the plan, strategy or world size of the resumed run have to match the int
 ``checkpoint_dir`` holds::
 
     run.json       what the data order depends on: blocks, batch size, seed, dataset length
-    block{i}.pt    block i: {"format", "block", "step", "student", "optimizer", "scheduler"}
+    block{i}.pt    block i: {"format", "block", "step", "student", "optimizer", "optimizer_type",
+                   "scheduler", "scheduler_type"}, tensors on the CPU
 
-Each file is written to a temporary file in the same directory and renamed over the old one
-(``os.replace``, atomic on POSIX), so a crash or a kill mid-write leaves the previous checkpoint
-whole. Blocks with randomness in training (dropout) resume with fresh random state, so only
-deterministic blocks resume bit for bit. The teacher is not saved: pass the same teacher.
+A fresh run saves every block at step 0 before it starts, so a resume never depends on how the
+caller rebuilt the student. Each file is written to a temporary file in the same directory and
+renamed over the old one (``os.replace``, atomic on POSIX), so a crash or a kill mid-write leaves
+the previous checkpoint whole; a block whose weights are no longer finite is not saved. A resume
+first checks every saved state against a fresh optimizer and scheduler, before anything is
+loaded or started. Blocks with randomness in training (dropout) resume with fresh random state,
+so only deterministic blocks resume bit for bit. The teacher is not saved: pass the same teacher.
 """
 
 from __future__ import annotations
@@ -53,12 +57,19 @@ def block_path(directory: str, block: int) -> str:
     return os.path.join(directory, f"block{block}.pt")
 
 
+TMP_PREFIX = ".tmp-"
+
+
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then rename
-    it over ``path``: readers see the old file or the new one, never a part."""
+    it over ``path``: readers see the old file or the new one, never a part. The file gets the
+    permissions of a plain ``open`` (0666 less the umask)."""
     folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -68,14 +79,35 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:   # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
 
 
 def save_block(directory: str, block: int, step: int, student: nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: Any = None) -> None:
-    """Save block ``block`` after ``step`` completed steps."""
-    state = {"format": FORMAT, "block": block, "step": step, "student": student.state_dict(),
-             "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    """Save block ``block`` after ``step`` completed steps (tensors copied to the CPU)."""
+    state = {"format": FORMAT, "block": block, "step": step, "student": _cpu(student.state_dict()),
+             "optimizer": _cpu(optimizer.state_dict()), "optimizer_type": type(optimizer).__qualname__,
+             "scheduler": _cpu(scheduler.state_dict()) if scheduler is not None else None,
+             "scheduler_type": type(scheduler).__qualname__ if scheduler is not None else None}
     os.makedirs(directory, exist_ok=True)
     atomic_write(block_path(directory, block), lambda f: torch.save(state, f))
 
@@ -95,8 +127,8 @@ def read(directory: str | None, key: RunKey, steps: int, resume: bool) -> dict[i
             log.warning("pipebd: no checkpoint in %s; starting from step 0", directory)
         return {}
     if not resume:
-        raise ValueError(f"{directory} already holds a checkpoint; pass resume=True to continue that run, "
-                         f"or choose an empty directory")
+        raise ValueError(f"{directory} already holds a pipebd run ({RUN_FILE}); pass resume=True to continue "
+                         f"it, or choose an empty directory")
     with open(run_file) as f:
         saved = json.load(f)
     for name, value in asdict(key).items():
@@ -122,27 +154,42 @@ def read(directory: str | None, key: RunKey, steps: int, resume: bool) -> dict[i
 
 
 def start(directory: str, key: RunKey) -> None:
-    """Create ``directory`` if needed and record this run's key in it."""
+    """Create ``directory`` if needed, remove temporary files a killed run left, and record
+    this run's key in it."""
     os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.startswith(TMP_PREFIX):
+            os.unlink(os.path.join(directory, name))
     atomic_write(os.path.join(directory, RUN_FILE), lambda f: f.write(json.dumps(asdict(key), indent=1)), "w")
 
 
-def load_student(block: int, module: nn.Module, state: dict) -> None:
-    try:
-        module.load_state_dict(state["student"])
-    except RuntimeError as err:
-        raise ValueError(f"the checkpoint of student block {block} does not fit the student block: {err}") from err
+def check(states: dict[int, dict], student: dict[int, nn.Module] | list[nn.Module],
+          optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable[..., Any] | None) -> None:
+    """Refuse, naming the block, any saved state that does not fit its student block or a fresh
+    optimizer and scheduler from this run's factories. Nothing is loaded into ``student``."""
+    for block, state in states.items():
+        module = student[block]
+        have = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        saved = {k: tuple(v.shape) for k, v in state["student"].items()}
+        if have != saved:
+            diff = sorted(k for k in have.keys() | saved.keys() if have.get(k) != saved.get(k))
+            raise ValueError(f"the checkpoint of student block {block} does not fit the student block: "
+                             f"{', '.join(f'{k} saved {saved.get(k)} vs {have.get(k)}' for k in diff[:4])}")
+        probe = optimizer(module.parameters())     # built, never stepped: the weights stay as they are
+        load_training(block, probe, scheduler(probe) if scheduler is not None else None, state)
 
 
 def load_training(block: int, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict) -> None:
     """Restore a block's optimizer and scheduler state (on a rank, after they are built)."""
+    for what, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
+        saved, have = state[f"{what}_type"], type(obj).__qualname__ if obj is not None else None
+        if saved != have:
+            raise ValueError(f"the checkpoint of block {block} was saved with {what} {saved}, this run has "
+                             f"{have}; resume with the same {what}")
     try:
         optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as err:
-        raise ValueError(f"the checkpoint's optimizer state of block {block} does not fit its optimizer: "
-                         f"{err}") from err
-    if (scheduler is None) != (state["scheduler"] is None):
-        raise ValueError(f"the checkpoint of block {block} was saved {'with' if scheduler is None else 'without'} "
-                         f"a scheduler; resume with the same scheduler setting")
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"the checkpoint's optimizer or scheduler state of block {block} does not fit: "
+                         f"{err!r}") from err

@@ -141,7 +141,7 @@ def saved(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(resume=False), "already holds a checkpoint; pass resume=True"),
+    (dict(resume=False), r"already holds a pipebd run \(run.json\); pass resume=True"),
     (dict(batch_size=8), "batch_size=7, this run has batch_size=8"),
     (dict(seed=1), "seed=0, this run has seed=1"),
     (dict(steps=6), "block 0 of the checkpoint in .* has trained 10 steps, more than steps=6"),
@@ -160,18 +160,87 @@ def test_bad_resumes_are_refused_before_any_worker_starts(saved, change, message
     assert saved_steps(saved) == [10] * BLOCKS          # nothing overwritten
 
 
-def test_a_checkpoint_that_does_not_fit_is_named(saved):
+def test_a_checkpoint_that_does_not_fit_is_named_before_anything_is_loaded(saved):
     torch.manual_seed(0)
     other = pipebd.Distiller([nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(BLOCKS)],
                              [nn.Sequential(nn.Linear(D, D)) for _ in range(BLOCKS)], device="cpu")
-    with pytest.raises(ValueError, match="checkpoint of student block 0 does not fit the student block"):
+    with pytest.raises(ValueError, match=r"checkpoint of student block 0 does not fit the student block: "
+                                         r"0.bias saved None vs \(6,\)"):
         other.fit(DATA, BATCH, 20, checkpoint_dir=saved, resume=True, progress=False)
-    with pytest.raises(ValueError, match="saved with a scheduler; resume with the same scheduler"):
-        distiller(scheduler=None).fit(DATA, BATCH, 20, checkpoint_dir=saved, resume=True, progress=False)
+    adam = distiller()
+    adam.optimizer = lambda p: torch.optim.Adam(p, lr=0.01)
+    no_scheduler = distiller(scheduler=None)
+    for d, message in ((adam, "block 0 was saved with optimizer SGD, this run has Adam; resume with the same optimizer"),
+                       (no_scheduler, "block 0 was saved with scheduler ChainedScheduler, this run has None")):
+        before = {k: v.clone() for k, v in weights(d).items()}
+        with pytest.raises(ValueError, match=message):
+            d.fit(DATA, BATCH, 20, world_size=2, checkpoint_dir=saved, resume=True, progress=False)
+        assert max_diff(weights(d), before) == 0.0
     with open(checkpoint.block_path(saved, 2), "wb") as f:
         f.write(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read the checkpoint of block 2"):
         distiller().fit(DATA, BATCH, 20, checkpoint_dir=saved, resume=True, progress=False)
+
+
+class NanGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+class NanAfter(nn.Linear):
+    """A Linear whose weight gets a NaN gradient in training call ``at`` (its loss stays finite)."""
+
+    def __init__(self, at):
+        super().__init__(D, D)
+        self.at, self.calls = at, 0
+
+    def forward(self, x):
+        self.calls += self.training
+        weight = NanGradient.apply(self.weight) if self.calls == self.at else self.weight
+        return nn.functional.linear(x, weight, self.bias)
+
+
+def test_non_finite_weights_never_replace_a_good_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    d = pipebd.Distiller([nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(2)], [NanAfter(10), NanAfter(0)],
+                         device="cpu")
+    with pytest.raises(pipebd.NonFiniteLoss, match="non-finite weights at stage 0, block 0 after step 9"):
+        d.fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, checkpoint_every=5, progress=False)
+    saved = torch.load(checkpoint.block_path(tmp_path, 0), weights_only=True)
+    assert saved["step"] == 5 and all(torch.isfinite(v).all() for v in saved["student"].values())
+
+
+def test_files_are_whole_readable_and_stale_temporaries_go(tmp_path):
+    (tmp_path / ".tmp-left-by-a-kill").write_bytes(b"half")
+    old = os.umask(0o022)
+    try:
+        distiller().fit(DATA, BATCH, 3, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == [f"block{i}.pt" for i in range(BLOCKS)] + ["run.json"]
+    assert {os.stat(tmp_path / f).st_mode & 0o777 for f in os.listdir(tmp_path)} == {0o644}
+
+
+def test_a_fresh_run_saves_every_block_at_step_0_first(tmp_path):
+    # The initial weights are on disk before any step, so a run that dies before its first
+    # checkpoint resumes from them whatever the caller rebuilds.
+    with pytest.raises(RuntimeError, match="injected crash"):
+        distiller(0, 2).fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, checkpoint_every=5, progress=False)
+    assert saved_steps(tmp_path) == [0] * BLOCKS
+    initial = weights(distiller())
+    torch.manual_seed(123)
+    rebuilt = distiller()
+    for block in rebuilt.student:
+        nn.init.normal_(block.weight)      # not the initial weights
+    rebuilt.fit(DATA, BATCH, 1, checkpoint_dir=tmp_path, resume=True, progress=False)
+    once = distiller()
+    once.fit(DATA, BATCH, 1, progress=False)
+    assert max_diff(weights(rebuilt), weights(once)) == 0.0 and max_diff(initial, weights(once)) > 0
 
 
 def test_cli_resumes_a_run(tmp_path, capsys):
@@ -179,6 +248,6 @@ def test_cli_resumes_a_run(tmp_path, capsys):
               "--set", f"checkpoint_dir={tmp_path}", "--set", "checkpoint_every=2"]
     assert main(common + ["--set", "steps=4"]) == 0
     assert main(common + ["--set", "steps=6"]) == 2
-    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert "already holds a pipebd run" in capsys.readouterr().err
     assert main(common + ["--set", "steps=6", "--resume"]) == 0
     assert "resumed: blocks had completed steps [4, 4, 4, 4]" in capsys.readouterr().out

@@ -98,7 +98,7 @@ def run_spmd(job: Job, timeout_s: float) -> list[RankResult]:
     """Run as this process's rank of an existing (or env-described) process group."""
     init_spmd(job.device, timeout_s)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    _pin_device(job, int(os.environ.get("LOCAL_RANK", rank)))
+    pin_device(job, int(os.environ.get("LOCAL_RANK", rank)))
     # Like DDP: every rank starts from rank 0's weights, so that a teacher or student built
     # without a fixed seed cannot silently differ between the ranks of one pipeline.
     _broadcast_from_rank0([*job.teacher.values(), *job.student.values()], torch.device(job.device))
@@ -111,7 +111,7 @@ def init_spmd(device: str, timeout_s: float) -> None:
         dist.init_process_group(backend_for(device), timeout=timedelta(seconds=timeout_s))
 
 
-def _pin_device(job: Job, local_rank: int) -> None:
+def pin_device(job: Job, local_rank: int) -> None:
     """On CUDA, give the rank its own GPU (NCCL needs the current device set)."""
     if job.device.startswith("cuda"):
         job.device = f"cuda:{local_rank % torch.cuda.device_count()}"
@@ -148,7 +148,7 @@ def _worker(rank: int, world_size: int, port: int, payload: bytes, backend: str,
 
 
 def _fit_task(job: Job, rank: int, world_size: int) -> list[RankResult]:
-    _pin_device(job, rank)
+    pin_device(job, rank)
     return run_rank(job, rank, world_size)
 
 

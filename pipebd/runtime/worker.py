@@ -217,6 +217,12 @@ class RankRuntime:
         if self.replica == 0 and self.job.checkpoint_due(step):
             with self.recorder.span("checkpoint", step):
                 for i in blocks:
+                    # The loss checked above is from before this step's update: check the weights
+                    # too, so that NaN never replaces a good checkpoint.
+                    state = self.student[i].state_dict().values()
+                    if not all(bool(torch.isfinite(v).all()) for v in state if v.is_floating_point()):
+                        raise NonFiniteLoss(f"non-finite weights at stage {self.stage}, block {i} after step {step}; "
+                                            f"its checkpoint of an earlier step is kept")
                     checkpoint.save_block(self.job.checkpoint_dir, i, step + 1, self.student[i],
                                           self.optimizers[i], self.schedulers.get(i))
 
