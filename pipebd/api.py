@@ -156,7 +156,7 @@ class Distiller:
         for block, state in states.items():
             self.student[block].load_state_dict(state["student"])
         job.start = {block: state["step"] for block, state in states.items()}
-        job.resume_state = {block: state for block, state in states.items()}
+        job.resume_state = {block: {k: v for k, v in state.items() if k != "student"} for block, state in states.items()}
         if states:
             log.info("pipebd: resuming from %s; blocks had completed steps %s", directory,
                      [job.start_of(i) for i in range(self.num_blocks)])

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             profile(config)
         else:
             run(config)
-    except (ValueError, TypeError, NotImplementedError, OSError) as err:
+    except (ValueError, TypeError, NotImplementedError, OSError, ImportError) as err:
         print(f"pipebd: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -73,7 +73,7 @@ class RunConfig:
     trace: str | None = None                                # write a Chrome trace here
     plot: str | None = None                                 # draw the timeline and stage breakdown here (PNG)
     checkpoint_dir: str | None = None                       # save each block's state here
-    checkpoint_every: int | None = None                     # steps between saves (null: after the last only)
+    checkpoint_every: int | None = None                     # steps between saves (null: step 0 and the last only)
     resume: bool = False                                    # continue the run saved in checkpoint_dir
 
     def fit_plan(self) -> Plan | str | None:

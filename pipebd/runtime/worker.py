@@ -64,9 +64,9 @@ class Job:
     scheduler: Callable[[torch.optim.Optimizer], Any] | None = None   # stepped after each optimizer step
     timeout: float = 600.0             # seconds, for every collective and point-to-point wait
     start: dict[int, int] = field(default_factory=dict)      # block -> steps it completed before (resume)
-    resume_state: dict[int, dict] = field(default_factory=dict)   # block -> its checkpoint (optimizer, scheduler)
+    resume_state: dict[int, dict] = field(default_factory=dict)   # block -> its checkpoint, less the weights
     checkpoint_dir: str | None = None
-    checkpoint_every: int | None = None   # None: save only after the last step
+    checkpoint_every: int | None = None   # None: only after the last step (the caller saves step 0)
 
     def start_of(self, block: int) -> int:
         return self.start.get(block, 0)
