@@ -79,7 +79,7 @@ class Distiller:
             strategy: str = "pipebd", plan: Plan | str | None = None, seed: int = 0, *,
             max_inflight: int = 2, threads: int | None = None, progress: bool | None = None,
             timeout: float = 600.0, checkpoint_dir: str | os.PathLike | None = None,
-            checkpoint_every: int | None = None, resume: bool = False) -> Report:
+            checkpoint_every: int | None = None, resume: bool = False, sync_batchnorm: bool = False) -> Report:
         """Train every student block for ``steps`` steps of ``batch_size`` samples.
 
         ``strategy``: ``"pipebd"`` (teacher relaying over pipeline stages) or ``"baseline"``
@@ -92,6 +92,10 @@ class Distiller:
         rank calls ``fit``. A stage runs at most ``max_inflight + 1`` batches ahead of the
         next; ``threads`` sets torch threads per spawned worker (default: cores / world_size);
         ``timeout`` (seconds) bounds every collective and point-to-point wait.
+
+        BatchNorm layers of a replicated stage's student blocks normalize with the statistics of
+        their replica's slice (as DDP does); ``sync_batchnorm=True`` uses the statistics of the
+        stage's whole batch instead (``pipebd.batchnorm``), which gives the one-process result.
 
         Checkpoints (``pipebd.checkpoint``): with ``checkpoint_dir``, each student block's
         weights, optimizer and scheduler state are saved there, atomically, every
@@ -109,6 +113,9 @@ class Distiller:
             raise ValueError(f"fit(world_size={world_size}) but torchrun started WORLD_SIZE={env[1]} processes")
         job = self._job(dataset, batch_size, steps, world_size, strategy, plan, seed, max_inflight,
                         threads, progress, timeout)
+        if not isinstance(sync_batchnorm, bool):
+            raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
+        job.sync_batchnorm = sync_batchnorm
         self._checkpoints(job, checkpoint_dir, checkpoint_every, resume)
         prediction = None
         if plan == "auto" and world_size > 1:

@@ -40,7 +40,7 @@ def run(config: RunConfig) -> None:
                            world_size=config.world_size, strategy=config.strategy, plan=config.fit_plan(),
                            seed=config.seed, max_inflight=config.max_inflight,
                            checkpoint_dir=config.checkpoint_dir, checkpoint_every=config.checkpoint_every,
-                           resume=config.resume)
+                           resume=config.resume, sync_batchnorm=config.sync_batchnorm)
     print(report)
     if config.trace:
         report.save_trace(config.trace)

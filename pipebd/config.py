@@ -70,6 +70,7 @@ class RunConfig:
     seed: int = 0
     device: str | None = None
     max_inflight: int = 2
+    sync_batchnorm: bool = False                            # BatchNorm statistics over a replicated stage's batch
     trace: str | None = None                                # write a Chrome trace here
     plot: str | None = None                                 # draw the timeline and stage breakdown here (PNG)
     checkpoint_dir: str | None = None                       # save each block's state here
@@ -99,11 +100,15 @@ class RunConfig:
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
     """Read ``path`` (or start from the defaults) and apply ``key.path=value`` overrides, whose
-    values are parsed as YAML (``steps=10``, ``plan=auto``, ``final_loss.temperature=2``)."""
+    values are parsed as YAML (``steps=10``, ``plan=auto``, ``final_loss.temperature=2``), or
+    taken as the plain string when they are not valid YAML (``plan=[0]x1 | [1-3]x2``)."""
     raw: dict = {}
     if path is not None:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the top level must be a mapping of keys to values")
     for item in overrides:
@@ -117,7 +122,10 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
             node = node.setdefault(p, {}) if child is None else child
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            node[leaf] = value      # not YAML (e.g. plan=[0]x1 | [1-3]x2): the plain string
     return _build(RunConfig, raw, "")
 
 

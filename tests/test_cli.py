@@ -17,6 +17,9 @@ def test_defaults_file_and_overrides(tmp_path):
     assert config.fit_plan().stages == ((0, 1), (2, 3)) and config.fit_plan().replicas == (1, 1)
     assert load_config(None, ["plan=auto"]).fit_plan() == "auto"
     assert load_config(None, ["plan=0|1-3x2"]).fit_plan() == Plan([[0], [1, 2, 3]], [1, 2])
+    # Not valid YAML: taken as the plain string, so the plan syntax needs no extra quotes.
+    assert load_config(None, ["plan=[0]x1 | [1-3]x2"]).fit_plan() == Plan([[0], [1, 2, 3]], [1, 2])
+    assert load_config(None, ["sync_batchnorm=true"]).sync_batchnorm is True
 
 
 @pytest.mark.parametrize("text, message", [
@@ -25,6 +28,7 @@ def test_defaults_file_and_overrides(tmp_path):
     ("steps: ten\n", "config key 'steps' must be int, got 'ten'"),
     ("optimizer: {lr: true}\n", "config key 'optimizer.lr' must be float, got True"),
     ("- 1\n", "the top level must be a mapping"),
+    ("steps: [1\n", "bad.yaml is not valid YAML"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import checkpoint
+from ..batchnorm import sync_batchnorm
 from ..data import BatchOrder, load_rows
 from ..plan import Plan
 from ..trace import Recorder, Span
@@ -67,6 +68,7 @@ class Job:
     resume_state: dict[int, dict] = field(default_factory=dict)   # block -> its checkpoint, less the weights
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None   # None: only after the last step (the caller saves step 0)
+    sync_batchnorm: bool = False       # BatchNorm statistics over a replicated stage's whole batch
 
     def start_of(self, block: int) -> int:
         return self.start.get(block, 0)
@@ -147,6 +149,8 @@ class RankRuntime:
         self.blocks = job.blocks_of(rank)
         self.teacher = {i: job.teacher[i].to(self.device).eval().requires_grad_(False) for i in self.blocks}
         self.student = {i: job.student[i].to(self.device).train() for i in self.blocks}
+        if job.sync_batchnorm and group is not None:
+            self.student = {i: sync_batchnorm(m, group) for i, m in self.student.items()}
         self.buckets = {i: GradBucket(self.student[i]) for i in self.blocks}
         self.optimizers = {i: job.optimizer(self.student[i].parameters()) for i in self.blocks}
         self.schedulers = {i: job.scheduler(self.optimizers[i]) for i in self.blocks} if job.scheduler else {}

@@ -1,0 +1,182 @@
+"""BatchNorm over a replicated stage's whole batch (``pipebd.batchnorm``, ``fit(sync_batchnorm=True)``).
+
+Reference: one ``nn.BatchNorm*d`` on the full batch in one process. ``GroupBatchNorm`` on three
+gloo ranks holding unequal slices (3, 2 and 2 of 7 rows) must give the same outputs, input
+gradients, summed parameter gradients and running statistics over two steps, within 1e-5
+(float summation order differs). A fit with a BatchNorm student on replicated stages must end
+with the one-process weights and running statistics; without the option it must not.
+"""
+
+import sys
+
+import cloudpickle
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import pipebd
+from pipebd.batchnorm import GroupBatchNorm, sync_batchnorm
+from pipebd.models import cnn_pair
+from pipebd.runtime.launch import spawn_tasks
+from pipebd.runtime.redistribute import slices
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the workers cannot import this file
+
+TOL = 1e-5
+ROWS = 7
+LAYERS = {   # name -> (layer factory, per-sample input shape)
+    "2d": (lambda: nn.BatchNorm2d(4), (4, 3, 3)),
+    "1d-flat": (lambda: nn.BatchNorm1d(5, momentum=None), (5,)),
+    "1d-seq": (lambda: nn.BatchNorm1d(3, affine=False), (3, 6)),
+    "3d-untracked": (lambda: nn.BatchNorm3d(2, track_running_stats=False), (2, 2, 2, 2)),
+}
+
+
+def layer(name):
+    torch.manual_seed(0)
+    bn = LAYERS[name][0]()
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+def inputs(name, step):
+    g = torch.Generator().manual_seed(10 * step + 1)
+    x = 3.0 + 2.0 * torch.randn(ROWS, *LAYERS[name][1], generator=g)   # a mean far from 0
+    return x, torch.randn(x.shape, generator=g)                         # input, output weights
+
+
+def reference(name):
+    bn = layer(name)
+    out = {}
+    for step in range(2):
+        x, w = inputs(name, step)
+        x.requires_grad_(True)
+        y = bn(x)
+        bn.zero_grad()
+        (y * w).sum().backward()
+        out[step] = {"y": y.detach(), "dx": x.grad, **{f"d{n}": p.grad.clone() for n, p in bn.named_parameters()}}
+    out["state"] = {k: v.clone() for k, v in bn.state_dict().items()}
+    return out
+
+
+def replicated(rank, world_size):
+    """Every layer on ``world_size`` ranks, each on its slice; rows gathered back in order."""
+    lo, hi = slices(ROWS, world_size)[rank]
+    group = dist.new_group(list(range(world_size)))
+    results = {}
+    for name in LAYERS:
+        bn = sync_batchnorm(nn.Sequential(layer(name)), group)[0]
+        assert isinstance(bn, GroupBatchNorm)
+        out = {}
+        for step in range(2):
+            x, w = inputs(name, step)
+            x = x[lo:hi].clone().requires_grad_(True)
+            y = bn(x)
+            bn.zero_grad()
+            (y * w[lo:hi]).sum().backward()
+            for p in bn.parameters():
+                dist.all_reduce(p.grad, group=group)
+            mine = {"y": y.detach(), "dx": x.grad}
+            parts = [None] * world_size
+            dist.all_gather_object(parts, mine)
+            out[step] = {k: torch.cat([p[k] for p in parts]) for k in mine}
+            out[step].update({f"d{n}": p.grad.clone() for n, p in bn.named_parameters()})
+        out["state"] = {k: v.clone() for k, v in bn.state_dict().items()}
+        bn.eval()
+        x, _ = inputs(name, 0)
+        out["eval"] = bn(x[lo:hi]).detach()
+        results[name] = out
+    dist.destroy_process_group(group)
+    return results
+
+
+@pytest.fixture(scope="module")
+def three_ranks():
+    return spawn_tasks([replicated] * 3, "gloo", timeout_s=60)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_group_batchnorm_equals_one_full_batch_layer(three_ranks, name):
+    got, ref = three_ranks[name], reference(name)
+    for step in range(2):
+        assert set(got[step]) == set(ref[step])
+        for key in ref[step]:
+            torch.testing.assert_close(got[step][key], ref[step][key], atol=TOL, rtol=TOL, msg=f"step {step} {key}")
+    assert set(got["state"]) == set(ref["state"])
+    for key in ref["state"]:
+        torch.testing.assert_close(got["state"][key], ref["state"][key], atol=TOL, rtol=TOL, msg=key)
+
+
+def test_eval_mode_uses_the_running_statistics(three_ranks):
+    # In eval mode no statistics are exchanged: rank 0's output is plain BatchNorm on its rows.
+    bn = layer("2d")
+    bn.load_state_dict(three_ranks["2d"]["state"])
+    x, _ = inputs("2d", 0)
+    lo, hi = slices(ROWS, 3)[0]
+    torch.testing.assert_close(three_ranks["2d"]["eval"], bn.eval()(x[lo:hi]), atol=TOL, rtol=TOL)
+
+
+def test_conversion_copies_and_keeps_the_state_dict_keys():
+    block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4)))
+    converted = sync_batchnorm(block, group=None)
+    assert converted is not block and isinstance(block[1], nn.BatchNorm2d)   # the original is untouched
+    assert [type(m) for m in converted.modules()].count(GroupBatchNorm) == 2
+    assert list(converted.state_dict()) == list(block.state_dict())
+    for a, b in zip(converted.state_dict().values(), block.state_dict().values()):
+        assert torch.equal(a, b)
+    plain = nn.Sequential(nn.Linear(2, 2))
+    assert sync_batchnorm(plain, group=None) is plain
+    # Without a group (one replica) the layer is plain BatchNorm.
+    x = torch.randn(5, 3, 6, 6)
+    torch.testing.assert_close(converted(x), block(x), atol=0, rtol=0)
+
+
+BATCH, STEPS = 7, 4
+
+
+def fit_bn(world_size, strategy="pipebd", plan=None, sync=True):
+    teacher, student = cnn_pair(width=8, depth=1, student_depth=1, seed=0)
+    distiller = pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+                                 device="cpu")
+    g = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randn(20, 3, 32, 32, generator=g), torch.randint(0, 10, (20,), generator=g))
+    distiller.fit(data, batch_size=BATCH, steps=STEPS, world_size=world_size, strategy=strategy, plan=plan,
+                  seed=1, timeout=60, sync_batchnorm=sync)
+    return distiller.student_model().state_dict()
+
+
+def max_diff(a, b):
+    assert list(a) == list(b)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def bn_reference():
+    return fit_bn(1)
+
+
+@pytest.mark.parametrize("world_size, strategy, plan", [
+    (3, "pipebd", pipebd.Plan([[0], [1, 2, 3]], [1, 2])),
+    (2, "baseline", None),
+], ids=["hybrid-w3", "baseline-w2"])
+def test_sync_batchnorm_fit_matches_one_process(bn_reference, world_size, strategy, plan):
+    # Weights and running statistics (every state-dict entry) of a BatchNorm student.
+    assert max_diff(fit_bn(world_size, strategy, plan), bn_reference) <= TOL
+
+
+def test_per_replica_batchnorm_differs_from_one_process(bn_reference):
+    # Guards the test above: the default (per-replica statistics) is not the one-process result.
+    got = fit_bn(3, plan=pipebd.Plan([[0], [1, 2, 3]], [1, 2]), sync=False)
+    assert max_diff(got, bn_reference) > 1e-3
+
+
+def test_sync_batchnorm_must_be_a_bool():
+    teacher, student = cnn_pair(width=8, depth=1, seed=0)
+    with pytest.raises(TypeError, match="sync_batchnorm must be True or False"):
+        pipebd.Distiller(teacher, student, device="cpu").fit(torch.randn(8, 3, 32, 32), batch_size=4, steps=1,
+                                                             sync_batchnorm="yes")
