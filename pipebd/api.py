@@ -142,13 +142,7 @@ class Distiller:
         """Check the checkpoint options and ``directory``; on resume, check every saved state
         (``checkpoint.check``), then load the saved student weights into the blocks and give
         the job each block's step and optimizer state. A fresh run saves every block at step 0."""
-        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
-            raise ValueError(f"checkpoint_every must be an integer >= 1, got {every!r}")
-        if every is not None and directory is None:
-            raise ValueError("checkpoint_every needs checkpoint_dir: where to write the checkpoints")
-        if not isinstance(resume, bool):
-            raise TypeError(f"resume must be True or False, got {resume!r}")
-        directory = None if directory is None else os.path.abspath(os.fspath(directory))
+        directory = checkpoint.options(directory, every, resume)
         spmd = torchrun_env() is not None and directory is not None
         if spmd:
             import torch.distributed as dist
@@ -161,9 +155,9 @@ class Distiller:
                              f"pass a larger steps to train further")
         checkpoint.check(states, self.student, self.optimizer, self.scheduler)
         for block, state in states.items():
-            self.student[block].load_state_dict(state["student"])
+            self.student[block].load_state_dict(state["weights"])
         job.start = {block: state["step"] for block, state in states.items()}
-        job.resume_state = {block: {k: v for k, v in state.items() if k != "student"} for block, state in states.items()}
+        job.resume_state = {block: {k: v for k, v in state.items() if k != "weights"} for block, state in states.items()}
         if states:
             log.info("pipebd: resuming from %s; blocks had completed steps %s", directory,
                      [job.start_of(i) for i in range(self.num_blocks)])

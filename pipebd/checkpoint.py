@@ -12,8 +12,9 @@ Nor do the plan, strategy or world size of the resumed run have to match the int
 
 ``checkpoint_dir`` holds::
 
-    run.json       what the data order depends on: blocks, batch size, seed, dataset length
-    block{i}.pt    block i: {"format", "block", "step", "student", "optimizer", "optimizer_type",
+    run.json       {"kind": "distill"} and what the data order depends on: blocks, batch size,
+                   seed, dataset length
+    block{i}.pt    block i: {"format", "block", "step", "weights", "optimizer", "optimizer_type",
                    "scheduler", "scheduler_type"}, tensors on the CPU
 
 A fresh run saves every block at step 0 before it starts, so a resume never depends on how the
@@ -23,6 +24,20 @@ the previous checkpoint whole; a block whose weights are no longer finite is not
 first checks every saved state against a fresh optimizer and scheduler, before anything is
 loaded or started. Blocks with randomness in training (dropout) resume with fresh random state,
 so only deterministic blocks resume bit for bit. The teacher is not saved: pass the same teacher.
+
+Codistillation (``Codistillation.fit``) couples its models through the checkpoints they
+exchange, so its checkpoints are a consistent cut instead: at a checkpoint step every model's
+first rank writes its file into a directory of that step, all ranks meet at a barrier, and only
+then does rank 0 record the step in ``run.json`` and remove older step directories. A crash at
+any point leaves the last recorded step whole. Each model's file also holds its own weights at
+the last two exchange steps, which are what the others distill from next (the staleness rule of
+``pipebd.runtime.exchange``), so a resumed run distills from the same weights::
+
+    run.json              {"kind": "codistill", n, mode, batch size, seed, dataset length,
+                           exchange_every, "step": the last complete checkpoint}
+    step{t}/model{i}.pt   model i after t steps: the training state above plus "snapshots"
+                          (exchange step -> packed weights) and "sources" (the steps distilled
+                          from so far)
 """
 
 from __future__ import annotations
@@ -30,16 +45,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 log = logging.getLogger("pipebd")
 
-FORMAT = 1
+FORMAT = 2   # 2: the weights are saved under "weights" (1: "student")
 RUN_FILE = "run.json"
 
 
@@ -51,6 +67,38 @@ class RunKey:
     batch_size: int
     seed: int
     dataset_len: int
+
+    kind = "distill"
+
+
+@dataclass(frozen=True)
+class CodistillKey:
+    """What a codistillation run's batches and exchanges depend on."""
+
+    n: int
+    mode: str
+    batch_size: int
+    seed: int
+    dataset_len: int
+    exchange_every: int
+
+    kind = "codistill"
+
+
+def options(directory: str | os.PathLike | None, every: int | None, resume: bool) -> str | None:
+    """Check a fit's checkpoint arguments; returns ``directory`` as an absolute path (or None)."""
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        raise ValueError(f"checkpoint_every must be an integer >= 1, got {every!r}")
+    if every is not None and directory is None:
+        raise ValueError("checkpoint_every needs checkpoint_dir: where to write the checkpoints")
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be True or False, got {resume!r}")
+    return None if directory is None else os.path.abspath(os.fspath(directory))
+
+
+def due(done: int, steps: int, directory: str | None, every: int | None) -> bool:
+    """Whether a run saves after ``done`` completed steps: every ``every`` steps and after the last."""
+    return directory is not None and (done == steps or (every is not None and done % every == 0))
 
 
 def block_path(directory: str, block: int) -> str:
@@ -101,15 +149,61 @@ def _cpu(obj: Any) -> Any:
     return obj
 
 
+def training_state(module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> dict:
+    """The weights, optimizer and scheduler state of one trained module, on the CPU."""
+    return {"weights": _cpu(module.state_dict()),
+            "optimizer": _cpu(optimizer.state_dict()), "optimizer_type": type(optimizer).__qualname__,
+            "scheduler": _cpu(scheduler.state_dict()) if scheduler is not None else None,
+            "scheduler_type": type(scheduler).__qualname__ if scheduler is not None else None}
+
+
 def save_block(directory: str, block: int, step: int, student: nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: Any = None) -> None:
     """Save block ``block`` after ``step`` completed steps (tensors copied to the CPU)."""
-    state = {"format": FORMAT, "block": block, "step": step, "student": _cpu(student.state_dict()),
-             "optimizer": _cpu(optimizer.state_dict()), "optimizer_type": type(optimizer).__qualname__,
-             "scheduler": _cpu(scheduler.state_dict()) if scheduler is not None else None,
-             "scheduler_type": type(scheduler).__qualname__ if scheduler is not None else None}
+    state = {"format": FORMAT, "block": block, "step": step, **training_state(student, optimizer, scheduler)}
     os.makedirs(directory, exist_ok=True)
     atomic_write(block_path(directory, block), lambda f: torch.save(state, f))
+
+
+def _read_run(directory: str | None, key: RunKey | CodistillKey, resume: bool) -> dict | None:
+    """The run recorded in ``directory`` if this run resumes it, None for a fresh start; raises
+    ValueError when it belongs to another run or ``resume=False`` would overwrite it."""
+    if directory is None:
+        if resume:
+            raise ValueError("resume=True needs checkpoint_dir: the directory to resume from")
+        return None
+    run_file = os.path.join(directory, RUN_FILE)
+    if not os.path.exists(run_file):
+        if resume:
+            log.warning("pipebd: no checkpoint in %s; starting from step 0", directory)
+        return None
+    if not resume:
+        raise ValueError(f"{directory} already holds a pipebd run ({RUN_FILE}); pass resume=True to continue "
+                         f"it, or choose an empty directory")
+    try:
+        with open(run_file) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {run_file}: {err}") from err
+    kinds = {"distill": "a Distiller", "codistill": "a Codistillation"}
+    if saved.get("kind") != key.kind:
+        raise ValueError(f"the checkpoint in {directory} is of {kinds.get(saved.get('kind'), 'an unknown')} run, "
+                         f"not of {kinds[key.kind]} run")
+    for name, value in asdict(key).items():
+        if saved.get(name) != value:
+            raise ValueError(f"the checkpoint in {directory} is of a run with {name}={saved.get(name)!r}, "
+                             f"this run has {name}={value!r}: its batches would differ")
+    return saved
+
+
+def _load(path: str, what: str, field: str, value: int) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read the checkpoint of {what} ({path}): {err}") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT or state.get(field) != value:
+        raise ValueError(f"{path} is not a pipebd checkpoint of {what} (format {FORMAT})")
+    return state
 
 
 def read(directory: str | None, key: RunKey, steps: int, resume: bool) -> dict[int, dict]:
@@ -117,35 +211,14 @@ def read(directory: str | None, key: RunKey, steps: int, resume: bool) -> dict[i
     (block -> the file's dict), or {} for a fresh start. Raises ValueError when the directory
     belongs to another run, holds a checkpoint that ``resume=False`` would overwrite, or a block
     has already trained beyond ``steps``."""
-    if directory is None:
-        if resume:
-            raise ValueError("resume=True needs checkpoint_dir: the directory to resume from")
+    if _read_run(directory, key, resume) is None:
         return {}
-    run_file = os.path.join(directory, RUN_FILE)
-    if not os.path.exists(run_file):
-        if resume:
-            log.warning("pipebd: no checkpoint in %s; starting from step 0", directory)
-        return {}
-    if not resume:
-        raise ValueError(f"{directory} already holds a pipebd run ({RUN_FILE}); pass resume=True to continue "
-                         f"it, or choose an empty directory")
-    with open(run_file) as f:
-        saved = json.load(f)
-    for name, value in asdict(key).items():
-        if saved.get(name) != value:
-            raise ValueError(f"the checkpoint in {directory} is of a run with {name}={saved.get(name)!r}, "
-                             f"this run has {name}={value!r}: its batches would differ")
     states = {}
     for block in range(key.num_blocks):
         path = block_path(directory, block)
         if not os.path.exists(path):
             continue
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"cannot read the checkpoint of block {block} ({path}): {err}") from err
-        if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("block") != block:
-            raise ValueError(f"{path} is not a pipebd checkpoint of block {block} (format {FORMAT})")
+        state = _load(path, f"block {block}", "block", block)
         if state["step"] > steps:
             raise ValueError(f"block {block} of the checkpoint in {directory} has trained {state['step']} "
                              f"steps, more than steps={steps}")
@@ -153,43 +226,98 @@ def read(directory: str | None, key: RunKey, steps: int, resume: bool) -> dict[i
     return states
 
 
-def start(directory: str, key: RunKey) -> None:
+def start(directory: str, key: RunKey | CodistillKey, **extra: Any) -> None:
     """Create ``directory`` if needed, remove temporary files a killed run left, and record
-    this run's key in it."""
+    this run's key (and ``extra``) in it."""
     os.makedirs(directory, exist_ok=True)
     for name in os.listdir(directory):
         if name.startswith(TMP_PREFIX):
             os.unlink(os.path.join(directory, name))
-    atomic_write(os.path.join(directory, RUN_FILE), lambda f: f.write(json.dumps(asdict(key), indent=1)), "w")
+    record = {"kind": key.kind, **asdict(key), **extra}
+    atomic_write(os.path.join(directory, RUN_FILE), lambda f: f.write(json.dumps(record, indent=1)), "w")
 
 
-def check(states: dict[int, dict], student: dict[int, nn.Module] | list[nn.Module],
-          optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable[..., Any] | None) -> None:
-    """Refuse, naming the block, any saved state that does not fit its student block or a fresh
-    optimizer and scheduler from this run's factories. Nothing is loaded into ``student``."""
-    for block, state in states.items():
-        module = student[block]
+def model_path(directory: str, step: int, model: int) -> str:
+    return os.path.join(directory, f"step{step}", f"model{model}.pt")
+
+
+def save_model(directory: str, model: int, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: Any, snapshots: dict[int, dict[torch.dtype, Tensor]], sources: list[int | None]) -> None:
+    """Write codistillation model ``model``'s file for checkpoint step ``step``; the step counts
+    only once ``commit`` records it."""
+    state = {"format": FORMAT, "model": model, "step": step, **training_state(module, optimizer, scheduler),
+             "snapshots": {s: {str(d).removeprefix("torch."): f.detach().cpu() for d, f in packed.items()}
+                           for s, packed in snapshots.items()},
+             "sources": list(sources)}
+    path = model_path(directory, step, model)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def commit(directory: str, key: CodistillKey, step: int) -> None:
+    """Record ``step`` as the run's checkpoint (every model's file for it is on disk) and
+    remove the step directories of older or unfinished checkpoints."""
+    start(directory, key, step=step)
+    for name in os.listdir(directory):
+        if name.startswith("step") and name != f"step{step}":
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def read_codistill(directory: str | None, key: CodistillKey, steps: int, resume: bool) -> tuple[int, dict[int, dict]]:
+    """The step of the checkpoint in ``directory`` and each model's saved state (snapshots
+    unpacked to dtype -> flat tensor), or ``(0, {})`` for a fresh start."""
+    saved = _read_run(directory, key, resume)
+    if saved is None:
+        return 0, {}
+    step = saved.get("step")
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"{os.path.join(directory, RUN_FILE)} records no checkpoint step")
+    if step > steps:
+        raise ValueError(f"the checkpoint in {directory} has trained {step} steps, more than steps={steps}")
+    if step == steps:
+        raise ValueError(f"the checkpoint in {directory} has completed steps={steps}; pass a larger steps "
+                         f"to train further")
+    states = {}
+    for i in range(key.n):
+        path = model_path(directory, step, i)
+        if not os.path.exists(path):
+            raise ValueError(f"the checkpoint in {directory} of step {step} has no file for model {i} ({path})")
+        state = _load(path, f"model {i}", "model", i)
+        state["snapshots"] = {s: {getattr(torch, d): f for d, f in packed.items()}
+                              for s, packed in state["snapshots"].items()}
+        states[i] = state
+    return step, states
+
+
+def check(states: dict[int, dict], modules: dict[int, nn.Module] | list[nn.Module],
+          optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable[..., Any] | None,
+          what: str = "student block") -> None:
+    """Refuse, naming the block (or model: ``what``), any saved state that does not fit its
+    module or a fresh optimizer and scheduler from this run's factories. Nothing is loaded."""
+    for index, state in states.items():
+        module = modules[index]
         have = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-        saved = {k: tuple(v.shape) for k, v in state["student"].items()}
+        saved = {k: tuple(v.shape) for k, v in state["weights"].items()}
         if have != saved:
             diff = sorted(k for k in have.keys() | saved.keys() if have.get(k) != saved.get(k))
-            raise ValueError(f"the checkpoint of student block {block} does not fit the student block: "
+            raise ValueError(f"the checkpoint of {what} {index} does not fit the {what}: "
                              f"{', '.join(f'{k} saved {saved.get(k)} vs {have.get(k)}' for k in diff[:4])}")
         probe = optimizer(module.parameters())     # built, never stepped: the weights stay as they are
-        load_training(block, probe, scheduler(probe) if scheduler is not None else None, state)
+        load_training(f"{what} {index}", probe, scheduler(probe) if scheduler is not None else None, state)
 
 
-def load_training(block: int, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict) -> None:
-    """Restore a block's optimizer and scheduler state (on a rank, after they are built)."""
+def load_training(name: str, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict) -> None:
+    """Restore the optimizer and scheduler state of ``name`` (a block or model; on a rank,
+    after they are built)."""
     for what, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
         saved, have = state[f"{what}_type"], type(obj).__qualname__ if obj is not None else None
         if saved != have:
-            raise ValueError(f"the checkpoint of block {block} was saved with {what} {saved}, this run has "
+            raise ValueError(f"the checkpoint of {name} was saved with {what} {saved}, this run has "
                              f"{have}; resume with the same {what}")
     try:
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"the checkpoint's optimizer or scheduler state of block {block} does not fit: "
+        raise ValueError(f"the checkpoint's optimizer or scheduler state of {name} does not fit: "
                          f"{err!r}") from err

@@ -36,10 +36,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import checkpoint
 from .api import _device_of
 from .data import BatchOrder, dataset_length, load_rows, probe_item
 from .losses import _BACKENDS, soft_target_loss
-from .runtime.exchange import PeerLogits, Transfer, WeightExchange, pack, unpack
+from .runtime.exchange import PeerLogits, Transfer, WeightExchange, packed_sizes, pack, unpack
 from .runtime.launch import _broadcast_from_rank0, backend_for, init_spmd, spawn_tasks, torchrun_env
 from .runtime.redistribute import slices
 from .runtime.worker import NonFiniteLoss, progress_bar
@@ -102,6 +103,11 @@ class _Job:
     threads: int | None
     progress: bool
     timeout: float
+    start: int = 0                     # steps completed before this fit (resume)
+    resume_state: dict[int, dict] = field(default_factory=dict)   # model -> its checkpoint, less the weights
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    key: checkpoint.CodistillKey | None = None
 
     @property
     def n(self) -> int:
@@ -118,6 +124,12 @@ class _Job:
         k = self.exchange_every
         return (self.exchanges and step > 0 and step % k == 0
                 and step + k < self.steps and step + 2 * k > self.burn_in)
+
+    def restored_exchanges(self) -> tuple[int, int]:
+        """For a run resumed after ``start`` steps: the steps of the checkpoints installed and
+        pending at that point (the last exchange before ``start`` and the one before it)."""
+        last = self.exchange_every * ((self.start - 1) // self.exchange_every)
+        return last - self.exchange_every, last
 
 
 @dataclass
@@ -204,7 +216,8 @@ class Codistillation:
     def fit(self, dataset: Any, batch_size: int, steps: int, world_size: int = 1, seed: int = 0, *,
             eval_data: tuple[Tensor, Tensor] | None = None, eval_every: int | None = None,
             keep_checkpoints: bool = False, threads: int | None = None, progress: bool | None = None,
-            timeout: float = 600.0) -> "CodistillReport":
+            timeout: float = 600.0, checkpoint_dir: str | os.PathLike | None = None,
+            checkpoint_every: int | None = None, resume: bool = False) -> "CodistillReport":
         """Train every model for ``steps`` steps of ``batch_size`` samples each.
 
         ``world_size``: 1 (all models in this process) or a multiple of n (``world_size // n``
@@ -213,6 +226,13 @@ class Codistillation:
         recorded every ``eval_every`` steps and after the last (``report.accuracy``).
         ``keep_checkpoints`` records every published and installed checkpoint in the report (for
         tests of the staleness rule; costs memory). ``timeout`` (seconds) bounds every transfer.
+
+        ``checkpoint_dir``: every model's weights, optimizer and scheduler state (and its
+        weights at the last two exchanges, which the others distill from next) are saved there
+        every ``checkpoint_every`` steps and after the last, as one consistent step for all
+        models (``pipebd.checkpoint``). ``resume=True`` continues from the last complete step,
+        on any world size, and ends with the weights of an uninterrupted run; ``steps`` may be
+        raised. A directory that holds a run is refused without ``resume``.
         Raises ValueError/TypeError before any process starts; ``pipebd.WorkerError`` if a rank
         fails (``pipebd.ExchangeError`` in its message when a transfer failed).
         """
@@ -221,6 +241,7 @@ class Codistillation:
             raise ValueError(f"fit(world_size={world_size}) but torchrun started WORLD_SIZE={env[1]} processes")
         job = self._job(dataset, batch_size, steps, world_size, seed, eval_data, eval_every, keep_checkpoints,
                         threads, progress, timeout)
+        self._checkpoints(job, checkpoint_dir, checkpoint_every, resume)
         log.info("pipebd: %s of %d models on %d rank(s)", self.mode, self.n, world_size)
         if env is not None:
             init_spmd(self.device, timeout)
@@ -237,6 +258,43 @@ class Codistillation:
             for i, state in r.state.items():
                 self._models[i].load_state_dict(state)
         return _build_report(job, world_size, results)
+
+    def _checkpoints(self, job: _Job, directory: str | os.PathLike | None, every: int | None, resume: bool) -> None:
+        """Check the checkpoint options and ``directory``; on resume, check every model's saved
+        state, load the weights into the models and give the job the rest. A fresh run saves
+        step 0 first."""
+        directory = checkpoint.options(directory, every, resume)
+        spmd = torchrun_env() is not None and directory is not None
+        if spmd:
+            init_spmd(self.device, job.timeout)
+            _rank_device(self.device, dist.get_rank(), dist.get_world_size())   # before NCCL's barrier
+        key = checkpoint.CodistillKey(job.n, job.mode, job.batch_size, job.seed, dataset_length(job.dataset),
+                                      job.exchange_every)
+        start, states = checkpoint.read_codistill(directory, key, job.steps, resume)
+        checkpoint.check(states, job.models, job.optimizer, job.scheduler, what="model")
+        job.start = start
+        if states and job.exchanges:
+            for step in job.restored_exchanges():
+                if step > 0 and job.publishes_at(step):
+                    for j, model in enumerate(job.models):
+                        _check_snapshot(directory, states[j]["snapshots"].get(step), model, j, step)
+        for i, state in states.items():
+            job.models[i].load_state_dict(state["weights"])
+        job.resume_state = {i: {k: v for k, v in state.items() if k != "weights"} for i, state in states.items()}
+        if states:
+            log.info("pipebd: resuming the codistillation in %s after step %d", directory, start)
+        if directory is None:
+            return
+        if spmd:
+            dist.barrier()   # every rank has read the directory before rank 0 writes to it
+        if not spmd or dist.get_rank() == 0:
+            if not states:   # a fresh run saves its initial state, so a resume never rebuilds it
+                for i, model in enumerate(job.models):
+                    optimizer = job.optimizer(model.parameters())
+                    scheduler = job.scheduler(optimizer) if job.scheduler is not None else None
+                    checkpoint.save_model(directory, i, 0, model, optimizer, scheduler, {}, [])
+            checkpoint.commit(directory, key, start)
+        job.checkpoint_dir, job.checkpoint_every, job.key = directory, every, key
 
     def _job(self, dataset: Any, batch_size: int, steps: int, world_size: int, seed: int,
              eval_data: Any, eval_every: int | None, keep_checkpoints: bool, threads: int | None,
@@ -329,6 +387,15 @@ class Codistillation:
             raise ValueError(f"the models' logits differ in shape per sample: {sorted(shapes)}")
 
 
+def _check_snapshot(directory: str, packed: dict | None, model: nn.Module, j: int, step: int) -> None:
+    if packed is None:
+        raise ValueError(f"the checkpoint in {directory} holds no weights of model {j} after step {step}, which "
+                         f"the resumed run distills from (was it saved without a distillation term, alpha=0?)")
+    if {d: f.numel() for d, f in packed.items()} != packed_sizes(model):
+        raise ValueError(f"the weights of model {j} after step {step} in the checkpoint in {directory} do not "
+                         f"fit model {j}")
+
+
 def _rank_device(device: str, rank: int, world_size: int) -> torch.device:
     """The rank's device; on CUDA with several ranks its own GPU (LOCAL_RANK under torchrun, the
     rank for spawned workers), made current before any NCCL collective."""
@@ -346,7 +413,7 @@ class _Rank:
 
     def __init__(self, job: _Job, rank: int, world_size: int):
         n = job.n
-        self.job, self.rank = job, rank
+        self.job, self.rank, self.world_size = job, rank, world_size
         self.g = max(1, world_size // n)
         self.own = list(range(n)) if world_size == 1 else [rank // self.g]
         self.leader = rank % self.g == 0
@@ -365,6 +432,13 @@ class _Rank:
                     self.groups.append(group)
         self.optimizers = {i: job.optimizer(self.models[i].parameters()) for i in self.own}
         self.schedulers = {i: job.scheduler(o) for i, o in self.optimizers.items()} if job.scheduler else {}
+        for i in self.own:
+            if i in job.resume_state:
+                checkpoint.load_training(f"model {i}", self.optimizers[i], self.schedulers.get(i), job.resume_state[i])
+        # Each model's weights at the last two exchange steps: what the others distill from next,
+        # saved with its checkpoint (kept only by the ranks that save).
+        self.snapshots: dict[int, dict[int, dict[torch.dtype, Tensor]]] = {
+            i: dict(job.resume_state[i]["snapshots"]) if i in job.resume_state else {} for i in self.own}
         self.lo, self.hi = slices(job.batch_size, self.g)[rank % self.g]
         self.scale = self.g / job.batch_size   # local sum -> share of the global mean, before DDP averages
         if job.mode == "codistill":
@@ -382,7 +456,8 @@ class _Rank:
                                            self.device, job.timeout)
             self.groups += self.exchange.groups.values()
         self.losses = torch.zeros(job.steps, n, dtype=torch.float32, device=self.device)
-        self.sources: list[int | None] = []
+        self.losses[:job.start] = float("nan")   # steps completed before a resume
+        self.sources: list[int | None] = list(job.resume_state[0]["sources"]) if job.resume_state else []
         self.eval_steps: list[int] = []
         self.eval_probs: dict[int, list[Tensor]] = {i: [] for i in self.own}
         self.published: dict = {}
@@ -407,7 +482,8 @@ class _Rank:
             received = self.exchange.wait(transfer)
         for j, packed in received.items():
             unpack(self.stale[j], packed)
-        self.exchanged_bytes += transfer.bytes
+        if not transfer.restored:
+            self.exchanged_bytes += transfer.bytes
         if self.job.keep_checkpoints:
             for i in self.own:
                 self.installed[(i, step)] = {j: {d: f.cpu() for d, f in received[j].items()}
@@ -430,6 +506,54 @@ class _Rank:
             return {i: torch.stack([everyone[j] for j in range(job.n) if j != i]) for i in self.own}
         with self.recorder.span("teacher", step), torch.no_grad():
             return {i: torch.stack([self.stale[j](xs[i]) for j in range(job.n) if j != i]) for i in self.own}
+
+    def restore(self) -> tuple[Transfer | None, int | None]:
+        """After a resume: put the checkpoint the others distill from into the stale copies and
+        return the exchange that was in flight (as a transfer already received) and the step of
+        the installed checkpoint, as an uninterrupted run would have them."""
+        job = self.job
+        installed, last = job.restored_exchanges()
+        step = None
+        if installed > 0 and job.publishes_at(installed):
+            for j, model in self.stale.items():
+                unpack(model, self._saved(j, installed))
+            step = installed
+        pending = None
+        if last > 0 and job.publishes_at(last):
+            pending = Transfer(last // job.exchange_every, last, {j: self._saved(j, last) for j in self.stale},
+                               restored=True)
+        return pending, step
+
+    def _saved(self, j: int, step: int) -> dict[torch.dtype, Tensor]:
+        return {d: f.to(self.device) for d, f in self.job.resume_state[j]["snapshots"][step].items()}
+
+    def snapshot(self, step: int) -> None:
+        """At an exchange step, keep this rank's models' weights for their checkpoints."""
+        if self.job.checkpoint_dir is None or not self.job.exchanges or not self.leader:
+            return
+        for i in self.own:
+            kept = self.snapshots[i]
+            kept[step] = pack(self.models[i])
+            for old in [s for s in kept if s < step - self.job.exchange_every]:
+                del kept[old]
+
+    def save(self, done: int) -> None:
+        """Checkpoint step ``done``: the leaders write their models' files, every rank meets at
+        a barrier, then rank 0 records the step (``checkpoint.commit``)."""
+        job = self.job
+        with self.recorder.span("checkpoint", done - 1):
+            if self.leader:
+                for i in self.own:
+                    if not all(bool(torch.isfinite(v).all()) for v in self.models[i].state_dict().values()
+                               if v.is_floating_point()):
+                        raise NonFiniteLoss(f"non-finite weights of model {i} after step {done - 1}; "
+                                            f"the checkpoint of an earlier step is kept")
+                    checkpoint.save_model(job.checkpoint_dir, i, done, self.models[i], self.optimizers[i],
+                                          self.schedulers.get(i), self.snapshots[i], self.sources)
+            if self.world_size > 1:
+                dist.barrier()
+            if self.rank == 0:
+                checkpoint.commit(job.checkpoint_dir, job.key, done)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> None:
@@ -473,10 +597,13 @@ def _run(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
     k = job.exchange_every
     pending: Transfer | None = None
     installed_step: int | None = None   # the step of the others' checkpoint in rt.stale
-    bar = progress_bar(job.steps, f"pipebd {job.mode}", job.progress and rank == 0)
+    if job.start > 0 and job.exchanges:
+        pending, installed_step = rt.restore()
+    bar = progress_bar(job.steps - job.start, f"pipebd {job.mode}", job.progress and rank == 0)
     try:
-        for t in range(job.steps):
+        for t in range(job.start, job.steps):
             if job.mode == "codistill" and t > 0 and t % k == 0:
+                rt.snapshot(t)
                 if pending is not None:
                     rt.install(pending, t)
                     installed_step = pending.step
@@ -507,11 +634,14 @@ def _run(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
                     rt.optimizers[i].zero_grad(set_to_none=True)
                     if rt.schedulers:
                         rt.schedulers[i].step()
-            if rt.device.type == "cpu" or t == job.steps - 1 or t % 20 == 19:
+            due = checkpoint.due(t + 1, job.steps, job.checkpoint_dir, job.checkpoint_every)
+            if rt.device.type == "cpu" or t == job.steps - 1 or t % 20 == 19 or due:
                 rt.check_finite(t)
             if job.eval_data is not None and ((job.eval_every and (t + 1) % job.eval_every == 0)
                                               or t == job.steps - 1):
                 rt.evaluate(t + 1)
+            if due:
+                rt.save(t + 1)
             bar.update()
     finally:
         bar.close()
@@ -557,11 +687,13 @@ class CodistillReport:
     tracks: list[tuple[str, list[Span]]] = field(repr=False)
     published: dict = field(default_factory=dict, repr=False)
     installed: dict = field(default_factory=dict, repr=False)
+    start: int = 0                       # steps completed before a resumed fit (their losses are NaN)
 
     @property
     def samples_per_s(self) -> float:
-        """Training samples per second, all models together."""
-        return self.n * self.steps * self.batch_size / self.wall_s if self.wall_s > 0 else float("inf")
+        """Training samples per second of this fit, all models together."""
+        trained = self.steps - self.start
+        return self.n * trained * self.batch_size / self.wall_s if self.wall_s > 0 else float("inf")
 
     @property
     def accuracy(self) -> list[list[float]]:
@@ -584,6 +716,8 @@ class CodistillReport:
                  f"({g} rank(s) per model) batch_size={self.batch_size} steps={self.steps}",
                  f"throughput {self.samples_per_s:.1f} samples/s, all models (wall {self.wall_s:.3f} s)",
                  "distillation term: " + (f"from step {first}" if first is not None else "never on")]
+        if self.start:
+            lines.append(f"resumed after step {self.start} (losses from step {self.start} on)")
         if self.mode == "codistill":
             lines.append(f"exchanges every {self.exchange_every} steps: {self.exchanged_bytes / 1e6:.3f} MB "
                          f"received per rank (max), {self.exchange_wait_s:.3f} s blocked on transfers (max)")
@@ -592,7 +726,7 @@ class CodistillReport:
                      + (f" {'accuracy':>9}" if accuracy else ""))
         for i, h in enumerate(self.losses):
             last = sum(h[-5:]) / len(h[-5:])
-            lines.append(f"{i:>5} {h[0]:>10.4g} {last:>10.4g}" + (f" {accuracy[i][-1]:>9.2%}" if accuracy else ""))
+            lines.append(f"{i:>5} {h[self.start]:>10.4g} {last:>10.4g}" + (f" {accuracy[i][-1]:>9.2%}" if accuracy else ""))
         if accuracy and self.n > 1:
             lines.append(f"ensemble accuracy after {self.eval_steps[-1]} steps: {self.ensemble_accuracy[-1]:.2%}")
         return "\n".join(lines)
@@ -620,4 +754,4 @@ def _build_report(job: _Job, world_size: int, results: list[_RankResult]) -> Cod
     return CodistillReport(job.mode, job.n, world_size, job.batch_size, job.steps, job.exchange_every,
                            max(r.elapsed for r in results), losses, results[0].sources, results[0].eval_steps,
                            eval_probs, labels, wait, max(r.exchanged_bytes for r in results), tracks,
-                           published, installed)
+                           published, installed, job.start)

@@ -117,7 +117,7 @@ def test_resume_from_an_empty_directory_starts_at_step_0(tmp_path, reference):
     assert max_diff(weights(d), reference) == 0.0
     assert report.start == [0] * BLOCKS
     assert json.loads((tmp_path / "new" / "run.json").read_text()) == {
-        "num_blocks": BLOCKS, "batch_size": BATCH, "seed": 0, "dataset_len": len(DATA)}
+        "kind": "distill", "num_blocks": BLOCKS, "batch_size": BATCH, "seed": 0, "dataset_len": len(DATA)}
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -212,7 +212,7 @@ def test_non_finite_weights_never_replace_a_good_checkpoint(tmp_path):
     with pytest.raises(pipebd.NonFiniteLoss, match="non-finite weights at stage 0, block 0 after step 9"):
         d.fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, checkpoint_every=5, progress=False)
     saved = torch.load(checkpoint.block_path(tmp_path, 0), weights_only=True)
-    assert saved["step"] == 5 and all(torch.isfinite(v).all() for v in saved["student"].values())
+    assert saved["step"] == 5 and all(torch.isfinite(v).all() for v in saved["weights"].values())
 
 
 def test_files_are_whole_readable_and_stale_temporaries_go(tmp_path):

@@ -66,16 +66,33 @@ def test_torchrun_resumes_from_a_checkpoint(tmp_path):
         assert max((a - b).abs().max().item() for a, b in zip(got["weights"], reference)) <= 1e-5
 
 
+def torchrun_codistill(out, mode, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(Path(__file__).with_name("torchrun_codistill.py")), str(out), mode,
+           *map(str, extra)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("mode", ["codistill", "online"])
 def test_torchrun_codistillation_matches_the_reference_loop(tmp_path, mode):
     # 2 models x 2 ranks (DDP groups); every rank ends with both trained models.
     from test_codistill import max_diff, reference
     out = tmp_path / "result"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(Path(__file__).with_name("torchrun_codistill.py")), str(out), mode]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun_codistill(out, mode)
     want, _ = reference(2, mode, burn_in=10)
+    for rank in range(4):
+        assert max_diff(torch.load(f"{out}.{rank}"), want) <= 1e-5
+
+
+def test_torchrun_codistillation_resumes_from_a_checkpoint(tmp_path):
+    # 14 of 24 steps, then the rest: the resume restores the stale copies (step 8) and the
+    # exchange in flight (step 12) on every rank from the files of both models.
+    from test_codistill import max_diff, reference
+    out, saved = tmp_path / "result", tmp_path / "checkpoint"
+    torchrun_codistill(out, "codistill", saved, 14, "new")
+    torchrun_codistill(out, "codistill", saved, 24, "resume")
+    want, _ = reference(2, "codistill", burn_in=10)
     for rank in range(4):
         assert max_diff(torch.load(f"{out}.{rank}"), want) <= 1e-5

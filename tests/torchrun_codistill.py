@@ -1,6 +1,7 @@
 """Run under torchrun by test_torchrun.py: every rank calls Codistillation.fit (SPMD) and saves
 the trained models. Ranks other than 0 perturb their initial weights on purpose: fit must start
-every rank from rank 0's models."""
+every rank from rank 0's models. Optional ``argv[3:6]``: a checkpoint directory, the steps, and
+"resume" or "new"."""
 
 import os
 import sys
@@ -20,5 +21,8 @@ if __name__ == "__main__":
                 p.add_(rank)
     cd = pipebd.Codistillation(models, optimizer=sgd, alpha=0.7, temperature=2.0, burn_in=10, exchange_every=K,
                                mode=mode, backend="torch", device="cpu")
-    cd.fit(dataset(), batch_size=BATCH, steps=STEPS, world_size=world, seed=3, timeout=60)
+    checkpoints = {}
+    if len(sys.argv) > 3:
+        checkpoints = dict(checkpoint_dir=sys.argv[3], steps=int(sys.argv[4]), resume=sys.argv[5] == "resume")
+    cd.fit(dataset(), batch_size=BATCH, world_size=world, seed=3, timeout=60, **{"steps": STEPS, **checkpoints})
     torch.save([[p.detach() for p in m.parameters()] for m in cd.models], f"{out}.{rank}")

@@ -54,11 +54,16 @@ def unpack(module: nn.Module, flats: dict[torch.dtype, Tensor]) -> None:
             offsets[t.dtype] = start + t.numel()
 
 
-def _empty_like_packed(module: nn.Module, device: torch.device) -> dict[torch.dtype, Tensor]:
+def packed_sizes(module: nn.Module) -> dict[torch.dtype, int]:
+    """The number of elements of each flat tensor of ``pack(module)``."""
     sizes: dict[torch.dtype, int] = {}
     for t in checkpoint_tensors(module):
         sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
-    return {dtype: torch.empty(n, dtype=dtype, device=device) for dtype, n in sizes.items()}
+    return sizes
+
+
+def _empty_like_packed(module: nn.Module, device: torch.device) -> dict[torch.dtype, Tensor]:
+    return {dtype: torch.empty(n, dtype=dtype, device=device) for dtype, n in packed_sizes(module).items()}
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Transfer:
     received: dict[int, dict[torch.dtype, Tensor]]      # model -> packed checkpoint
     sent: dict[torch.dtype, Tensor] | None = None       # kept alive until the send completes
     works: list[tuple[int, Any]] = field(default_factory=list)   # (source model, work handle)
+    restored: bool = False                              # read from a checkpoint on resume, not sent
 
     @property
     def bytes(self) -> int:

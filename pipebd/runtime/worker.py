@@ -80,9 +80,7 @@ class Job:
 
     def checkpoint_due(self, step: int) -> bool:
         """Whether blocks save their state after completing ``step``."""
-        if self.checkpoint_dir is None:
-            return False
-        return step + 1 == self.steps or (self.checkpoint_every is not None and (step + 1) % self.checkpoint_every == 0)
+        return checkpoint.due(step + 1, self.steps, self.checkpoint_dir, self.checkpoint_every)
 
     def blocks_of(self, rank: int) -> list[int]:
         where = self.plan.locate(rank)
@@ -156,7 +154,7 @@ class RankRuntime:
         self.schedulers = {i: job.scheduler(self.optimizers[i]) for i in self.blocks} if job.scheduler else {}
         for i in self.blocks:
             if i in job.resume_state:
-                checkpoint.load_training(i, self.optimizers[i], self.schedulers.get(i), job.resume_state[i])
+                checkpoint.load_training(f"block {i}", self.optimizers[i], self.schedulers.get(i), job.resume_state[i])
         self.teacher_rows = {i: 0 for i in self.blocks}
         self.group_size = dist.get_world_size(group) if group is not None else 1
         # NaN marks the steps a resumed block had completed before this fit.
