@@ -11,26 +11,12 @@ import torch
 from torch import nn
 
 import pipebd
+from crash import crash_after
 from pipebd import checkpoint
 from pipebd.cli import main
 
 D, BLOCKS, BATCH, STEPS = 6, 5, 7, 20
 DATA = torch.randn(50, D, generator=torch.Generator().manual_seed(1))
-
-
-class Crashing(nn.Linear):
-    """A Linear (same state dict) that raises on its training call number ``fail_at + 1``."""
-
-    def __init__(self, features: int, fail_at: int | None = None):
-        super().__init__(features, features)
-        self.fail_at, self.calls = fail_at, 0
-
-    def forward(self, x):
-        if self.training and self.fail_at is not None:
-            self.calls += 1
-            if self.calls > self.fail_at:
-                raise RuntimeError("injected crash")
-        return super().forward(x)
 
 
 def warmup_then_cosine(optimizer):
@@ -40,7 +26,7 @@ def warmup_then_cosine(optimizer):
 def distiller(crash_block=None, crash_at=None, scheduler=warmup_then_cosine):
     torch.manual_seed(0)
     teacher = [nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(BLOCKS)]
-    student = [Crashing(D, crash_at if i == crash_block else None) for i in range(BLOCKS)]
+    student = [crash_after(nn.Linear(D, D), crash_at if i == crash_block else None) for i in range(BLOCKS)]
     return pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
                             scheduler=scheduler, device="cpu")
 

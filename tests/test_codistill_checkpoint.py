@@ -13,29 +13,15 @@ import torch
 from torch import nn
 
 import pipebd
+from crash import crash_after
 from pipebd import checkpoint
 from test_codistill import BATCH, FEATURES, K, STEPS, dataset, initial_models, sgd
 
 EVERY, TOL = 6, 1e-5
 
 
-class Crashing(nn.Sequential):
-    """The test models (same state dict) raising on training forward number ``fail_at + 1``."""
-
-    def __init__(self, model, fail_at=None):
-        super().__init__(*model)
-        self.fail_at, self.calls = fail_at, 0
-
-    def forward(self, x):
-        if self.training and self.fail_at is not None:
-            self.calls += 1
-            if self.calls > self.fail_at:
-                raise RuntimeError("injected crash")
-        return super().forward(x)
-
-
 def codistillation(mode="codistill", crash_model=None, crash_at=None, alpha=0.7, optimizer=sgd, exchange_every=K):
-    models = [Crashing(m, crash_at if i == crash_model else None) for i, m in enumerate(initial_models(2))]
+    models = [crash_after(m, crash_at if i == crash_model else None) for i, m in enumerate(initial_models(2))]
     return pipebd.Codistillation(models, optimizer=optimizer, alpha=alpha, temperature=2.0, burn_in=3,
                                  exchange_every=exchange_every, mode=mode, backend="torch", device="cpu")
 
