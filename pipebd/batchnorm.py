@@ -37,22 +37,24 @@ class GroupBatchNorm(_BatchNorm):
                  track_running_stats: bool = True, group: Any = None, device: Any = None, dtype: Any = None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.group = group
+        self.input_dims: tuple[int, ...] | None = None   # set by sync_batchnorm: the replaced layer's
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected an input of at least 2 dimensions (rows, channels, ...), got {input.dim()}")
+        if self.input_dims is not None and input.dim() not in self.input_dims:
+            raise ValueError(f"expected {' or '.join(map(str, self.input_dims))}D input, got {input.dim()}D input")
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        training = self.training or (self.running_mean is None and self.running_var is None)
-        if not training or self.group is None or dist.get_world_size(self.group) == 1:
+        # Only training synchronizes (as torch's SyncBatchNorm): in eval mode a layer without
+        # running statistics normalizes with its own rows, and no rank waits for the others.
+        if not self.training or self.group is None or dist.get_world_size(self.group) == 1:
             return super().forward(x)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
+        mean, var, rows = _group_moments(x, self.group)
+        if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        mean, var, rows = _group_moments(x, self.group)
-        if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
                 unbiased = var.detach() * (rows / (rows - 1))
@@ -114,10 +116,14 @@ def sync_batchnorm(module: nn.Module, group: Any) -> nn.Module:
     return _convert(copy.deepcopy(module), group)
 
 
+_INPUT_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+
+
 def _convert(module: nn.Module, group: Any) -> nn.Module:
     if isinstance(module, _BatchNorm) and not isinstance(module, GroupBatchNorm):
         out = GroupBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats, group)
+        out.input_dims = _INPUT_DIMS.get(type(module))
         if module.affine:
             out.weight, out.bias = module.weight, module.bias
         out.running_mean, out.running_var = module.running_mean, module.running_var

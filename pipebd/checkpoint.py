@@ -186,6 +186,9 @@ def _read_run(directory: str | None, key: RunKey | CodistillKey, resume: bool) -
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read {run_file}: {err}") from err
     kinds = {"distill": "a Distiller", "codistill": "a Codistillation"}
+    if "kind" not in saved:    # format 1 recorded no kind and saved the weights under another key
+        raise ValueError(f"the checkpoint in {directory} was written by an older pipebd (checkpoint format 1) "
+                         f"that this version cannot resume; start the run afresh in an empty directory")
     if saved.get("kind") != key.kind:
         raise ValueError(f"the checkpoint in {directory} is of {kinds.get(saved.get('kind'), 'an unknown')} run, "
                          f"not of {kinds[key.kind]} run")

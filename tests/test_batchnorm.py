@@ -112,13 +112,15 @@ def test_group_batchnorm_equals_one_full_batch_layer(three_ranks, name):
         torch.testing.assert_close(got["state"][key], ref["state"][key], atol=TOL, rtol=TOL, msg=key)
 
 
-def test_eval_mode_uses_the_running_statistics(three_ranks):
-    # In eval mode no statistics are exchanged: rank 0's output is plain BatchNorm on its rows.
-    bn = layer("2d")
-    bn.load_state_dict(three_ranks["2d"]["state"])
-    x, _ = inputs("2d", 0)
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_eval_mode_exchanges_nothing(three_ranks, name):
+    # In eval mode no statistics are exchanged (as torch's SyncBatchNorm): rank 0's output is
+    # plain BatchNorm on its rows, with the running statistics or, untracked, its rows' own.
+    bn = layer(name)
+    bn.load_state_dict(three_ranks[name]["state"])
+    x, _ = inputs(name, 0)
     lo, hi = slices(ROWS, 3)[0]
-    torch.testing.assert_close(three_ranks["2d"]["eval"], bn.eval()(x[lo:hi]), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(three_ranks[name]["eval"], bn.eval()(x[lo:hi]), atol=TOL, rtol=TOL)
 
 
 def test_conversion_copies_and_keeps_the_state_dict_keys():
@@ -134,6 +136,13 @@ def test_conversion_copies_and_keeps_the_state_dict_keys():
     # Without a group (one replica) the layer is plain BatchNorm.
     x = torch.randn(5, 3, 6, 6)
     torch.testing.assert_close(converted(x), block(x), atol=0, rtol=0)
+    # and it accepts the inputs the replaced layer accepts, and no others
+    with pytest.raises(ValueError, match="expected 4D input, got 3D input"):
+        converted[1](torch.randn(4, 5, 5))
+    flat = sync_batchnorm(nn.Sequential(nn.BatchNorm1d(4)), group=None)[0]
+    flat(torch.randn(3, 4)), flat(torch.randn(3, 4, 2))
+    with pytest.raises(ValueError, match="expected 2 or 3D input, got 4D input"):
+        flat(torch.randn(3, 4, 2, 2))
 
 
 BATCH, STEPS = 7, 4

@@ -96,3 +96,4 @@ def test_torchrun_codistillation_resumes_from_a_checkpoint(tmp_path):
     want, _ = reference(2, "codistill", burn_in=10)
     for rank in range(4):
         assert max_diff(torch.load(f"{out}.{rank}"), want) <= 1e-5
+        assert (tmp_path / f"result.{rank}.start").read_text() == "14"   # resumed, not started afresh
