@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Everything the open issues need from a GPU, in one device call (a session has 30 minutes of
 # device time; a machine's start costs minutes, so batch): the CUDA tests, the kernel benchmark
-# against torch eager, torch.compile and Liger-Kernel, and the environment they ran in.
+# against torch eager, torch.compile and Liger-Kernel, the six-block CNN pair's measured block
+# costs for the planner benchmark, and the environment they ran in.
 #
 #   bash bench/gpu_session.sh "$OUT"          # from the repository root, on the GPU machine
 #
 # The GPU machine cannot reach the package registries. Liger-Kernel (pure Python) travels as a
 # wheel: here, `python3 -m pip download --no-deps --only-binary=:all: -d .whl liger-kernel`, with
 # .whl ignored by git (`echo /.whl/ >> .git/info/exclude`) and named in the device call's carry.
-# Results land in OUT: copy the kernel table into BENCHMARKS.md with the command that made it.
+# Results land in OUT: copy the kernel table into BENCHMARKS.md with the command that made it;
+# copy profile-b*.json into bench/results/ and run bench/planner.py --profile-file on them here.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR}
 mkdir -p "$out"
@@ -28,5 +30,9 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 } 2>&1 | tee "$out/environment.txt"
 status=0
 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_cuda.py 2>&1 | tee "$out/gpu-tests.txt" || status=1
+for batch in 64 256; do
+    python3 bench/gpu_profile.py --batch-size $batch --out "$out/profile-b$batch.json" \
+        --append "$out/profile.md" 2>&1 | tee "$out/profile-b$batch.txt" || status=1
+done
 python3 bench/kernels.py --append "$out/kernels.md" 2>&1 | tee "$out/kernels.txt" || status=1
 exit $status

@@ -3,6 +3,7 @@
     python bench/planner.py                                   # world sizes 2, 4, 8; both profiles
     python bench/planner.py --world-size 4 --profile unbalanced --append BENCHMARKS.md
     python bench/planner.py --predict-cnn                     # simulator predictions, CNN pair
+    python bench/planner.py --profile-file bench/results/profile-h200.json --world-size 4 --scale 20
 
 Blocks are ``pipebd.models.EmulatedBlock``: each call sleeps ``a + b * rows`` seconds, so 8 ranks
 really run in parallel on a 2-core machine. For each block profile and world size, one run each
@@ -14,6 +15,10 @@ baseline's 8 lockstep ranks all wake at once and their per-call host work queues
 adding about 0.75 ms per call that no profile of a single process sees (simulated 12-15% faster
 than measured); at scale 2 that overhead is half as large relative to the sleeps.
 
+``--profile-file`` adds profiles measured on a real device by ``bench/gpu_profile.py`` (a
+straight line per block fitted to a six-block CNN pair's costs), run at the global batch they were
+measured at; the 4x-baseline check at W=4 applies to them as to ``unbalanced``.
+
 ``--predict-cnn`` profiles the CNN pair on this machine (per-replica batches of 16 to 128 rows)
 and prints the simulator's predictions for 8, 64 and 1024 devices with 32 samples per device:
 predictions, not measurements; compute beyond the measured batch sizes is extrapolated linearly
@@ -24,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import torch
 
 import pipebd
 from pipebd.models import PROFILES, cnn_input_shape, cnn_pair, emulated_pair
+from pipebd.models.emulated import EmulatedProfile, resolve_profile
 from pipebd.planner import auto_plan
 from pipebd.simulator import simulate, simulate_baseline
 
@@ -36,12 +43,24 @@ from common import cell, publish
 
 
 
-def fit(profile_name: str, args: argparse.Namespace, world_size: int, strategy: str, plan) -> pipebd.Report:
-    teacher, student = emulated_pair(profile_name, scale=args.scale)
+def fit(costs: EmulatedProfile, batch_size: int, args: argparse.Namespace, world_size: int, strategy: str,
+        plan) -> pipebd.Report:
+    teacher, student = emulated_pair(costs, scale=args.scale)
     distiller = pipebd.Distiller(teacher, student, device="cpu")
-    data = torch.randn(4 * args.batch_size, 8, generator=torch.Generator().manual_seed(0))
-    return distiller.fit(data, batch_size=args.batch_size, steps=args.steps, world_size=world_size,
+    data = torch.randn(4 * batch_size, 8, generator=torch.Generator().manual_seed(0))
+    return distiller.fit(data, batch_size=batch_size, steps=args.steps, world_size=world_size,
                          strategy=strategy, plan=plan, seed=0, progress=False)
+
+
+def profiles(args: argparse.Namespace) -> dict[str, tuple[EmulatedProfile, int]]:
+    """Label -> (costs, global batch) for the built-in profiles and the measured ones from files
+    (at the batch they were measured at unless ``--batch-size`` is given)."""
+    out = {name: (PROFILES[name], args.batch_size or 64) for name in args.profile}
+    for path in args.profile_file:
+        costs = resolve_profile(path)
+        label = os.path.splitext(os.path.basename(path))[0]
+        out[label] = (costs, args.batch_size or costs.batch_size or 64)
+    return out
 
 
 def pct(values) -> str:
@@ -50,18 +69,18 @@ def pct(values) -> str:
 
 def emulated(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     rows, checks = [], []
-    for name in args.profile:
+    for name, (costs, batch_size) in profiles(args).items():
         for world in args.world_size:
-            teacher, student = emulated_pair(name, scale=args.scale)
-            data = torch.randn(4 * args.batch_size, 8, generator=torch.Generator().manual_seed(0))
-            profile = pipebd.Distiller(teacher, student, device="cpu").profile(data, args.batch_size, world)
+            teacher, student = emulated_pair(costs, scale=args.scale)
+            data = torch.randn(4 * batch_size, 8, generator=torch.Generator().manual_seed(0))
+            profile = pipebd.Distiller(teacher, student, device="cpu").profile(data, batch_size, world)
             configs = {"baseline": ("baseline", None), "one range per rank": ("pipebd", None),
                        "auto": ("pipebd", "auto")}
             runs = {label: [] for label in configs}
             for repeat in range(args.repeats):      # alternating, so drifts of the machine hit all alike
                 for label, (strategy, plan) in configs.items():
                     if strategy == "pipebd" or repeat == 0:
-                        runs[label].append(fit(name, args, world, strategy, plan))
+                        runs[label].append(fit(costs, batch_size, args, world, strategy, plan))
             measured = {label: sorted(rs, key=lambda r: r.samples_per_s)[len(rs) // 2] for label, rs in runs.items()}
             for label, report in measured.items():
                 sim = (simulate_baseline(profile, world, args.steps) if label == "baseline"
@@ -84,9 +103,9 @@ def emulated(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             vs = auto.samples_per_s / default.samples_per_s
             checks.append((f"{name} W={world}: auto >= one range per rank ({vs:.2f}x{', same plan' if same else ''}; "
                            f"3% run-to-run noise allowed)", vs >= 0.97))
-            if name == "unbalanced" and world == 4:
+            if name != "balanced" and world == 4:    # the unbalanced and the measured profiles
                 gain = auto.samples_per_s / measured["baseline"].samples_per_s
-                checks.append((f"unbalanced W=4: auto >= 4x baseline ({gain:.2f}x)", gain >= 4.0))
+                checks.append((f"{name} W=4: auto >= 4x baseline ({gain:.2f}x)", gain >= 4.0))
     header = ["| profile | W | strategy | plan | measured samples/s (median) | all runs | simulated | sim error | "
               "auto bound | vs baseline | measured util | simulated util |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -116,8 +135,12 @@ def predict_cnn(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world-size", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--profile", nargs="+", choices=sorted(PROFILES), default=["balanced", "unbalanced"])
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--profile", nargs="*", choices=sorted(PROFILES), default=None,
+                        help="built-in profiles (default: both, unless --profile-file is given)")
+    parser.add_argument("--profile-file", nargs="+", default=[], metavar="JSON",
+                        help="measured profiles written by bench/gpu_profile.py")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="global batch (default 64; a measured profile's own batch)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each pipebd configuration (median reported); the baseline runs once")
@@ -126,12 +149,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predict-cnn", action="store_true", help="simulator predictions for the CNN pair only")
     parser.add_argument("--append", metavar="PATH", help="append the result as markdown to PATH")
     args = parser.parse_args(argv)
+    if args.profile is None:
+        args.profile = [] if args.profile_file else ["balanced", "unbalanced"]
+    try:
+        for path in args.profile_file:
+            resolve_profile(path)
+    except ValueError as e:
+        parser.error(str(e))
     if args.predict_cnn:
         title = "Simulator predictions for the CNN pair (predictions, not measurements)"
         lines = predict_cnn(args)
         print(*lines, sep="\n")
     else:
-        title = (f"AHD on emulated devices, batch {args.batch_size}, {args.steps} steps per run, "
+        batch = args.batch_size or ("64" if not args.profile_file else "as measured")
+        title = (f"AHD on emulated devices, batch {batch}, {args.steps} steps per run, "
                  f"costs x{args.scale:g}, median of {args.repeats} for pipebd rows")
         lines, checks = emulated(args)
         print("\n".join(checks))

@@ -1,11 +1,15 @@
-"""A ResNet-style teacher and a MobileNetV2-style student for 32x32 images, each cut into four
-blocks with matching boundaries (the split Pipe-BD and DNA use: one block per resolution).
+"""A ResNet-style teacher and a MobileNetV2-style student for 32x32 images, each cut into blocks
+with matching boundaries (the split Pipe-BD and DNA use: one block per resolution).
 
-Boundaries for ``width=w``: input ``[3, 32, 32]`` -> ``[w, 32, 32]`` -> ``[2w, 16, 16]`` ->
-``[4w, 8, 8]`` -> ``[classes]``.
+Boundaries for ``width=w`` and the default four blocks: input ``[3, 32, 32]`` -> ``[w, 32, 32]``
+-> ``[2w, 16, 16]`` -> ``[4w, 8, 8]`` -> ``[classes]``. With ``blocks > 4`` the earlier
+resolutions are cut into more blocks first (six blocks: two at 32x32, two at 16x16, one each at
+8x8 and 4x4, as DNA cuts its models into six cells); every block holds ``depth`` residual blocks.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -60,37 +64,51 @@ class Head(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+def stage_layout(blocks: int) -> list[int]:
+    """The resolution stage (0-3) of each of ``blocks`` blocks: four stages, earlier ones cut
+    into more blocks first (``6 -> [0, 0, 1, 1, 2, 3]``)."""
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 4:
+        raise ValueError(f"blocks must be an integer >= 4 (one per resolution at least), got {blocks!r}")
+    return [s for s in range(4) for _ in range(blocks // 4 + (s < blocks % 4))]
+
+
+def _cut(layout: list[int], width: int, classes: int, depth: int, stem: Callable[[], list[nn.Module]],
+         stem_channels: int, unit: Callable[[int, int, int], nn.Module]) -> list[nn.Module]:
+    """One ``nn.Sequential`` per block of ``layout``, each of ``depth`` ``unit(c_in, c_out,
+    stride)``; stage ``s`` has ``width << s`` channels, and its first unit halves the resolution
+    (stage 0: takes the stem's ``stem_channels``). The first block starts with the stem, the last
+    ends with the head. Modules are created in order, so a seed gives the same weights whatever
+    the layout shares with another."""
+    out = []
+    for j, s in enumerate(layout):
+        c = width << s
+        if j == 0:
+            layers, c_in, stride = stem(), stem_channels, 1
+        elif layout[j - 1] != s:
+            layers, c_in, stride = [], c // 2, 2
+        else:
+            layers, c_in, stride = [], c, 1
+        layers += [unit(c_in if d == 0 else c, c, stride if d == 0 else 1) for d in range(depth)]
+        if j == len(layout) - 1:
+            layers.append(Head(c, classes))
+        out.append(nn.Sequential(*layers))
+    return out
+
+
 def resnet_teacher(width: int = 32, classes: int = 10, depth: int = 3,
-                   zero_init_residual: bool = False) -> list[nn.Module]:
-    """Four blocks of ``depth`` basic blocks each; the first has the stem, the last the head."""
-    w = width
-
-    def stage(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-        return [BasicBlock(c_in if d == 0 else c_out, c_out, stride if d == 0 else 1, zero_init_residual)
-                for d in range(depth)]
-
-    return [
-        nn.Sequential(*_conv_bn(3, w), nn.ReLU(inplace=True), *stage(w, w, 1)),
-        nn.Sequential(*stage(w, 2 * w, 2)),
-        nn.Sequential(*stage(2 * w, 4 * w, 2)),
-        nn.Sequential(*stage(4 * w, 8 * w, 2), Head(8 * w, classes)),
-    ]
+                   zero_init_residual: bool = False, blocks: int = 4) -> list[nn.Module]:
+    """``blocks`` blocks of ``depth`` basic blocks each; the first has the stem, the last the head."""
+    return _cut(stage_layout(blocks), width, classes, depth,
+                lambda: [*_conv_bn(3, width), nn.ReLU(inplace=True)], width,
+                lambda c_in, c_out, stride: BasicBlock(c_in, c_out, stride, zero_init_residual))
 
 
-def mobilenet_student(width: int = 32, classes: int = 10, expand: int = 2, depth: int = 1) -> list[nn.Module]:
-    """Four blocks of ``depth`` inverted residuals each, with the teacher's boundary shapes."""
-    w = width
-
-    def stage(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-        return [InvertedResidual(c_in if d == 0 else c_out, c_out, stride if d == 0 else 1, expand)
-                for d in range(depth)]
-
-    return [
-        nn.Sequential(*_conv_bn(3, w // 2), nn.ReLU6(inplace=True), *stage(w // 2, w, 1)),
-        nn.Sequential(*stage(w, 2 * w, 2)),
-        nn.Sequential(*stage(2 * w, 4 * w, 2)),
-        nn.Sequential(*stage(4 * w, 8 * w, 2), Head(8 * w, classes)),
-    ]
+def mobilenet_student(width: int = 32, classes: int = 10, expand: int = 2, depth: int = 1,
+                      blocks: int = 4) -> list[nn.Module]:
+    """``blocks`` blocks of ``depth`` inverted residuals each, with the teacher's boundary shapes."""
+    return _cut(stage_layout(blocks), width, classes, depth,
+                lambda: [*_conv_bn(3, width // 2), nn.ReLU6(inplace=True)], width // 2,
+                lambda c_in, c_out, stride: InvertedResidual(c_in, c_out, stride, expand))
 
 
 def cnn_input_shape(**_: object) -> tuple[int, ...]:
@@ -99,11 +117,12 @@ def cnn_input_shape(**_: object) -> tuple[int, ...]:
 
 
 def cnn_pair(width: int = 32, classes: int = 10, depth: int = 3, expand: int = 2, student_depth: int = 1,
-             seed: int = 0) -> tuple[list[nn.Module], list[nn.Module]]:
+             seed: int = 0, blocks: int = 4) -> tuple[list[nn.Module], list[nn.Module]]:
     """The ResNet-style teacher (``depth`` basic blocks per block) and the lighter
     MobileNetV2-style student (``student_depth`` inverted residuals per block, expansion
-    ``expand``), initialized from ``seed``."""
+    ``expand``), each cut into ``blocks`` blocks, initialized from ``seed``."""
+    layout = stage_layout(blocks)    # bad input fails before any weights are drawn
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return (resnet_teacher(width, classes, depth),
-                mobilenet_student(width, classes, expand, student_depth))
+        return (resnet_teacher(width, classes, depth, blocks=len(layout)),
+                mobilenet_student(width, classes, expand, student_depth, blocks=len(layout)))

@@ -10,16 +10,24 @@ whole cost of a call: for a student block that is forward, backward and optimize
 
 ``PROFILES`` holds the per-block costs the planner benchmark uses: ``balanced`` (six equal blocks)
 and ``unbalanced`` (a Pipe-BD-like profile: early, high-resolution teacher blocks cost the most and
-the last block is cheap, so one block range per rank leaves stages waiting).
+the last block is cheap, so one block range per rank leaves stages waiting). A profile can also
+be measured: ``EmulatedProfile.from_measured`` fits ``a + b * rows`` to each block of a real
+pair's ``pipebd`` profile (``bench/gpu_profile.py`` does it on a GPU and saves it as JSON), so
+that ranks emulating that device run here.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from pipebd.profiler import Profile
 
 
 class Cost(NamedTuple):
@@ -52,8 +60,45 @@ class EmulatedBlock(nn.Module):
 
 
 class EmulatedProfile(NamedTuple):
+    """Per-block costs of an emulated pair; ``batch_size`` and ``device`` say where a measured
+    profile came from (the global batch it was measured at, the device's name)."""
+
     teacher: tuple[Cost, ...]
     student: tuple[Cost, ...]
+    batch_size: int | None = None
+    device: str = ""
+
+    @classmethod
+    def from_measured(cls, profile: "Profile") -> "EmulatedProfile":
+        """The straight-line fit ``a + b * rows`` of each block of a measured ``pipebd``
+        profile (see ``Profile.linear_costs``)."""
+        teacher, student = profile.linear_costs()
+        return cls(_costs(teacher), _costs(student), profile.batch_size, profile.device)
+
+    def save(self, path: str, measured: "Profile | None" = None, **source: Any) -> None:
+        """Write as JSON (atomically), with the measured profile and ``source`` facts beside it."""
+        from pipebd.checkpoint import atomic_write
+        data = {"kind": _KIND, "teacher": [list(c) for c in self.teacher], "student": [list(c) for c in self.student],
+                "batch_size": self.batch_size, "device": self.device, "source": source,
+                "measured": None if measured is None else measured.to_dict()}
+        atomic_write(path, lambda f: f.write(json.dumps(data, indent=1)), "w")
+
+    @classmethod
+    def load(cls, path: str) -> "EmulatedProfile":
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            if data.get("kind") != _KIND:
+                raise ValueError(f"not an emulated profile (kind {data.get('kind')!r})")
+            teacher, student = _costs(data["teacher"]), _costs(data["student"])
+            if not teacher or len(teacher) != len(student):
+                raise ValueError(f"{len(teacher)} teacher and {len(student)} student block costs")
+            return cls(teacher, student, data.get("batch_size"), data.get("device", ""))
+        except (KeyError, TypeError, ValueError) as e:   # JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: cannot read an emulated profile: {e}") from None
+
+
+_KIND = "pipebd-emulated-profile"
 
 
 def _costs(values: Sequence[tuple[float, float]]) -> tuple[Cost, ...]:
@@ -75,14 +120,28 @@ PROFILES = {
 }
 
 
-def emulated_pair(profile: str = "balanced", features: int = 8, scale: float = 1.0,
+def resolve_profile(profile: "str | EmulatedProfile") -> EmulatedProfile:
+    """A profile given by name (``PROFILES``), as a JSON file written by ``EmulatedProfile.save``
+    (``bench/gpu_profile.py``), or as itself."""
+    if isinstance(profile, EmulatedProfile):
+        return profile
+    if isinstance(profile, str) and profile in PROFILES:
+        return PROFILES[profile]
+    if isinstance(profile, str) and profile.endswith(".json"):
+        if not os.path.isfile(profile):
+            raise ValueError(f"emulated profile file {profile!r} does not exist")
+        return EmulatedProfile.load(profile)
+    raise ValueError(f"profile must be one of {sorted(PROFILES)}, a .json file from bench/gpu_profile.py "
+                     f"or an EmulatedProfile, got {profile!r}")
+
+
+def emulated_pair(profile: "str | EmulatedProfile" = "balanced", features: int = 8, scale: float = 1.0,
                   seed: int = 0) -> tuple[list[nn.Module], list[nn.Module]]:
-    """Teacher and student blocks with the costs of ``PROFILES[profile]`` times ``scale``."""
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    """Teacher and student blocks with the costs of ``profile`` (see ``resolve_profile``) times
+    ``scale``."""
+    costs = resolve_profile(profile)
     if scale < 0:
         raise ValueError(f"scale must be non-negative, got {scale}")
-    costs = PROFILES[profile]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         teacher = [EmulatedBlock(features, c.a * scale, c.b * scale) for c in costs.teacher]

@@ -175,10 +175,18 @@ class Distiller:
         job.checkpoint_dir, job.checkpoint_every = directory, every
 
     def profile(self, dataset: Any, batch_size: int, world_size: int, *, threads: int | None = None,
-                warmup: int = 2, repeats: int = 5, cache: bool = True, timeout: float = 600.0) -> Profile:
+                warmup: int = 2, repeats: int = 5, cache: bool = True, comm: bool = True,
+                timeout: float = 600.0) -> Profile:
         """Measure what every block costs at each per-replica batch size a plan on ``world_size``
         ranks can give it, and the backend's point-to-point and allreduce costs (cached; see
-        ``pipebd.profiler``). ``fit(plan="auto")`` does this itself."""
+        ``pipebd.profiler``). ``fit(plan="auto")`` does this itself. ``comm=False`` measures the
+        blocks only, in this process (for one device standing in for ``world_size``; such a
+        profile is neither read from nor written to the cache)."""
+        if not isinstance(comm, bool):
+            raise TypeError(f"comm must be a bool, got {comm!r}")
+        if not comm:     # a one-rank job: this device may be the only one
+            job = self._job(dataset, batch_size, 1, 1, "pipebd", None, 0, 1, threads, False, timeout)
+            return profile_job(job, world_size, warmup=warmup, repeats=repeats, cache=False, comm=lambda: ([], []))
         job = self._job(dataset, batch_size, 1, world_size, "pipebd", None, 0, 1, threads, False, timeout)
         return self._profile(job, world_size, timeout, warmup=warmup, repeats=repeats, cache=cache)
 

@@ -102,6 +102,15 @@ class Profile:
         k = np.asarray(ranks, dtype=float)
         return np.where(k > 1, 2 * (k - 1) * latency + 2 * (k - 1) / np.maximum(k, 1) * per_byte * np.asarray(nbytes), 0.0)
 
+    def linear_costs(self) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+        """Per block, non-negative ``(a, b)`` fitting the teacher's and the student's measured
+        seconds per call to ``a + b * rows`` (least squares): what ``pipebd.models``'s emulated
+        blocks sleep to reproduce this profile on any machine."""
+        def fit(times: list[float]) -> tuple[float, float]:
+            return _least_squares([(1.0, float(r)) for r in self.rows], times)
+
+        return [fit(t) for t in self.teacher], [fit(t) for t in self.student]
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

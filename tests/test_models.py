@@ -1,8 +1,10 @@
 import pytest
 import torch
+from torch import nn
 
 import pipebd
-from pipebd.models import PAIRS, cnn_pair, mlp_pair
+from pipebd.models import PAIRS, BasicBlock, InvertedResidual, cnn_pair, mlp_pair
+from pipebd.models.cnn import stage_layout
 
 
 @pytest.mark.parametrize("name, kwargs, boundaries", [
@@ -43,3 +45,30 @@ def test_cnn_pair_distills_with_soft_targets():
     assert all(b < 0.9 * a for a, b in zip(first, last)), (first, last)
     model = distiller.student_model().eval()
     assert model(data[:2]).shape == (2, 10)
+
+
+def test_stage_layout_cuts_early_resolutions_first():
+    assert stage_layout(4) == [0, 1, 2, 3]
+    assert stage_layout(6) == [0, 0, 1, 1, 2, 3]
+    assert stage_layout(9) == [0, 0, 0, 1, 1, 2, 2, 3, 3]
+    for bad in (3, 0, 6.0, True, "6"):
+        with pytest.raises(ValueError, match="blocks must be an integer >= 4"):
+            cnn_pair(blocks=bad)
+
+
+def test_six_block_cnn_pair():
+    teacher, student = cnn_pair(width=8, depth=2, blocks=6, classes=5)
+    boundaries = [(3, 32, 32), (8, 32, 32), (8, 32, 32), (16, 16, 16), (16, 16, 16), (32, 8, 8), (5,)]
+    a = torch.randn(2, *boundaries[0])
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        t.eval()
+        out = t(a)
+        assert tuple(out.shape[1:]) == boundaries[i + 1] and s(a).shape == out.shape
+        a = out
+    # depth residual blocks in each block; only the first block has the stem, only the last the head
+    assert [sum(isinstance(m, BasicBlock) for m in b) for b in teacher] == [2] * 6
+    assert [sum(isinstance(m, InvertedResidual) for m in b) for b in student] == [1] * 6
+    assert isinstance(teacher[0][0], nn.Conv2d) and not isinstance(teacher[1][0], nn.Conv2d)
+    # the same seed draws the same stem in any layout (modules are created in order)
+    four, _ = cnn_pair(width=8, depth=2, classes=5)
+    assert torch.equal(four[0][0].weight, teacher[0][0].weight)

@@ -4,12 +4,19 @@ Emulated blocks sleep a known ``a + b * rows`` seconds, so their measured cost h
 a sleep never ends early, and a call's overhead on top of it is well under 3 ms here.
 """
 
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import pipebd
 from pipebd import profiler
-from pipebd.models import EmulatedBlock
+from pipebd.models import EmulatedBlock, emulated_pair
+from pipebd.models.emulated import Cost, EmulatedProfile
 from pipebd.profiler import Profile, replica_rows
 
 A, B_ROW = 2e-3, 2e-4          # 2 ms per call + 0.2 ms per row
@@ -110,3 +117,54 @@ def test_profile_round_trips_through_json(tmp_path):
     p = fake(p2p=[(4096, 1e-4), (1 << 20, 1e-3)])
     p.save(str(tmp_path / "p.json"))
     assert Profile.load_file(str(tmp_path / "p.json")) == p
+
+
+def test_linear_costs_fit_each_block():
+    rows = [3, 4, 8]
+    line = lambda a, b: [a + b * r for r in rows]
+    p = Profile(2, 8, 3, "cpu", "gloo", rows, [line(2e-3, 1e-4), line(0.0, 5e-4)],
+                [line(1e-3, 0.0), [1.0, 1.0, 1.0]], [0.0] * 3, [4, 4, 4], [16, 16])
+    teacher, student = p.linear_costs()
+    flat = lambda costs: [x for cost in costs for x in cost]
+    assert flat(teacher) == pytest.approx([2e-3, 1e-4, 0.0, 5e-4], abs=1e-12)
+    assert flat(student) == pytest.approx([1e-3, 0.0, 1.0, 0.0], abs=1e-12)
+    noisy = dataclasses.replace(p, teacher=[[1.0, 0.0, 1.0]] * 2)    # a falling line is clipped at b = 0
+    assert all(a >= 0 and b >= 0 for a, b in noisy.linear_costs()[0])
+
+
+def test_emulated_profile_from_measurement_round_trips_and_drives_emulated_pair(tmp_path):
+    distiller = emulated()
+    measured = distiller.profile(torch.randn(16, 4), 8, 3, warmup=1, repeats=3, comm=False)
+    assert measured.p2p == [] and measured.allreduce == []        # one process, nothing spawned
+    fitted = EmulatedProfile.from_measured(measured)
+    assert fitted.batch_size == 8 and len(fitted.teacher) == len(fitted.student) == 2
+    for cost in fitted.teacher:        # sleeps plus a little host time per call
+        assert A - 1e-3 <= cost.a <= A + 3e-3 and B_ROW * 0.8 <= cost.b <= B_ROW * 1.3
+    path = str(tmp_path / "gpu.json")
+    fitted.save(path, measured, device="test")
+    assert EmulatedProfile.load(path) == fitted
+    teacher, student = emulated_pair(path, scale=2.0)
+    assert [b.cost for b in teacher] == [Cost(c.a * 2, c.b * 2) for c in fitted.teacher]
+    with pytest.raises(ValueError, match="does not exist"):
+        emulated_pair(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text('{"kind": "something else"}')
+    with pytest.raises(ValueError, match="bad.json: cannot read an emulated profile"):
+        emulated_pair(str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="profile must be one of"):
+        emulated_pair("lopsided")
+    with pytest.raises(TypeError, match="comm must be a bool"):
+        distiller.profile(torch.randn(16, 4), 8, 3, comm="no")
+
+
+def test_gpu_profile_script_runs_on_cpu(tmp_path):
+    # bench/gpu_profile.py is for a GPU; on CPU with a tiny pair it checks the script end to end.
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_profile.py"
+    out = tmp_path / "cpu.json"
+    run = subprocess.run([sys.executable, str(script), "--device", "cpu", "--threads", "1", "--width", "4",
+                          "--depth", "1", "--batch-size", "8", "--world-size", "2", "--warmup", "0",
+                          "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "worst straight-line fit error" in run.stdout
+    fitted = EmulatedProfile.load(str(out))
+    assert len(fitted.teacher) == 6 and fitted.batch_size == 8
+    assert json.loads(out.read_text())["measured"]["rows"] == [4, 8]
