@@ -8,6 +8,7 @@ pipeline moves ``B / max_s T_s`` samples per second, where a stage's time per ba
                         + sum over its blocks of teacher(b, B/k) + student(b, B/k)
                         + p2p(B/k rows in) + p2p(B/k rows out)
                         + sum over its blocks of allreduce(k, gradient bytes of b)
+                        [+ 2 allreduces per BatchNorm layer of its students, with sync_batchnorm]
 
 with ``B/k`` meaning ``ceil(B/k)`` rows, the largest slice (``stage_cost``). Communication is
 charged in full, although the runtime overlaps part of it, so predictions lean low.
@@ -40,7 +41,7 @@ class StageCost:
     forward: float        # data loading (stage 0) and the teacher forward of its blocks
     p2p_out: float        # sending the last activation to the next stage
     student: float        # student forward, backward and optimizer step of its blocks
-    allreduce: float      # gradient allreduce over the stage's replicas
+    allreduce: float      # gradient allreduce over the stage's replicas (and sync_batchnorm's)
 
     @property
     def compute(self) -> float:
@@ -65,7 +66,8 @@ def stage_cost(profile: Profile, first: int, stop: int, replicas: int) -> StageC
         student += profile.student_time(b, rows)
     p2p_in = float(profile.p2p_time(rows * profile.act_bytes[first])) if first > 0 else 0.0
     p2p_out = float(profile.p2p_time(rows * profile.act_bytes[stop])) if stop < profile.num_blocks else 0.0
-    allreduce = sum(float(profile.allreduce_time(replicas, profile.grad_bytes[b])) for b in range(first, stop))
+    allreduce = sum(float(profile.allreduce_time(replicas, profile.grad_bytes[b])) + profile.sync_bn_time(b, replicas)
+                    for b in range(first, stop))
     return StageCost(p2p_in, float(forward), p2p_out, float(student), allreduce)
 
 
@@ -117,7 +119,7 @@ def cost_table(profile: Profile, world_size: int) -> np.ndarray:
     per_block = np.zeros((world_size, n))
     for b in range(n):
         per_block[:, b] = (profile.teacher_time(b, rows) + profile.student_time(b, rows)
-                           + profile.allreduce_time(ks, profile.grad_bytes[b]))
+                           + profile.allreduce_time(ks, profile.grad_bytes[b]) + profile.sync_bn_time(b, ks))
     prefix = np.concatenate([np.zeros((world_size, 1)), np.cumsum(per_block, axis=1)], axis=1)   # [k, block]
     inbound = np.stack([profile.p2p_time(rows * profile.act_bytes[i]) if 0 < i < n else np.zeros(world_size)
                         for i in range(n + 1)])                                                   # [boundary, k]

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checkpoint import atomic_write
 from .plan import Plan
@@ -57,6 +58,8 @@ class Profile:
     ``b``. Communication is modelled from the measurements in ``p2p`` (bytes, seconds) and
     ``allreduce`` (ranks, bytes, seconds): a transfer costs ``latency + bytes * s_per_byte``; a
     ring allreduce over ``k`` ranks ``2(k-1) * latency + 2(k-1)/k * bytes * s_per_byte``.
+    ``bn_bytes[b]`` lists, per BatchNorm layer of student block ``b``, the bytes of statistics one
+    replica contributes when ``sync_batchnorm`` is on (the job's option, not part of the cache).
     """
 
     num_blocks: int
@@ -75,6 +78,8 @@ class Profile:
     warmup: int = 0
     repeats: int = 1
     threads: int | None = None
+    bn_bytes: list[list[int]] = field(default_factory=list)
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         self.p2p = [tuple(m) for m in self.p2p]              # type: ignore[misc]
@@ -101,6 +106,18 @@ class Profile:
         latency, per_byte = self.allreduce_fit
         k = np.asarray(ranks, dtype=float)
         return np.where(k > 1, 2 * (k - 1) * latency + 2 * (k - 1) / np.maximum(k, 1) * per_byte * np.asarray(nbytes), 0.0)
+
+    def sync_bn_time(self, block: int, ranks: Any) -> Any:
+        """Seconds per step that ``sync_batchnorm`` adds to student block ``block`` on ``ranks``
+        replicas: per BatchNorm layer, an allreduce of every replica's slot of statistics in the
+        forward and one of their gradients in the backward (``pipebd.batchnorm``). Zero without
+        the option, without BatchNorm, or with one replica."""
+        k = np.asarray(ranks, dtype=float)
+        total = np.zeros_like(k)
+        if self.sync_batchnorm and self.bn_bytes:
+            for nbytes in self.bn_bytes[block]:
+                total = total + 2 * self.allreduce_time(k, k * nbytes)
+        return float(total) if total.ndim == 0 else total
 
     def linear_costs(self) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
         """Per block, non-negative ``(a, b)`` fitting the teacher's and the student's measured
@@ -135,6 +152,9 @@ class Profile:
             for i, rows in enumerate(self.rows):
                 lines.append(f"{b:>5} {rows:>6} {self.teacher[b][i] * 1e3:>11.3f} {self.student[b][i] * 1e3:>11.3f} "
                              f"{self.act_bytes[b] / 1024:>11.2f} {self.grad_bytes[b] / 1024:>9.1f}")
+        layers = sum(len(b) for b in self.bn_bytes)
+        if self.sync_batchnorm and layers:
+            lines.append(f"sync_batchnorm: {layers} BatchNorm layers, 2 allreduces each per step on replicated stages")
         lines.append("data load ms: " + ", ".join(f"{r} rows {t * 1e3:.3f}" for r, t in zip(self.rows, self.load)))
         if self.p2p:
             lat, per_byte = self.p2p_fit
@@ -190,14 +210,15 @@ def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5,
                 comm: Callable[[], tuple[list, list]] | None = None, progress: bool = False) -> Profile:
     """Profile the blocks of ``job`` (its plan is ignored) for plans on up to ``world_size``
     ranks, or read the cached profile. ``comm`` returns ``(p2p, allreduce)`` measurements
-    (default: ``measure_comm`` on spawned local ranks)."""
+    (default: ``measure_comm`` on spawned local ranks). The profile's ``sync_batchnorm`` is the
+    job's."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
     key = _cache_key(job, world_size, warmup, repeats)
     path = os.path.join(cache_dir(), f"profile-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json")
     if cache and os.path.exists(path):
         try:
-            return Profile.load_file(path)
+            return dataclasses.replace(Profile.load_file(path), sync_batchnorm=job.sync_batchnorm)
         except (OSError, ValueError, TypeError, KeyError):
             pass   # unreadable or from an older version: measure again
     profile = _measure_compute(job, world_size, warmup, repeats, progress)
@@ -209,7 +230,7 @@ def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5,
     if cache:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         profile.save(path)
-    return profile
+    return dataclasses.replace(profile, sync_batchnorm=job.sync_batchnorm)
 
 
 def cache_dir() -> str:
@@ -234,7 +255,7 @@ def _cache_key(job: Job, world_size: int, warmup: int, repeats: int) -> str:
         "batch_size": job.batch_size, "world_size": world_size, "device": device, "threads": job.threads,
         "optimizer": [type(probe).__qualname__, repr(sorted(probe.defaults.items()))],
         "losses": [_describe(job.block_loss), _describe(job.final_loss)],
-        "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 2,
+        "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 3,
     }, sort_keys=True, default=str)
 
 
@@ -291,8 +312,17 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
                  for i in range(n + 1)]
     grad_bytes = [sum(p.numel() * p.element_size() for p in job.student[i].parameters() if p.requires_grad)
                   for i in range(n)]
+    bn_bytes = [[(2 * m.num_features + 1) * _statistics_itemsize(m) for m in job.student[i].modules()
+                 if isinstance(m, _BatchNorm)] for i in range(n)]
     return Profile(n, batch, world_size, job.device, backend_for(job.device), rows, teacher, student, load,
-                   act_bytes, grad_bytes, warmup=warmup, repeats=repeats, threads=job.threads)
+                   act_bytes, grad_bytes, warmup=warmup, repeats=repeats, threads=job.threads, bn_bytes=bn_bytes)
+
+
+def _statistics_itemsize(bn: nn.Module) -> int:
+    """Bytes per statistic ``GroupBatchNorm`` exchanges: float32, or float64 for a float64 layer."""
+    tensors = [*bn.parameters(), *bn.buffers()]
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+    return torch.promote_types(dtype, torch.float32).itemsize
 
 
 def _median_time(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> float:

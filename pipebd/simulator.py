@@ -97,7 +97,7 @@ def simulate_baseline(profile: Profile, world_size: int, steps: int) -> Simulati
     for j in range(n):
         compute += profile.load_time(rows) + profile.student_time(j, rows)
         compute += sum(profile.teacher_time(i, rows) for i in range(j + 1))
-        comm += float(profile.allreduce_time(world_size, profile.grad_bytes[j]))
+        comm += float(profile.allreduce_time(world_size, profile.grad_bytes[j])) + profile.sync_bn_time(j, world_size)
     wall = steps * (compute + comm)
     plan = Plan([list(range(n))], [world_size])
     return Simulation("baseline", plan, profile.batch_size, steps, wall, _frac([steps * compute], wall),

@@ -6,6 +6,7 @@ smaller batch (so adding replicas hurts). Optimum values are compared with a rel
 of 1e-9 (the DP adds costs with prefix sums, the reference block by block).
 """
 
+import dataclasses
 import itertools
 import math
 import random
@@ -15,9 +16,10 @@ import pytest
 from pipebd.plan import Plan
 from pipebd.planner import auto_plan, best_plan, cost_table, predict, stage_cost
 from pipebd.profiler import Profile, replica_rows
+from pipebd.simulator import simulate_baseline
 
 
-def random_profile(rng, n, world, batch, ints=False, costly_small=False, comm=True):
+def random_profile(rng, n, world, batch, ints=False, costly_small=False, comm=True, sync_bn=False):
     rows = replica_rows(batch, world)
 
     def value():
@@ -36,7 +38,8 @@ def random_profile(rng, n, world, batch, ints=False, costly_small=False, comm=Tr
     return Profile(n, batch, world, "cpu", "gloo", rows, [curve() for _ in range(n)], [curve() for _ in range(n)],
                    [float(rng.randint(0, 2)) if ints else rng.uniform(0, 0.5) for _ in rows],
                    [rng.choice([0, 64, 4096]) for _ in range(n + 1)], [rng.choice([0, 1024, 1 << 16]) for _ in range(n)],
-                   p2p, allreduce)
+                   p2p, allreduce, bn_bytes=[[rng.choice([36, 4100])] * rng.randint(0, 3) for _ in range(n)],
+                   sync_batchnorm=sync_bn)
 
 
 def all_plans(n, world):
@@ -66,13 +69,15 @@ def brute_force(profile, world):
 CASES = [(seed, n, world, ints, costly)
          for seed, (n, world) in enumerate([(1, 1), (1, 4), (2, 3), (3, 2), (3, 5), (4, 4), (5, 3), (5, 6), (6, 4), (6, 6)])
          for ints, costly in [(False, False), (True, False), (False, True), (True, True)]]
+CASES = [case + (False,) for case in CASES]
+SYNC_BN_CASES = [(seed, n, world, False, False, True) for seed, (n, world) in enumerate([(3, 5), (5, 6), (6, 4)])]
 
 
-@pytest.mark.parametrize("seed,n,world,ints,costly", CASES)
-def test_dp_equals_brute_force(seed, n, world, ints, costly):
-    rng = random.Random(1000 * seed + 10 * ints + costly)
+@pytest.mark.parametrize("seed,n,world,ints,costly,sync_bn", CASES + SYNC_BN_CASES)
+def test_dp_equals_brute_force(seed, n, world, ints, costly, sync_bn):
+    rng = random.Random(1000 * seed + 10 * ints + costly + 100 * sync_bn)
     batch = rng.choice([world, 7, 12, 64])
-    profile = random_profile(rng, n, world, batch, ints=ints, costly_small=costly)
+    profile = random_profile(rng, n, world, batch, ints=ints, costly_small=costly, sync_bn=sync_bn)
     plan, bottleneck = best_plan(cost_table(profile, world), world)
     plan.validate(n, world)
     best, best_sq, ties = brute_force(profile, world)
@@ -100,14 +105,31 @@ def test_costly_small_batch_keeps_one_replica():
     assert prediction.bottleneck_s == pytest.approx(10.0)   # block 1 alone, at all 8 rows
 
 
-def test_cost_table_matches_stage_cost():
+@pytest.mark.parametrize("sync_bn", [False, True])
+def test_cost_table_matches_stage_cost(sync_bn):
     rng = random.Random(3)
-    profile = random_profile(rng, 4, 5, 16)
+    profile = random_profile(rng, 4, 5, 16, sync_bn=sync_bn)
     table = cost_table(profile, 5)
     for first in range(4):
         for stop in range(first + 1, 5):
             for k in range(1, 6):
                 assert table[first, stop, k] == pytest.approx(stage_cost(profile, first, stop, k).time, rel=1e-12)
+
+
+def test_sync_batchnorm_charges_two_allreduces_per_layer_and_replica_slot():
+    # pipebd.batchnorm: per layer and step, one allreduce of k slots of (2C + 1) floats in the
+    # forward and one in the backward; nothing on one replica or without the option.
+    rows = replica_rows(8, 4)
+    plain = Profile(2, 8, 4, "cpu", "gloo", rows, [[1.0] * 4] * 2, [[1.0] * 4] * 2, [0.0] * 4, [0, 0, 0], [400, 400],
+                    [], [(2, 4096, 2e-3), (2, 1 << 20, 0.1)], bn_bytes=[[36, 36], [4100]])
+    synced = dataclasses.replace(plain, sync_batchnorm=True)
+    for k in (1, 2, 4):
+        extra = 2 * (2 * plain.allreduce_time(k, k * 36) + plain.allreduce_time(k, k * 4100))
+        gap = stage_cost(synced, 0, 2, k).allreduce - stage_cost(plain, 0, 2, k).allreduce
+        assert gap == pytest.approx(extra, rel=1e-12) and (gap > 0) == (k > 1)
+    assert simulate_baseline(synced, 4, 3).wall_s - simulate_baseline(plain, 4, 3).wall_s == pytest.approx(3 * extra)
+    # replicas cost more with it, so the planner may choose fewer of them, never a faster plan
+    assert auto_plan(synced).bottleneck_s >= auto_plan(plain).bottleneck_s
 
 
 def test_large_world_is_fast():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import pipebd
 from pipebd import profiler
@@ -168,3 +169,17 @@ def test_gpu_profile_script_runs_on_cpu(tmp_path):
     fitted = EmulatedProfile.load(str(out))
     assert len(fitted.teacher) == 6 and fitted.batch_size == 8
     assert json.loads(out.read_text())["measured"]["rows"] == [4, 8]
+
+
+def test_batchnorm_statistics_bytes_and_the_jobs_sync_option(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPEBD_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    teacher = [nn.Linear(4, 4), nn.Linear(4, 4)]
+    student = [nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Sequential(nn.BatchNorm1d(4))), nn.Linear(4, 4)]
+    d = pipebd.Distiller(teacher, student, device="cpu")
+    for sync in (True, False, True):        # measured, then read from the cache twice
+        j = job(d)
+        j.sync_batchnorm = sync
+        profile = profiler.profile_job(j, 3, warmup=0, repeats=1, comm=lambda: NO_COMM)
+        assert profile.bn_bytes == [[(2 * 4 + 1) * 4] * 2, []] and profile.sync_batchnorm is sync
+        assert (profile.sync_bn_time(0, 3) > 0) is sync and profile.sync_bn_time(1, 3) == 0
