@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .api import _device_of
+from .batchnorm import sync_batchnorm
 from .data import BatchOrder, dataset_length, load_rows, probe_item
 from .losses import _BACKENDS, soft_target_loss
 from .runtime.exchange import PeerLogits, Transfer, WeightExchange, packed_sizes, pack, unpack
@@ -108,6 +109,7 @@ class _Job:
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None
     key: checkpoint.CodistillKey | None = None
+    sync_batchnorm: bool = False       # BatchNorm statistics over each DDP group's whole batch
 
     @property
     def n(self) -> int:
@@ -217,7 +219,8 @@ class Codistillation:
             eval_data: tuple[Tensor, Tensor] | None = None, eval_every: int | None = None,
             keep_checkpoints: bool = False, threads: int | None = None, progress: bool | None = None,
             timeout: float = 600.0, checkpoint_dir: str | os.PathLike | None = None,
-            checkpoint_every: int | None = None, resume: bool = False) -> "CodistillReport":
+            checkpoint_every: int | None = None, resume: bool = False,
+            sync_batchnorm: bool = False) -> "CodistillReport":
         """Train every model for ``steps`` steps of ``batch_size`` samples each.
 
         ``world_size``: 1 (all models in this process) or a multiple of n (``world_size // n``
@@ -233,6 +236,10 @@ class Codistillation:
         models (``pipebd.checkpoint``). ``resume=True`` continues from the last complete step,
         on any world size, and ends with the weights of an uninterrupted run; ``steps`` may be
         raised. A directory that holds a run is refused without ``resume``.
+
+        BatchNorm in a model trained by several ranks uses each rank's rows by default (as DDP);
+        ``sync_batchnorm=True`` normalizes with the statistics of the model's whole batch
+        (``pipebd.batchnorm``), so the group trains as one process on that batch would.
         Raises ValueError/TypeError before any process starts; ``pipebd.WorkerError`` if a rank
         fails (``pipebd.ExchangeError`` in its message when a transfer failed).
         """
@@ -241,6 +248,9 @@ class Codistillation:
             raise ValueError(f"fit(world_size={world_size}) but torchrun started WORLD_SIZE={env[1]} processes")
         job = self._job(dataset, batch_size, steps, world_size, seed, eval_data, eval_every, keep_checkpoints,
                         threads, progress, timeout)
+        if not isinstance(sync_batchnorm, bool):
+            raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
+        job.sync_batchnorm = sync_batchnorm
         self._checkpoints(job, checkpoint_dir, checkpoint_every, resume)
         log.info("pipebd: %s of %d models on %d rank(s)", self.mode, self.n, world_size)
         if env is not None:
@@ -428,6 +438,8 @@ class _Rank:
             for i in range(n):   # every rank takes part in every new_group call
                 group = dist.new_group(members[i], timeout=timedelta(seconds=job.timeout))
                 if i in self.own:
+                    if job.sync_batchnorm:    # a copy with the same parameters, buffers and state-dict keys
+                        self.models[i] = sync_batchnorm(self.models[i], group)
                     self.trained[i] = DistributedDataParallel(self.models[i], process_group=group)
                     self.groups.append(group)
         self.optimizers = {i: job.optimizer(self.models[i].parameters()) for i in self.own}
