@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import logging
 import os
 import sys
@@ -41,6 +40,7 @@ from .api import _device_of
 from .batchnorm import sync_batchnorm
 from .data import BatchOrder, dataset_length, load_rows, probe_item
 from .losses import _BACKENDS, soft_target_loss
+from .rng import derived_seed, stream
 from .runtime.exchange import PeerLogits, Transfer, WeightExchange, packed_sizes, pack, unpack
 from .runtime.launch import _broadcast_from_rank0, backend_for, init_spmd, spawn_tasks, torchrun_env
 from .runtime.redistribute import slices
@@ -64,11 +64,6 @@ def combined_loss(logits: Tensor, labels: Tensor, peers: Tensor | None, alpha: f
     hard = 1.0 / (1.0 + alpha)
     return soft_target_loss(logits, peers, temperature, "sum", labels=labels, alpha=hard,
                             ignore_index=ignore_index, backend=backend) * (1.0 + alpha)
-
-
-def derived_seed(seed: int, *keys: Any) -> int:
-    """A seed for one use of the run's ``seed`` (the same in every process, unlike ``hash``)."""
-    return int.from_bytes(hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest(), "little") >> 1
 
 
 def shards(length: int, n: int, seed: int) -> list[Tensor]:
@@ -627,7 +622,8 @@ def _run(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
             xs = {i: x for i, (x, _) in batches.items()}
             logits = {}
             for i in rt.own:
-                with rt.recorder.span("student", t):
+                with rt.recorder.span("student", t), stream(derived_seed(job.seed, "model", i, t, rt.rank % rt.g),
+                                                            rt.device):
                     logits[i] = rt.trained[i](xs[i])
             targets = rt.targets(t, source, xs, logits)
             for i in rt.own:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import checkpoint
 from ..batchnorm import sync_batchnorm
+from ..rng import derived_seed, stream
 from ..data import BatchOrder, load_rows
 from ..plan import Plan
 from ..trace import Recorder, Span
@@ -187,7 +188,8 @@ class RankRuntime:
         returns its handle (None without replicas)."""
         job = self.job
         with self.recorder.span("student", step, block):
-            out = self.student[block](x)
+            with stream(derived_seed(job.seed, "student", block, step, self.replica or 0), self.device):
+                out = self.student[block](x)
             if block == job.num_blocks - 1 and job.final_loss is not None:
                 args = (out, target) if job.labels is None else (out, target, labels)
                 loss = job.final_loss(*args)
