@@ -62,3 +62,27 @@ def test_codistillation_on_cuda_matches_cpu(mode):
         results.append(co.fit(torch.utils.data.TensorDataset(x, y), batch_size=12, steps=16, progress=False))
     for a, b in zip(results[0].losses, results[1].losses):
         assert max(abs(u - v) for u, v in zip(a, b)) < 1e-4
+
+
+def test_dropout_on_cuda_resumes_to_the_uninterrupted_weights_and_leaves_the_callers_stream(tmp_path):
+    def dropout_distiller():
+        teacher, student = mlp_pair(num_blocks=4, seed=0)
+        student = [nn.Sequential(block, nn.Dropout(0.3)) for block in student]
+        return pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), device="cuda")
+
+    torch.cuda.manual_seed(11)
+    before = torch.cuda.get_rng_state()
+    whole = dropout_distiller()
+    whole.fit(DATA, 7, 20, progress=False)
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    dropout_distiller().fit(DATA, 7, 10, checkpoint_dir=tmp_path, progress=False)
+    resumed = dropout_distiller()
+    resumed.fit(DATA, 7, 20, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert max_diff(whole, resumed) < 1e-6
+
+
+def test_one_gpu_profiles_blocks_for_four_ranks():
+    # bench/gpu_profile.py: one device stands in for every rank, no communication measured.
+    profile = distiller("cuda").profile(DATA, 16, 4, warmup=1, repeats=2, comm=False)
+    assert profile.rows == [4, 6, 8, 16] and profile.p2p == [] and profile.allreduce == []
+    assert all(t > 0 for block in profile.teacher + profile.student for t in block)
