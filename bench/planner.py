@@ -149,6 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predict-cnn", action="store_true", help="simulator predictions for the CNN pair only")
     parser.add_argument("--append", metavar="PATH", help="append the result as markdown to PATH")
     args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    labels = [os.path.splitext(os.path.basename(p))[0] for p in args.profile_file]
+    if len(set(labels)) < len(labels) or set(labels) & set(PROFILES):
+        parser.error("each --profile-file needs a file name of its own (it labels the rows)")
     if args.profile is None:
         args.profile = [] if args.profile_file else ["balanced", "unbalanced"]
     try:

@@ -93,6 +93,8 @@ class EmulatedProfile(NamedTuple):
             teacher, student = _costs(data["teacher"]), _costs(data["student"])
             if not teacher or len(teacher) != len(student):
                 raise ValueError(f"{len(teacher)} teacher and {len(student)} student block costs")
+            if any(not (c.a >= 0 and c.b >= 0) for c in teacher + student):
+                raise ValueError("block costs must be non-negative numbers")
             return cls(teacher, student, data.get("batch_size"), data.get("device", ""))
         except (KeyError, TypeError, ValueError) as e:   # JSONDecodeError is a ValueError
             raise ValueError(f"{path}: cannot read an emulated profile: {e}") from None

@@ -17,6 +17,7 @@ from .data import dataset_length, probe_item
 from .losses import SoftTargetLoss, resolve_block_loss
 from .plan import Plan, default_plan
 from .planner import auto_plan
+from .rng import check_seed
 from .profiler import COMM_REPEATS, Profile, comm_task, profile_job
 from .report import Report, build_report
 from .runtime.launch import LOOPS, init_spmd, pin_device, run_rank, run_spmd, spawn, torchrun_env
@@ -176,18 +177,23 @@ class Distiller:
 
     def profile(self, dataset: Any, batch_size: int, world_size: int, *, threads: int | None = None,
                 warmup: int = 2, repeats: int = 5, cache: bool = True, comm: bool = True,
-                timeout: float = 600.0) -> Profile:
+                sync_batchnorm: bool = False, timeout: float = 600.0) -> Profile:
         """Measure what every block costs at each per-replica batch size a plan on ``world_size``
         ranks can give it, and the backend's point-to-point and allreduce costs (cached; see
         ``pipebd.profiler``). ``fit(plan="auto")`` does this itself. ``comm=False`` measures the
         blocks only, in this process (for one device standing in for ``world_size``; such a
-        profile is neither read from nor written to the cache)."""
+        profile is neither read from nor written to the cache). ``sync_batchnorm``: cost the
+        BatchNorm allreduces that ``fit(..., sync_batchnorm=True)`` adds."""
         if not isinstance(comm, bool):
             raise TypeError(f"comm must be a bool, got {comm!r}")
+        if not isinstance(sync_batchnorm, bool):
+            raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
         if not comm:     # a one-rank job: this device may be the only one
             job = self._job(dataset, batch_size, 1, 1, "pipebd", None, 0, 1, threads, False, timeout)
+            job.sync_batchnorm = sync_batchnorm
             return profile_job(job, world_size, warmup=warmup, repeats=repeats, cache=False, comm=lambda: ([], []))
         job = self._job(dataset, batch_size, 1, world_size, "pipebd", None, 0, 1, threads, False, timeout)
+        job.sync_batchnorm = sync_batchnorm
         return self._profile(job, world_size, timeout, warmup=warmup, repeats=repeats, cache=cache)
 
     def _profile(self, job: Job, world_size: int, timeout: float, **options: Any) -> Profile:
@@ -210,6 +216,7 @@ class Distiller:
              plan: Plan | str | None, seed: int, max_inflight: int, threads: int | None,
              progress: bool | None, timeout: float = 600.0) -> Job:
         """Validate everything that can be checked in the caller and build the job."""
+        seed = check_seed(seed)
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 1),

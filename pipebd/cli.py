@@ -58,7 +58,7 @@ def profile(config: RunConfig) -> None:
     from .simulator import simulate, simulate_baseline
 
     distiller, dataset = build(config)
-    prof = distiller.profile(dataset, config.batch_size, config.world_size)
+    prof = distiller.profile(dataset, config.batch_size, config.world_size, sync_batchnorm=config.sync_batchnorm)
     print(prof)
     best = auto_plan(prof, config.world_size)
     print(f"auto: {best}")

@@ -40,7 +40,7 @@ from .api import _device_of
 from .batchnorm import sync_batchnorm
 from .data import BatchOrder, dataset_length, load_rows, probe_item
 from .losses import _BACKENDS, soft_target_loss
-from .rng import derived_seed, stream
+from .rng import check_seed, derived_seed, stream
 from .runtime.exchange import PeerLogits, Transfer, WeightExchange, packed_sizes, pack, unpack
 from .runtime.launch import _broadcast_from_rank0, backend_for, init_spmd, spawn_tasks, torchrun_env
 from .runtime.redistribute import slices
@@ -304,6 +304,7 @@ class Codistillation:
     def _job(self, dataset: Any, batch_size: int, steps: int, world_size: int, seed: int,
              eval_data: Any, eval_every: int | None, keep_checkpoints: bool, threads: int | None,
              progress: bool | None, timeout: float) -> _Job:
+        seed = check_seed(seed)
         for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 1), ("world_size", world_size, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

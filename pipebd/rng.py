@@ -13,14 +13,27 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import operator
 from typing import Any, Iterator
 
 import torch
 
 
 def derived_seed(seed: int, *keys: Any) -> int:
-    """A seed for one use of the run's ``seed`` (the same in every process, unlike ``hash``)."""
-    return int.from_bytes(hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest(), "little") >> 1
+    """A seed for one use of the run's ``seed`` (the same in every process, unlike ``hash``; a
+    numpy integer seed gives what the same Python int gives)."""
+    key = repr((operator.index(seed), *keys)).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def check_seed(seed: object) -> int:
+    """``seed`` as a Python int (numpy integers included); TypeError for anything else."""
+    if isinstance(seed, bool):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    try:
+        return operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer, got {seed!r}") from None
 
 
 @contextlib.contextmanager

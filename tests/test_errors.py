@@ -71,6 +71,9 @@ def test_other_bad_arguments(no_spawn):
         d.fit(DATA, batch_size=4, steps=1, world_size=2, strategy="baseline", plan=pipebd.Plan([[0, 1, 2, 3]]))
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         d.fit(DATA, batch_size=4, steps=0, world_size=2)
+    for seed in (1.5, "1", True):
+        with pytest.raises(TypeError, match="seed must be an integer"):
+            d.fit(DATA, batch_size=4, steps=1, world_size=2, seed=seed)
     with pytest.raises(ValueError, match="plan applies to strategy='pipebd' only"):
         d.fit(DATA, batch_size=4, steps=1, world_size=2, strategy="baseline", plan="auto")
     with pytest.raises(ValueError, match="plan must be None, 'auto' or a pipebd.Plan, got 'fastest'"):

@@ -148,6 +148,11 @@ def test_emulated_profile_from_measurement_round_trips_and_drives_emulated_pair(
     assert [b.cost for b in teacher] == [Cost(c.a * 2, c.b * 2) for c in fitted.teacher]
     with pytest.raises(ValueError, match="does not exist"):
         emulated_pair(str(tmp_path / "missing.json"))
+    negative = json.loads(open(path).read())
+    negative["student"][1][0] = -1.0
+    (tmp_path / "negative.json").write_text(json.dumps(negative))
+    with pytest.raises(ValueError, match="negative.json: cannot read an emulated profile: block costs must be non-negative"):
+        emulated_pair(str(tmp_path / "negative.json"))
     (tmp_path / "bad.json").write_text('{"kind": "something else"}')
     with pytest.raises(ValueError, match="bad.json: cannot read an emulated profile"):
         emulated_pair(str(tmp_path / "bad.json"))
@@ -169,6 +174,16 @@ def test_gpu_profile_script_runs_on_cpu(tmp_path):
     fitted = EmulatedProfile.load(str(out))
     assert len(fitted.teacher) == 6 and fitted.batch_size == 8
     assert json.loads(out.read_text())["measured"]["rows"] == [4, 8]
+    # one batch size cannot fit a line; two measured profiles need two names in planner.py's table
+    one = subprocess.run([sys.executable, str(script), "--device", "cpu", "--world-size", "1", "--out",
+                          str(tmp_path / "one.json")], capture_output=True, text=True, timeout=120)
+    assert one.returncode == 2 and "--world-size must be >= 2" in one.stderr
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "cpu.json").write_text(out.read_text())
+    planner = script.with_name("planner.py")
+    twice = subprocess.run([sys.executable, str(planner), "--profile-file", str(out), str(tmp_path / "again" / "cpu.json")],
+                           capture_output=True, text=True, timeout=120, cwd=script.parent)
+    assert twice.returncode == 2 and "needs a file name of its own" in twice.stderr
 
 
 def test_batchnorm_statistics_bytes_and_the_jobs_sync_option(tmp_path, monkeypatch):
@@ -183,3 +198,20 @@ def test_batchnorm_statistics_bytes_and_the_jobs_sync_option(tmp_path, monkeypat
         profile = profiler.profile_job(j, 3, warmup=0, repeats=1, comm=lambda: NO_COMM)
         assert profile.bn_bytes == [[(2 * 4 + 1) * 4] * 2, []] and profile.sync_batchnorm is sync
         assert (profile.sync_bn_time(0, 3) > 0) is sync and profile.sync_bn_time(1, 3) == 0
+
+
+def test_sync_batchnorm_reaches_the_profile_from_fit_and_profile(monkeypatch, tmp_path):
+    monkeypatch.setenv("PIPEBD_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    teacher = [nn.Linear(4, 4), nn.Linear(4, 4)]
+    student = [nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Linear(4, 4)]
+    d = pipebd.Distiller(teacher, student, device="cpu")
+    data = torch.randn(16, 4)
+    monkeypatch.setattr(profiler, "measure_comm", lambda *a, **k: NO_COMM)
+    for sync in (False, True):
+        assert d.profile(data, 8, 2, warmup=0, repeats=1, sync_batchnorm=sync).sync_batchnorm is sync
+    seen = []
+    real = pipebd.api.auto_plan
+    monkeypatch.setattr(pipebd.api, "auto_plan", lambda p, w: seen.append(p.sync_batchnorm) or real(p, w))
+    d.fit(data, 8, 2, world_size=2, plan="auto", sync_batchnorm=True, progress=False, timeout=60)
+    assert seen == [True]

@@ -92,7 +92,7 @@ def codistill(world_size, mode, steps=STEPS, **fit):
     data = torch.utils.data.TensorDataset(DATA, DATA[:, :3].argmax(1))
     cd = pipebd.Codistillation(codistill_models(), optimizer=lambda p: torch.optim.SGD(p, lr=0.2), alpha=0.5,
                                exchange_every=3, mode=mode, backend="torch", device="cpu")
-    report = cd.fit(data, batch_size=BATCH, steps=steps, world_size=world_size, seed=2, timeout=60, **fit)
+    report = cd.fit(data, batch_size=BATCH, steps=steps, world_size=world_size, timeout=60, **{"seed": 2, **fit})
     return [m.state_dict() for m in cd.models], report
 
 
@@ -109,3 +109,12 @@ def test_a_resumed_codistillation_with_dropout_ends_with_the_uninterrupted_weigh
     got, report = codistill(1, "codistill", checkpoint_dir=tmp_path, resume=True)
     assert report.start == 7
     assert max(max_diff(g, w) for g, w in zip(got, want)) <= TOL
+
+
+def test_a_numpy_seed_is_the_same_seed(one_process):
+    np = pytest.importorskip("numpy")
+    d = distiller()
+    d.fit(DATA, BATCH, STEPS, seed=np.int64(0), progress=False)
+    assert max_diff(weights(d), one_process) == 0.0
+    with pytest.raises(TypeError, match="seed must be an integer, got 0.5"):
+        codistill(1, "codistill", seed=0.5)
