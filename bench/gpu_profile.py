@@ -8,9 +8,11 @@ The planner benchmark runs many ranks of ``pipebd.models.EmulatedBlock``, each s
 of a guess: it profiles the CNN pair cut into ``--blocks`` blocks (``cnn_pair(blocks=6)``: two
 blocks at 32x32, two at 16x16, one each at 8x8 and 4x4) on ``--device``, teacher forward and
 student forward + backward + step of every block at every per-replica batch ``ceil(B / k)``,
-``k = 1 .. --world-size``, and fits a straight line per block. One device stands in for all
-ranks, so no communication is measured here; the emulated ranks communicate over gloo on the
-machine that runs ``bench/planner.py``.
+``k = 1 .. --world-size``. The JSON keeps every measured cost: an emulated block sleeps the
+measured seconds at the measured batch sizes (straight lines between them). The table also shows
+a straight-line fit ``a + b * rows`` per block, to read how much of a call's cost is fixed. One
+device stands in for all ranks, so no communication is measured here; the emulated ranks
+communicate over gloo on the machine that runs ``bench/planner.py``.
 
 The fixed part ``a`` is what makes small per-replica batches expensive on a GPU (kernel launches
 and other per-call work), and what the baseline, which runs every block at ``B / W`` rows, pays
@@ -44,8 +46,8 @@ def measure(args: argparse.Namespace) -> tuple[pipebd.profiler.Profile, Emulated
 
 
 def fit_error(cost, rows: list[int], times: list[float]) -> float:
-    """Worst relative error of the line ``cost`` at the measured batch sizes."""
-    return max(abs(cost.at(r) / t - 1) for r, t in zip(rows, times))
+    """Worst relative error of the line ``a + b * rows`` at the measured batch sizes."""
+    return max(abs((cost.a + cost.b * r) / t - 1) for r, t in zip(rows, times))
 
 
 def table(measured: pipebd.profiler.Profile, fitted: EmulatedProfile) -> list[str]:
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--append", metavar="PATH", help="append the result as markdown to PATH")
     args = parser.parse_args(argv)
     if args.world_size < 2:
-        parser.error("--world-size must be >= 2: the fit needs at least two batch sizes")
+        parser.error("--world-size must be >= 2: the profile needs at least two batch sizes")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here")
     measured, fitted = measure(args)

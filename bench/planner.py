@@ -16,7 +16,7 @@ adding about 0.75 ms per call that no profile of a single process sees (simulate
 than measured); at scale 2 that overhead is half as large relative to the sleeps.
 
 ``--profile-file`` adds profiles measured on a real device by ``bench/gpu_profile.py`` (a
-straight line per block fitted to a six-block CNN pair's costs), run at the global batch they were
+six-block CNN pair's measured costs per block and batch size), run at the global batch they were
 measured at; the 4x-baseline check at W=4 applies to them as to ``unbalanced``.
 
 ``--predict-cnn`` profiles the CNN pair on this machine (per-replica batches of 16 to 128 rows)

@@ -11,9 +11,9 @@ whole cost of a call: for a student block that is forward, backward and optimize
 ``PROFILES`` holds the per-block costs the planner benchmark uses: ``balanced`` (six equal blocks)
 and ``unbalanced`` (a Pipe-BD-like profile: early, high-resolution teacher blocks cost the most and
 the last block is cheap, so one block range per rank leaves stages waiting). A profile can also
-be measured: ``EmulatedProfile.from_measured`` fits ``a + b * rows`` to each block of a real
-pair's ``pipebd`` profile (``bench/gpu_profile.py`` does it on a GPU and saves it as JSON), so
-that ranks emulating that device run here.
+be measured: ``EmulatedProfile.from_measured`` takes each block's costs from a real pair's
+``pipebd`` profile (``bench/gpu_profile.py`` does it on a GPU and saves it as JSON), so that
+ranks emulating that device run here.
 """
 
 from __future__ import annotations
@@ -31,23 +31,37 @@ if TYPE_CHECKING:
 
 
 class Cost(NamedTuple):
-    """Seconds per call: ``a`` fixed plus ``b`` per row."""
+    """Seconds per call: ``a`` fixed plus ``b`` per row or, for a measured block, ``curve``:
+    ``(rows, seconds)`` points, joined by straight lines and extended as the profiler extends
+    them, so the cost is the measured one at every measured batch size (``a`` and ``b`` are
+    then the straight-line fit, for display)."""
 
     a: float
     b: float
+    curve: tuple[tuple[int, float], ...] = ()
 
     def at(self, rows: int) -> float:
+        if self.curve:
+            from pipebd.profiler import _interp
+            return _interp([r for r, _ in self.curve], [t for _, t in self.curve], rows)
         return self.a + self.b * rows
+
+    def scaled(self, factor: float) -> "Cost":
+        return Cost(self.a * factor, self.b * factor, tuple((r, t * factor) for r, t in self.curve))
 
 
 class EmulatedBlock(nn.Module):
-    """``features -> features`` linear map that first sleeps ``a + b * rows`` seconds."""
+    """``features -> features`` linear map that first sleeps ``a + b * rows`` seconds (or the
+    measured ``curve``'s seconds at ``rows``, see ``Cost``)."""
 
-    def __init__(self, features: int, a: float, b: float):
+    def __init__(self, features: int, a: float, b: float, curve: Sequence[tuple[int, float]] = ()):
         super().__init__()
-        if a < 0 or b < 0:
-            raise ValueError(f"emulated cost must be non-negative, got a={a}, b={b}")
-        self.cost = Cost(float(a), float(b))
+        curve = tuple((int(r), float(t)) for r, t in curve)
+        if a < 0 or b < 0 or any(r < 1 or t < 0 for r, t in curve):
+            raise ValueError(f"emulated cost must be non-negative, got a={a}, b={b}, curve={curve}")
+        if any(r1 <= r0 for (r0, _), (r1, _) in zip(curve, curve[1:])):
+            raise ValueError(f"curve rows must be increasing, got {[r for r, _ in curve]}")
+        self.cost = Cost(float(a), float(b), curve)
         self.linear = nn.Linear(features, features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +70,8 @@ class EmulatedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         # Part of the profiler's cache key: blocks of different cost must not share a profile.
-        return f"a={self.cost.a:g}, b={self.cost.b:g}"
+        curve = f", curve={[(r, float(f'{t:g}')) for r, t in self.cost.curve]}" if self.cost.curve else ""
+        return f"a={self.cost.a:g}, b={self.cost.b:g}{curve}"
 
 
 class EmulatedProfile(NamedTuple):
@@ -70,15 +85,19 @@ class EmulatedProfile(NamedTuple):
 
     @classmethod
     def from_measured(cls, profile: "Profile") -> "EmulatedProfile":
-        """The straight-line fit ``a + b * rows`` of each block of a measured ``pipebd``
-        profile (see ``Profile.linear_costs``)."""
-        teacher, student = profile.linear_costs()
-        return cls(_costs(teacher), _costs(student), profile.batch_size, profile.device)
+        """Each block of a measured ``pipebd`` profile: its measured seconds at each batch size
+        (what the emulated block sleeps) and their straight-line fit ``a + b * rows`` (see
+        ``Profile.linear_costs``), which says how much of the cost is per call."""
+        lines = profile.linear_costs()
+        curves = (profile.teacher, profile.student)
+        teacher, student = (tuple(Cost(a, b, tuple(zip(profile.rows, times))) for (a, b), times in zip(fit, measured))
+                            for fit, measured in zip(lines, curves))
+        return cls(teacher, student, profile.batch_size, profile.device)
 
     def save(self, path: str, measured: "Profile | None" = None, **source: Any) -> None:
         """Write as JSON (atomically), with the measured profile and ``source`` facts beside it."""
         from pipebd.checkpoint import atomic_write
-        data = {"kind": _KIND, "teacher": [list(c) for c in self.teacher], "student": [list(c) for c in self.student],
+        data = {"kind": _KIND, "teacher": [_row(c) for c in self.teacher], "student": [_row(c) for c in self.student],
                 "batch_size": self.batch_size, "device": self.device, "source": source,
                 "measured": None if measured is None else measured.to_dict()}
         atomic_write(path, lambda f: f.write(json.dumps(data, indent=1)), "w")
@@ -93,7 +112,7 @@ class EmulatedProfile(NamedTuple):
             teacher, student = _costs(data["teacher"]), _costs(data["student"])
             if not teacher or len(teacher) != len(student):
                 raise ValueError(f"{len(teacher)} teacher and {len(student)} student block costs")
-            if any(not (c.a >= 0 and c.b >= 0) for c in teacher + student):
+            if any(not (c.a >= 0 and c.b >= 0) or any(not t >= 0 for _, t in c.curve) for c in teacher + student):
                 raise ValueError("block costs must be non-negative numbers")
             return cls(teacher, student, data.get("batch_size"), data.get("device", ""))
         except (KeyError, TypeError, ValueError) as e:   # JSONDecodeError is a ValueError
@@ -103,8 +122,14 @@ class EmulatedProfile(NamedTuple):
 _KIND = "pipebd-emulated-profile"
 
 
-def _costs(values: Sequence[tuple[float, float]]) -> tuple[Cost, ...]:
-    return tuple(Cost(a, b) for a, b in values)
+def _costs(values: Sequence[Sequence[Any]]) -> tuple[Cost, ...]:
+    """``[a, b]`` or ``[a, b, [[rows, seconds], ...]]`` per block."""
+    return tuple(Cost(float(v[0]), float(v[1]), tuple((int(r), float(t)) for r, t in (v[2] if len(v) > 2 else ())))
+                 for v in values)
+
+
+def _row(cost: Cost) -> list:
+    return [cost.a, cost.b, [list(p) for p in cost.curve]] if cost.curve else [cost.a, cost.b]
 
 
 _MS = 1e-3
@@ -146,8 +171,8 @@ def emulated_pair(profile: "str | EmulatedProfile" = "balanced", features: int =
         raise ValueError(f"scale must be non-negative, got {scale}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        teacher = [EmulatedBlock(features, c.a * scale, c.b * scale) for c in costs.teacher]
-        student = [EmulatedBlock(features, c.a * scale, c.b * scale) for c in costs.student]
+        teacher = [EmulatedBlock(features, *c.scaled(scale)) for c in costs.teacher]
+        student = [EmulatedBlock(features, *c.scaled(scale)) for c in costs.student]
     return teacher, student
 
 

@@ -17,7 +17,7 @@ from torch import nn
 import pipebd
 from pipebd import profiler
 from pipebd.models import EmulatedBlock, emulated_pair
-from pipebd.models.emulated import Cost, EmulatedProfile
+from pipebd.models.emulated import EmulatedProfile
 from pipebd.profiler import Profile, replica_rows
 
 A, B_ROW = 2e-3, 2e-4          # 2 ms per call + 0.2 ms per row
@@ -145,11 +145,19 @@ def test_emulated_profile_from_measurement_round_trips_and_drives_emulated_pair(
     fitted.save(path, measured, device="test")
     assert EmulatedProfile.load(path) == fitted
     teacher, student = emulated_pair(path, scale=2.0)
-    assert [b.cost for b in teacher] == [Cost(c.a * 2, c.b * 2) for c in fitted.teacher]
+    # an emulated block sleeps the measured seconds (times scale) at each measured batch size,
+    # and lines between them (the profiler's interpolation)
+    for blocks, times in ((teacher, measured.teacher), (student, measured.student)):
+        for block, measured_times in zip(blocks, times):
+            assert [block.cost.at(r) for r in measured.rows] == pytest.approx([2 * t for t in measured_times], rel=1e-12)
+            assert block.cost.at(6) == pytest.approx(block.cost.at(4) + (block.cost.at(8) - block.cost.at(4)) / 2)
+    assert "curve=[(3, " in repr(teacher[0])          # part of the profiler's cache key
+    with pytest.raises(ValueError, match="curve rows must be increasing"):
+        EmulatedBlock(4, 0.0, 0.0, [(4, 1e-3), (3, 2e-3)])
     with pytest.raises(ValueError, match="does not exist"):
         emulated_pair(str(tmp_path / "missing.json"))
     negative = json.loads(open(path).read())
-    negative["student"][1][0] = -1.0
+    negative["student"][1][2][0][1] = -1.0           # a measured time
     (tmp_path / "negative.json").write_text(json.dumps(negative))
     with pytest.raises(ValueError, match="negative.json: cannot read an emulated profile: block costs must be non-negative"):
         emulated_pair(str(tmp_path / "negative.json"))
