@@ -1,7 +1,7 @@
 """Measure a real six-block pair on one device and save it as an emulated profile.
 
     python bench/gpu_profile.py --out bench/results/profile-h200.json          # on a GPU
-    python bench/planner.py --profile-file bench/results/profile-h200.json --world-size 4 --scale 20
+    python bench/planner.py --profile-file bench/results/profile-h200.json --world-size 4
 
 The planner benchmark runs many ranks of ``pipebd.models.EmulatedBlock``, each sleeping
 ``a + b * rows`` seconds per call. This script supplies ``a`` and ``b`` from a measurement instead
@@ -17,8 +17,8 @@ communicate over gloo on the machine that runs ``bench/planner.py``.
 The fixed part ``a`` is what makes small per-replica batches expensive on a GPU (kernel launches
 and other per-call work), and what the baseline, which runs every block at ``B / W`` rows, pays
 most often. Emulated sleeps shorter than about 2 ms are dominated by the host's own per-call
-overhead, so run the planner with ``--scale`` large enough that the cheapest block sleeps several
-milliseconds; the ratios between configurations do not depend on it.
+overhead, so ``bench/planner.py`` stretches a measured profile's costs until the cheapest call
+sleeps 5 ms (or by ``--scale``); the ratios between configurations do not depend on it.
 """
 
 from __future__ import annotations

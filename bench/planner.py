@@ -3,7 +3,7 @@
     python bench/planner.py                                   # world sizes 2, 4, 8; both profiles
     python bench/planner.py --world-size 4 --profile unbalanced --append BENCHMARKS.md
     python bench/planner.py --predict-cnn                     # simulator predictions, CNN pair
-    python bench/planner.py --profile-file bench/results/profile-h200.json --world-size 4 --scale 20
+    python bench/planner.py --profile-file bench/results/profile-h200.json --world-size 4
 
 Blocks are ``pipebd.models.EmulatedBlock``: each call sleeps ``a + b * rows`` seconds, so 8 ranks
 really run in parallel on a 2-core machine. For each block profile and world size, one run each
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 
 import torch
@@ -61,6 +62,16 @@ def profiles(args: argparse.Namespace) -> dict[str, tuple[EmulatedProfile, int]]
         label = os.path.splitext(os.path.basename(path))[0]
         out[label] = (costs, args.batch_size or costs.batch_size or 64)
     return out
+
+
+def default_scale(args: argparse.Namespace) -> float:
+    """2, or more when a measured profile has calls shorter than 2.5 ms: enough that the cheapest
+    call (every block at its smallest per-replica batch) sleeps 5 ms, well above the host's own
+    per-call overhead. Ratios between configurations do not depend on the scale."""
+    cheapest = min((c.at(math.ceil(batch / max(args.world_size)))
+                    for costs, batch in profiles(args).values() for c in costs.teacher + costs.student),
+                   default=1.0)
+    return max(2.0, float(f"{5e-3 / cheapest:.2g}")) if args.profile_file and cheapest > 0 else 2.0
 
 
 def pct(values) -> str:
@@ -144,8 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each pipebd configuration (median reported); the baseline runs once")
-    parser.add_argument("--scale", type=float, default=2.0,
-                        help="multiply every emulated cost (default 2: see the module docstring)")
+    parser.add_argument("--scale", type=float, default=None,
+                        help="multiply every emulated cost (default 2, see the module docstring; with "
+                             "--profile-file, large enough that the cheapest call sleeps 5 ms)")
     parser.add_argument("--predict-cnn", action="store_true", help="simulator predictions for the CNN pair only")
     parser.add_argument("--append", metavar="PATH", help="append the result as markdown to PATH")
     args = parser.parse_args(argv)
@@ -161,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
             resolve_profile(path)
     except ValueError as e:
         parser.error(str(e))
+    if args.scale is None:
+        args.scale = default_scale(args)
+    elif args.scale <= 0:
+        parser.error(f"--scale must be > 0, got {args.scale}")
     if args.predict_cnn:
         title = "Simulator predictions for the CNN pair (predictions, not measurements)"
         lines = predict_cnn(args)
