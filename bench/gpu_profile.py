@@ -3,9 +3,9 @@
     python bench/gpu_profile.py --out bench/results/profile-h200.json          # on a GPU
     python bench/planner.py --profile-file bench/results/profile-h200.json --world-size 4
 
-The planner benchmark runs many ranks of ``pipebd.models.EmulatedBlock``, each sleeping
-``a + b * rows`` seconds per call. This script supplies ``a`` and ``b`` from a measurement instead
-of a guess: it profiles the CNN pair cut into ``--blocks`` blocks (``cnn_pair(blocks=6)``: two
+The planner benchmark runs many ranks of ``pipebd.models.EmulatedBlock``, each sleeping what a
+call of its block costs. This script supplies those costs from a measurement instead of a guess:
+it profiles the CNN pair cut into ``--blocks`` blocks (``cnn_pair(blocks=6)``: two
 blocks at 32x32, two at 16x16, one each at 8x8 and 4x4) on ``--device``, teacher forward and
 student forward + backward + step of every block at every per-replica batch ``ceil(B / k)``,
 ``k = 1 .. --world-size``. The JSON keeps every measured cost: an emulated block sleeps the
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="JSON file for bench/planner.py --profile-file")
     parser.add_argument("--append", metavar="PATH", help="append the result as markdown to PATH")
     args = parser.parse_args(argv)
-    if args.world_size < 2:
-        parser.error("--world-size must be >= 2: the profile needs at least two batch sizes")
+    if min(args.world_size, args.batch_size) < 2:
+        parser.error("--world-size and --batch-size must be >= 2: the profile needs at least two batch sizes")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here")
     measured, fitted = measure(args)

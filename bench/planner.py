@@ -5,19 +5,22 @@
     python bench/planner.py --predict-cnn                     # simulator predictions, CNN pair
     python bench/planner.py --profile-file bench/results/profile-h200.json --world-size 4
 
-Blocks are ``pipebd.models.EmulatedBlock``: each call sleeps ``a + b * rows`` seconds, so 8 ranks
-really run in parallel on a 2-core machine. For each block profile and world size, one run each
+Blocks are ``pipebd.models.EmulatedBlock``: each call sleeps ``a + b * rows`` seconds (a measured
+profile: the measured seconds at that batch size), so 8 ranks really run in parallel on a 2-core
+machine. For each block profile and world size, one run each
 of the baseline and ``--repeats`` alternating runs each of Pipe-BD with one block range per rank
 (``plan=None``) and ``plan="auto"``, the median next to the simulator's prediction from the same
 profile. The checks printed at the end are the
-planner issue's expectations. Costs are doubled by default (``--scale 2``): at scale 1 the
+planner issue's expectations. Built-in costs are doubled by default (``--scale 2``): at scale 1 the
 baseline's 8 lockstep ranks all wake at once and their per-call host work queues for the 2 cores,
 adding about 0.75 ms per call that no profile of a single process sees (simulated 12-15% faster
 than measured); at scale 2 that overhead is half as large relative to the sleeps.
 
 ``--profile-file`` adds profiles measured on a real device by ``bench/gpu_profile.py`` (a
 six-block CNN pair's measured costs per block and batch size), run at the global batch they were
-measured at; the 4x-baseline check at W=4 applies to them as to ``unbalanced``.
+measured at; the 4x-baseline check at W=4 applies to them as to ``unbalanced``. Unless
+``--scale`` is given, they are stretched until their cheapest call sleeps 5 ms (at least x2),
+and the built-in profiles of the same run get the same scale.
 
 ``--predict-cnn`` profiles the CNN pair on this machine (per-replica batches of 16 to 128 rows)
 and prints the simulator's predictions for 8, 64 and 1024 devices with 32 samples per device:
@@ -68,10 +71,10 @@ def default_scale(args: argparse.Namespace) -> float:
     """2, or more when a measured profile has calls shorter than 2.5 ms: enough that the cheapest
     call (every block at its smallest per-replica batch) sleeps 5 ms, well above the host's own
     per-call overhead. Ratios between configurations do not depend on the scale."""
+    measured = [profiles(args)[os.path.splitext(os.path.basename(p))[0]] for p in args.profile_file]
     cheapest = min((c.at(math.ceil(batch / max(args.world_size)))
-                    for costs, batch in profiles(args).values() for c in costs.teacher + costs.student),
-                   default=1.0)
-    return max(2.0, float(f"{5e-3 / cheapest:.2g}")) if args.profile_file and cheapest > 0 else 2.0
+                    for costs, batch in measured for c in costs.teacher + costs.student), default=1.0)
+    return max(2.0, float(f"{5e-3 / cheapest:.2g}")) if cheapest > 0 else 2.0
 
 
 def pct(values) -> str:
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predict-cnn", action="store_true", help="simulator predictions for the CNN pair only")
     parser.add_argument("--append", metavar="PATH", help="append the result as markdown to PATH")
     args = parser.parse_args(argv)
+    if min(args.world_size) < 1:
+        parser.error(f"--world-size must be >= 1, got {min(args.world_size)}")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     labels = [os.path.splitext(os.path.basename(p))[0] for p in args.profile_file]

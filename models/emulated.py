@@ -19,6 +19,7 @@ ranks emulating that device run here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
@@ -56,12 +57,7 @@ class EmulatedBlock(nn.Module):
 
     def __init__(self, features: int, a: float, b: float, curve: Sequence[tuple[int, float]] = ()):
         super().__init__()
-        curve = tuple((int(r), float(t)) for r, t in curve)
-        if a < 0 or b < 0 or any(r < 1 or t < 0 for r, t in curve):
-            raise ValueError(f"emulated cost must be non-negative, got a={a}, b={b}, curve={curve}")
-        if any(r1 <= r0 for (r0, _), (r1, _) in zip(curve, curve[1:])):
-            raise ValueError(f"curve rows must be increasing, got {[r for r, _ in curve]}")
-        self.cost = Cost(float(a), float(b), curve)
+        self.cost = _checked(Cost(float(a), float(b), tuple((int(r), float(t)) for r, t in curve)))
         self.linear = nn.Linear(features, features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,14 +108,24 @@ class EmulatedProfile(NamedTuple):
             teacher, student = _costs(data["teacher"]), _costs(data["student"])
             if not teacher or len(teacher) != len(student):
                 raise ValueError(f"{len(teacher)} teacher and {len(student)} student block costs")
-            if any(not (c.a >= 0 and c.b >= 0) or any(not t >= 0 for _, t in c.curve) for c in teacher + student):
-                raise ValueError("block costs must be non-negative numbers")
+            for c in teacher + student:
+                _checked(c)
             return cls(teacher, student, data.get("batch_size"), data.get("device", ""))
         except (KeyError, TypeError, ValueError) as e:   # JSONDecodeError is a ValueError
             raise ValueError(f"{path}: cannot read an emulated profile: {e}") from None
 
 
 _KIND = "pipebd-emulated-profile"
+
+
+def _checked(cost: Cost) -> Cost:
+    """``cost`` if its numbers are finite and non-negative and its curve rows increase from 1."""
+    numbers = [cost.a, cost.b, *(t for _, t in cost.curve)]
+    if not all(math.isfinite(x) and x >= 0 for x in numbers) or any(r < 1 for r, _ in cost.curve):
+        raise ValueError(f"emulated costs must be finite and non-negative, got {cost}")
+    if any(r1 <= r0 for (r0, _), (r1, _) in zip(cost.curve, cost.curve[1:])):
+        raise ValueError(f"curve rows must be increasing, got {[r for r, _ in cost.curve]}")
+    return cost
 
 
 def _costs(values: Sequence[Sequence[Any]]) -> tuple[Cost, ...]:

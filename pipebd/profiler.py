@@ -121,8 +121,8 @@ class Profile:
 
     def linear_costs(self) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
         """Per block, non-negative ``(a, b)`` fitting the teacher's and the student's measured
-        seconds per call to ``a + b * rows`` (least squares): what ``pipebd.models``'s emulated
-        blocks sleep to reproduce this profile on any machine."""
+        seconds per call to ``a + b * rows`` (least squares): how much of a call's cost is fixed.
+        (``pipebd.models``'s emulated blocks sleep the measured costs themselves.)"""
         def fit(times: list[float]) -> tuple[float, float]:
             return _least_squares([(1.0, float(r)) for r in self.rows], times)
 

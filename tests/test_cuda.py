@@ -64,7 +64,7 @@ def test_codistillation_on_cuda_matches_cpu(mode):
         assert max(abs(u - v) for u, v in zip(a, b)) < 1e-4
 
 
-def test_dropout_on_cuda_resumes_to_the_uninterrupted_weights_and_leaves_the_callers_stream(tmp_path):
+def test_dropout_on_cuda_resumes_to_the_uninterrupted_weights_and_keeps_the_callers_rng_state(tmp_path):
     def dropout_distiller():
         teacher, student = mlp_pair(num_blocks=4, seed=0)
         student = [nn.Sequential(block, nn.Dropout(0.3)) for block in student]

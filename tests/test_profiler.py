@@ -154,12 +154,17 @@ def test_emulated_profile_from_measurement_round_trips_and_drives_emulated_pair(
     assert "curve=[(3, " in repr(teacher[0])          # part of the profiler's cache key
     with pytest.raises(ValueError, match="curve rows must be increasing"):
         EmulatedBlock(4, 0.0, 0.0, [(4, 1e-3), (3, 2e-3)])
+    unsorted = json.loads(open(path).read())
+    unsorted["teacher"][0][2].reverse()
+    (tmp_path / "unsorted.json").write_text(json.dumps(unsorted))
+    with pytest.raises(ValueError, match="unsorted.json: cannot read an emulated profile: curve rows must be increasing"):
+        EmulatedProfile.load(str(tmp_path / "unsorted.json"))
     with pytest.raises(ValueError, match="does not exist"):
         emulated_pair(str(tmp_path / "missing.json"))
     negative = json.loads(open(path).read())
     negative["student"][1][2][0][1] = -1.0           # a measured time
     (tmp_path / "negative.json").write_text(json.dumps(negative))
-    with pytest.raises(ValueError, match="negative.json: cannot read an emulated profile: block costs must be non-negative"):
+    with pytest.raises(ValueError, match="negative.json: cannot read an emulated profile: emulated costs must be finite"):
         emulated_pair(str(tmp_path / "negative.json"))
     (tmp_path / "bad.json").write_text('{"kind": "something else"}')
     with pytest.raises(ValueError, match="bad.json: cannot read an emulated profile"):
@@ -185,7 +190,7 @@ def test_gpu_profile_script_runs_on_cpu(tmp_path):
     # one batch size cannot fit a line; two measured profiles need two names in planner.py's table
     one = subprocess.run([sys.executable, str(script), "--device", "cpu", "--world-size", "1", "--out",
                           str(tmp_path / "one.json")], capture_output=True, text=True, timeout=120)
-    assert one.returncode == 2 and "--world-size must be >= 2" in one.stderr
+    assert one.returncode == 2 and "--world-size and --batch-size must be >= 2" in one.stderr
     (tmp_path / "again").mkdir()
     (tmp_path / "again" / "cpu.json").write_text(out.read_text())
     planner = script.with_name("planner.py")
