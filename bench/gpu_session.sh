@@ -29,10 +29,13 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
         echo "liger-kernel: not installed (its column will be skipped)"
 } 2>&1 | tee "$out/environment.txt"
 status=0
-python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_cuda.py 2>&1 | tee "$out/gpu-tests.txt" || status=1
+# Each step has its own time limit (seconds), so that one that hangs leaves time for the rest
+# inside one 600 s device call; output is written as it comes, so a cut-off step still returns
+# what it printed.
+timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_cuda.py 2>&1 | tee "$out/gpu-tests.txt" || status=1
 for batch in 64 256; do
-    python3 bench/gpu_profile.py --batch-size $batch --out "$out/profile-b$batch.json" \
+    timeout 45 python3 bench/gpu_profile.py --batch-size $batch --out "$out/profile-b$batch.json" \
         --append "$out/profile.md" 2>&1 | tee "$out/profile-b$batch.txt" || status=1
 done
-python3 bench/kernels.py --append "$out/kernels.md" 2>&1 | tee "$out/kernels.txt" || status=1
+timeout 330 python3 bench/kernels.py --append "$out/kernels.md" 2>&1 | tee "$out/kernels.txt" || status=1
 exit $status
