@@ -84,11 +84,12 @@ class EmulatedProfile(NamedTuple):
         """Each block of a measured ``pipebd`` profile: its measured seconds at each batch size
         (what the emulated block sleeps) and their straight-line fit ``a + b * rows`` (see
         ``Profile.linear_costs``), which says how much of the cost is per call."""
-        lines = profile.linear_costs()
-        curves = (profile.teacher, profile.student)
-        teacher, student = (tuple(Cost(a, b, tuple(zip(profile.rows, times))) for (a, b), times in zip(fit, measured))
-                            for fit, measured in zip(lines, curves))
-        return cls(teacher, student, profile.batch_size, profile.device)
+        def costs(lines: list[tuple[float, float]], measured: list[list[float]]) -> tuple[Cost, ...]:
+            return tuple(Cost(a, b, tuple(zip(profile.rows, times))) for (a, b), times in zip(lines, measured))
+
+        teacher_lines, student_lines = profile.linear_costs()
+        return cls(costs(teacher_lines, profile.teacher), costs(student_lines, profile.student),
+                   profile.batch_size, profile.device)
 
     def save(self, path: str, measured: "Profile | None" = None, **source: Any) -> None:
         """Write as JSON (atomically), with the measured profile and ``source`` facts beside it."""
