@@ -50,19 +50,23 @@ def fit_error(cost, rows: list[int], times: list[float]) -> float:
     return max(abs((cost.a + cost.b * r) / t - 1) for r, t in zip(rows, times))
 
 
-def table(measured: pipebd.profiler.Profile, fitted: EmulatedProfile) -> list[str]:
-    """Per block: the fitted lines, their worst errors, and the measured total at each batch size."""
+def table(measured: pipebd.profiler.Profile, fitted: EmulatedProfile) -> tuple[list[str], float]:
+    """Per block: the fitted lines, their worst errors, and the measured total at each batch size;
+    and the worst error of all."""
     rows = measured.rows
     lines = ["| block | teacher a (ms) | teacher b (us/row) | fit error | student a (ms) | student b (us/row) | fit error | "
              + " | ".join(f"teacher+student ms at {r} rows" for r in rows) + " |",
              "|---" * (7 + len(rows)) + "|"]
+    worst = 0.0
     for i in range(measured.num_blocks):
         cells = [str(i)]
         for cost, times in ((fitted.teacher[i], measured.teacher[i]), (fitted.student[i], measured.student[i])):
-            cells += [f"{cost.a * 1e3:.3f}", f"{cost.b * 1e6:.2f}", f"{fit_error(cost, rows, times):.0%}"]
+            error = fit_error(cost, rows, times)
+            worst = max(worst, error)
+            cells += [f"{cost.a * 1e3:.3f}", f"{cost.b * 1e6:.2f}", f"{error:.0%}"]
         cells += [f"{(measured.teacher[i][j] + measured.student[i][j]) * 1e3:.2f}" for j in range(len(rows))]
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return lines, worst
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,10 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     print(measured, flush=True)
     device = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else machine()
     fitted = fitted._replace(device=device)
-    lines = table(measured, fitted)
-    worst = max(fit_error(cost, measured.rows, times)
-                for costs, measured_times in ((fitted.teacher, measured.teacher), (fitted.student, measured.student))
-                for cost, times in zip(costs, measured_times))
+    lines, worst = table(measured, fitted)
     lines += ["", f"Device: {device}. CNN pair width {args.width}, teacher depth {args.depth}, {args.blocks} blocks, "
               f"global batch {args.batch_size}; median of {args.repeats} after {args.warmup} warm-up calls; "
               f"worst straight-line fit error {worst:.0%}."]

@@ -56,24 +56,27 @@ def fit(costs: EmulatedProfile, batch_size: int, args: argparse.Namespace, world
                          strategy=strategy, plan=plan, seed=0, progress=False)
 
 
-def profiles(args: argparse.Namespace) -> dict[str, tuple[EmulatedProfile, int]]:
-    """Label -> (costs, global batch) for the built-in profiles and the measured ones from files
-    (at the batch they were measured at unless ``--batch-size`` is given)."""
-    out = {name: (PROFILES[name], args.batch_size or 64) for name in args.profile}
+def file_label(path: str) -> str:
+    """A measured profile's name in the table: its file name without the extension."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def measured_profiles(args: argparse.Namespace) -> dict[str, tuple[EmulatedProfile, int]]:
+    """Label -> (costs, global batch) of the ``--profile-file`` profiles, at the batch they were
+    measured at unless ``--batch-size`` is given (ValueError for an unreadable file)."""
+    out = {}
     for path in args.profile_file:
         costs = resolve_profile(path)
-        label = os.path.splitext(os.path.basename(path))[0]
-        out[label] = (costs, args.batch_size or costs.batch_size or 64)
+        out[file_label(path)] = (costs, args.batch_size or costs.batch_size or 64)
     return out
 
 
-def default_scale(args: argparse.Namespace) -> float:
+def default_scale(measured: dict[str, tuple[EmulatedProfile, int]], world_sizes: list[int]) -> float:
     """2, or more when a measured profile has calls shorter than 2.5 ms: enough that the cheapest
     call (every block at its smallest per-replica batch) sleeps 5 ms, well above the host's own
     per-call overhead. Ratios between configurations do not depend on the scale."""
-    measured = [profiles(args)[os.path.splitext(os.path.basename(p))[0]] for p in args.profile_file]
-    cheapest = min((c.at(math.ceil(batch / max(args.world_size)))
-                    for costs, batch in measured for c in costs.teacher + costs.student), default=1.0)
+    cheapest = min((c.at(math.ceil(batch / max(world_sizes)))
+                    for costs, batch in measured.values() for c in costs.teacher + costs.student), default=1.0)
     return max(2.0, float(f"{5e-3 / cheapest:.2g}")) if cheapest > 0 else 2.0
 
 
@@ -81,9 +84,11 @@ def pct(values) -> str:
     return " ".join(f"{v:.0%}" for v in values)
 
 
-def emulated(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+def emulated(args: argparse.Namespace, measured_files: dict[str, tuple[EmulatedProfile, int]]
+             ) -> tuple[list[str], list[str]]:
     rows, checks = [], []
-    for name, (costs, batch_size) in profiles(args).items():
+    built_in = {name: (PROFILES[name], args.batch_size or 64) for name in args.profile}
+    for name, (costs, batch_size) in {**built_in, **measured_files}.items():
         for world in args.world_size:
             teacher, student = emulated_pair(costs, scale=args.scale)
             data = torch.randn(4 * batch_size, 8, generator=torch.Generator().manual_seed(0))
@@ -168,18 +173,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--world-size must be >= 1, got {min(args.world_size)}")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    labels = [os.path.splitext(os.path.basename(p))[0] for p in args.profile_file]
+    labels = [file_label(p) for p in args.profile_file]
     if len(set(labels)) < len(labels) or set(labels) & set(PROFILES):
         parser.error("each --profile-file needs a file name of its own (it labels the rows)")
     if args.profile is None:
         args.profile = [] if args.profile_file else ["balanced", "unbalanced"]
     try:
-        for path in args.profile_file:
-            resolve_profile(path)
+        measured = measured_profiles(args)
     except ValueError as e:
         parser.error(str(e))
     if args.scale is None:
-        args.scale = default_scale(args)
+        args.scale = default_scale(measured, args.world_size)
     elif args.scale <= 0:
         parser.error(f"--scale must be > 0, got {args.scale}")
     if args.predict_cnn:
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         batch = args.batch_size or ("64" if not args.profile_file else "as measured")
         title = (f"AHD on emulated devices, batch {batch}, {args.steps} steps per run, "
                  f"costs x{args.scale:g}, median of {args.repeats} for pipebd rows")
-        lines, checks = emulated(args)
+        lines, checks = emulated(args, measured)
         print("\n".join(checks))
         lines += [""] + checks
     publish(title, "planner.py", argv, lines, args.append)

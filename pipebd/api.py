@@ -188,12 +188,12 @@ class Distiller:
             raise TypeError(f"comm must be a bool, got {comm!r}")
         if not isinstance(sync_batchnorm, bool):
             raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
-        if not comm:     # a one-rank job: this device may be the only one
-            job = self._job(dataset, batch_size, 1, 1, "pipebd", None, 0, 1, threads, False, timeout)
-            job.sync_batchnorm = sync_batchnorm
-            return profile_job(job, world_size, warmup=warmup, repeats=repeats, cache=False, comm=lambda: ([], []))
-        job = self._job(dataset, batch_size, 1, world_size, "pipebd", None, 0, 1, threads, False, timeout)
+        # Without comm, a one-rank job: this device may be the only one.
+        job = self._job(dataset, batch_size, 1, world_size if comm else 1, "pipebd", None, 0, 1, threads, False,
+                        timeout)
         job.sync_batchnorm = sync_batchnorm
+        if not comm:
+            return profile_job(job, world_size, warmup=warmup, repeats=repeats, cache=False, comm=lambda: ([], []))
         return self._profile(job, world_size, timeout, warmup=warmup, repeats=repeats, cache=cache)
 
     def _profile(self, job: Job, world_size: int, timeout: float, **options: Any) -> Profile:
