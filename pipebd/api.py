@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .data import dataset_length, probe_item
+from .data import check_workers, dataset_length, probe_item
 from .losses import SoftTargetLoss, resolve_block_loss
 from .plan import Plan, default_plan
 from .planner import auto_plan
@@ -80,7 +80,8 @@ class Distiller:
             strategy: str = "pipebd", plan: Plan | str | None = None, seed: int = 0, *,
             max_inflight: int = 2, threads: int | None = None, progress: bool | None = None,
             timeout: float = 600.0, checkpoint_dir: str | os.PathLike | None = None,
-            checkpoint_every: int | None = None, resume: bool = False, sync_batchnorm: bool = False) -> Report:
+            checkpoint_every: int | None = None, resume: bool = False, sync_batchnorm: bool = False,
+            num_workers: int = 0) -> Report:
         """Train every student block for ``steps`` steps of ``batch_size`` samples.
 
         ``strategy``: ``"pipebd"`` (teacher relaying over pipeline stages) or ``"baseline"``
@@ -97,6 +98,12 @@ class Distiller:
         BatchNorm layers of a replicated stage's student blocks normalize with the statistics of
         their replica's slice (as DDP does); ``sync_batchnorm=True`` uses the statistics of the
         stage's whole batch instead (``pipebd.batchnorm``), which gives the one-process result.
+
+        Data: only the ranks of the first stage (every rank, for the baseline) load it, each its
+        slice of the batch. With ``num_workers > 0`` each of them starts that many DataLoader
+        worker processes that load the next batches while the rank computes (as
+        ``DataLoader(num_workers=...)``); the batches and their order stay the same. Random
+        transforms in the dataset draw from the workers' generators then, as with any DataLoader.
 
         Checkpoints (``pipebd.checkpoint``): with ``checkpoint_dir``, each student block's
         weights, optimizer and scheduler state are saved there, atomically, every
@@ -117,6 +124,7 @@ class Distiller:
         if not isinstance(sync_batchnorm, bool):
             raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
         job.sync_batchnorm = sync_batchnorm
+        job.num_workers = check_workers(num_workers)
         self._checkpoints(job, checkpoint_dir, checkpoint_every, resume)
         prediction = None
         if plan == "auto" and world_size > 1:
@@ -177,13 +185,15 @@ class Distiller:
 
     def profile(self, dataset: Any, batch_size: int, world_size: int, *, threads: int | None = None,
                 warmup: int = 2, repeats: int = 5, cache: bool = True, comm: bool = True,
-                sync_batchnorm: bool = False, timeout: float = 600.0) -> Profile:
+                sync_batchnorm: bool = False, num_workers: int = 0, timeout: float = 600.0) -> Profile:
         """Measure what every block costs at each per-replica batch size a plan on ``world_size``
         ranks can give it, and the backend's point-to-point and allreduce costs (cached; see
         ``pipebd.profiler``). ``fit(plan="auto")`` does this itself. ``comm=False`` measures the
         blocks only, in this process (for one device standing in for ``world_size``; such a
         profile is neither read from nor written to the cache). ``sync_batchnorm``: cost the
-        BatchNorm allreduces that ``fit(..., sync_batchnorm=True)`` adds."""
+        BatchNorm allreduces that ``fit(..., sync_batchnorm=True)`` adds; ``num_workers``: predict
+        for ``fit(..., num_workers=...)``, whose loader processes take data loading off the first
+        stage's critical path (the loading is measured in this process either way)."""
         if not isinstance(comm, bool):
             raise TypeError(f"comm must be a bool, got {comm!r}")
         if not isinstance(sync_batchnorm, bool):
@@ -192,6 +202,7 @@ class Distiller:
         job = self._job(dataset, batch_size, 1, world_size if comm else 1, "pipebd", None, 0, 1, threads, False,
                         timeout)
         job.sync_batchnorm = sync_batchnorm
+        job.num_workers = check_workers(num_workers)
         if not comm:
             return profile_job(job, world_size, warmup=warmup, repeats=repeats, cache=False, comm=lambda: ([], []))
         return self._profile(job, world_size, timeout, warmup=warmup, repeats=repeats, cache=cache)

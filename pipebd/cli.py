@@ -40,7 +40,8 @@ def run(config: RunConfig) -> None:
                            world_size=config.world_size, strategy=config.strategy, plan=config.fit_plan(),
                            seed=config.seed, max_inflight=config.max_inflight,
                            checkpoint_dir=config.checkpoint_dir, checkpoint_every=config.checkpoint_every,
-                           resume=config.resume, sync_batchnorm=config.sync_batchnorm)
+                           resume=config.resume, sync_batchnorm=config.sync_batchnorm,
+                           num_workers=config.num_workers)
     print(report)
     if config.trace:
         report.save_trace(config.trace)
@@ -58,7 +59,8 @@ def profile(config: RunConfig) -> None:
     from .simulator import simulate, simulate_baseline
 
     distiller, dataset = build(config)
-    prof = distiller.profile(dataset, config.batch_size, config.world_size, sync_batchnorm=config.sync_batchnorm)
+    prof = distiller.profile(dataset, config.batch_size, config.world_size, sync_batchnorm=config.sync_batchnorm,
+                             num_workers=config.num_workers)
     print(prof)
     best = auto_plan(prof, config.world_size)
     print(f"auto: {best}")

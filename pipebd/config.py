@@ -71,6 +71,7 @@ class RunConfig:
     device: str | None = None
     max_inflight: int = 2
     sync_batchnorm: bool = False                            # BatchNorm statistics over a replicated stage's batch
+    num_workers: int = 0                                    # DataLoader workers per loading rank (0: inline)
     trace: str | None = None                                # write a Chrome trace here
     plot: str | None = None                                 # draw the timeline and stage breakdown here (PNG)
     checkpoint_dir: str | None = None                       # save each block's state here

@@ -1,4 +1,5 @@
-"""Deterministic batch order and loading of batch slices.
+"""Deterministic batch order and loading of batch slices, in the calling process or ahead of use
+by DataLoader worker processes.
 
 The samples of a run form one stream: epoch ``e`` is a permutation of the dataset drawn from a
 generator seeded by ``(seed, e)``, and the epochs are concatenated. Batch ``t`` is rows
@@ -8,10 +9,10 @@ only: every strategy and plan sees the same data in the same order, reshuffled e
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 _SEED_MIX = 0x9E3779B1
 
@@ -82,3 +83,59 @@ def load_rows(dataset: Dataset | torch.Tensor, index: torch.Tensor) -> tuple[tor
 def probe_item(dataset: Dataset | torch.Tensor) -> tuple[torch.Tensor, Any]:
     """The first sample as a batch of one, for shape checks before any process starts."""
     return load_rows(dataset, torch.zeros(1, dtype=torch.long))
+
+
+# Batches each loader worker keeps requested ahead of use (DataLoader's prefetch_factor); the
+# simulator models the same queue.
+PREFETCH = 2
+
+
+def check_workers(num_workers: Any) -> int:
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    return num_workers
+
+
+class StepRows:
+    """Index of request ``j``: rows ``[lo, hi)`` of batch ``steps[j]`` (picklable, for workers)."""
+
+    def __init__(self, order: BatchOrder, steps: Sequence[int], lo: int, hi: int):
+        self.order, self.steps, self.lo, self.hi = order, steps, lo, hi
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __call__(self, j: int) -> torch.Tensor:
+        return self.order.indices(self.steps[j], self.lo, self.hi)
+
+
+class _Batches(Dataset):
+    """Item ``j`` is the whole batch ``load_rows(dataset, index(j))``, so that a loader worker
+    builds batches and the DataLoader does no batching of its own."""
+
+    def __init__(self, dataset: Dataset | torch.Tensor, index: Callable[[int], torch.Tensor], count: int):
+        self.dataset, self.index, self.count = dataset, index, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, Any]:
+        return load_rows(self.dataset, self.index(j))
+
+
+def batches(dataset: Dataset | torch.Tensor, index: StepRows, num_workers: int = 0, *,
+            pin_memory: bool = False, timeout: float = 0.0) -> Iterator[tuple[torch.Tensor, Any]]:
+    """The batches ``load_rows(dataset, index(j))`` for ``j = 0 .. len(index)-1``, in order.
+
+    With ``num_workers == 0`` each is loaded in this process when it is asked for. Otherwise
+    ``num_workers`` DataLoader worker processes load them ahead of use, each keeping
+    ``PREFETCH`` requests in hand, so the loading overlaps the caller's work; an error in a
+    worker is raised here with the worker's traceback. ``timeout`` (seconds, 0: none) bounds the
+    wait for one batch from the workers.
+    """
+    if num_workers == 0:
+        return (load_rows(dataset, index(j)) for j in range(len(index)))
+    loader = DataLoader(_Batches(dataset, index, len(index)), batch_size=None, shuffle=False,
+                        num_workers=num_workers, prefetch_factor=PREFETCH, pin_memory=pin_memory,
+                        timeout=timeout)
+    return iter(loader)

@@ -10,7 +10,9 @@ pipeline moves ``B / max_s T_s`` samples per second, where a stage's time per ba
                         + sum over its blocks of allreduce(k, gradient bytes of b)
                         [+ 2 allreduces per BatchNorm layer of its students, with sync_batchnorm]
 
-with ``B/k`` meaning ``ceil(B/k)`` rows, the largest slice (``stage_cost``). Communication is
+with ``B/k`` meaning ``ceil(B/k)`` rows, the largest slice (``stage_cost``). With ``num_workers``
+loader processes per rank, stage 0 does not load itself but can go no faster than they deliver:
+``T(0, stop, k) = max(T without load, load(B/k) / num_workers)``. Communication is
 charged in full, although the runtime overlaps part of it, so predictions lean low.
 
 ``best_plan`` is an exact dynamic program over (first block, ranks left): ``f(i, r)``, the least
@@ -42,6 +44,7 @@ class StageCost:
     p2p_out: float        # sending the last activation to the next stage
     student: float        # student forward, backward and optimizer step of its blocks
     allreduce: float      # gradient allreduce over the stage's replicas (and sync_batchnorm's)
+    data_period: float = 0.0   # stage 0 with loader processes: the least time between their batches
 
     @property
     def compute(self) -> float:
@@ -53,13 +56,13 @@ class StageCost:
 
     @property
     def time(self) -> float:
-        return self.compute + self.p2p + self.allreduce
+        return max(self.compute + self.p2p + self.allreduce, self.data_period)
 
 
 def stage_cost(profile: Profile, first: int, stop: int, replicas: int) -> StageCost:
     """Cost of a stage owning blocks ``first .. stop-1`` with ``replicas`` ranks."""
     rows = math.ceil(profile.batch_size / replicas)
-    forward = profile.load_time(rows) if first == 0 else 0.0
+    forward = profile.data_time(rows) if first == 0 else 0.0
     student = 0.0
     for b in range(first, stop):
         forward += profile.teacher_time(b, rows)
@@ -68,7 +71,8 @@ def stage_cost(profile: Profile, first: int, stop: int, replicas: int) -> StageC
     p2p_out = float(profile.p2p_time(rows * profile.act_bytes[stop])) if stop < profile.num_blocks else 0.0
     allreduce = sum(float(profile.allreduce_time(replicas, profile.grad_bytes[b])) + profile.sync_bn_time(b, replicas)
                     for b in range(first, stop))
-    return StageCost(p2p_in, float(forward), p2p_out, float(student), allreduce)
+    period = float(profile.data_period(rows)) if first == 0 else 0.0
+    return StageCost(p2p_in, float(forward), p2p_out, float(student), allreduce, period)
 
 
 @dataclass(frozen=True)
@@ -124,12 +128,14 @@ def cost_table(profile: Profile, world_size: int) -> np.ndarray:
     inbound = np.stack([profile.p2p_time(rows * profile.act_bytes[i]) if 0 < i < n else np.zeros(world_size)
                         for i in range(n + 1)])                                                   # [boundary, k]
     table = np.full((n + 1, n + 1, world_size + 1), np.inf)
-    load = profile.load_time(rows)
+    load, period = profile.data_time(rows), profile.data_period(rows)
     usable = ks <= profile.batch_size        # every replica needs at least one row
     for first in range(n):
         for stop in range(first + 1, n + 1):
             t = prefix[:, stop] - prefix[:, first] + inbound[first] + inbound[stop]
-            table[first, stop, 1:] = np.where(usable, t + (load if first == 0 else 0.0), np.inf)
+            if first == 0:
+                t = np.maximum(t + load, period)
+            table[first, stop, 1:] = np.where(usable, t, np.inf)
     return table
 
 

@@ -16,6 +16,7 @@ KIND_COLORS = {
     "data": "#9ecae1", "teacher": "#3182bd", "student": "#31a354", "step": "#a1d99b",
     "checkpoint": "#756bb1", "eval": "#fdae6b", "allreduce": "#de2d26",
     "recv-wait": "#bdbdbd", "send-wait": "#969696", "exchange-wait": "#737373",
+    "data-wait": "#d9d9d9",
 }
 BREAKDOWN = (("compute", "#31a354"), ("communication", "#de2d26"), ("waiting", "#969696"), ("idle", "#f0f0f0"))
 

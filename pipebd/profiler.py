@@ -11,8 +11,8 @@ median of ``repeats`` timed runs after ``warmup`` untimed ones.
 
 A ``Profile`` is cached as JSON under ``$PIPEBD_CACHE_DIR`` (default ``~/.cache/pipebd``), keyed
 by everything that changes the costs: the blocks' structure (not their weights), the boundary
-shapes, batch size, world size, device, backend, threads, optimizer and losses. ``str(profile)``
-prints it as a table.
+shapes, the dataset's type and length, batch size, world size, device, backend, threads,
+optimizer and losses. ``str(profile)`` prints it as a table.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import atomic_write
+from .data import PREFETCH, load_rows
 from .plan import Plan
 from .runtime.launch import backend_for, spawn_tasks
 from .runtime.worker import Job, RankRuntime, progress_bar
@@ -60,6 +62,12 @@ class Profile:
     ring allreduce over ``k`` ranks ``2(k-1) * latency + 2(k-1)/k * bytes * s_per_byte``.
     ``bn_bytes[b]`` lists, per BatchNorm layer of student block ``b``, the bytes of statistics one
     replica contributes when ``sync_batchnorm`` is on (the job's option, not part of the cache).
+    ``num_workers`` says how stage 0 loads: in its own process, where ``load`` adds to its time
+    per batch, or by that many loader processes, which deliver a batch every
+    ``load / num_workers`` seconds at best while the stage computes. Taking a ready batch from
+    them still costs the rank ``receive[i]`` (unpickling, mapping shared memory), and the first
+    batch comes ``loader_start`` seconds (starting the processes) plus one load after the start;
+    both are measured only for a profile taken with loader processes (else 0).
     """
 
     num_blocks: int
@@ -80,6 +88,9 @@ class Profile:
     threads: int | None = None
     bn_bytes: list[list[int]] = field(default_factory=list)
     sync_batchnorm: bool = False
+    num_workers: int = 0
+    receive: list[float] = field(default_factory=list)
+    loader_start: float = 0.0
 
     def __post_init__(self) -> None:
         self.p2p = [tuple(m) for m in self.p2p]              # type: ignore[misc]
@@ -97,6 +108,18 @@ class Profile:
 
     def load_time(self, rows: Any) -> Any:
         return _interp(self.rows, self.load, rows)
+
+    def data_time(self, rows: Any) -> Any:
+        """Seconds a batch of ``rows`` rows adds to stage 0's work: loading it when loading in
+        the rank's own process, else taking it from the loader processes (see ``data_period``)."""
+        if self.num_workers == 0:
+            return self.load_time(rows)
+        return _interp(self.rows, self.receive, rows) if self.receive else self.load_time(rows) * 0.0
+
+    def data_period(self, rows: Any) -> Any:
+        """The least seconds between batches of ``rows`` rows that ``num_workers`` loader
+        processes can deliver (0 when loading in the rank's own process)."""
+        return self.load_time(rows) / max(self.num_workers, 1) * (self.num_workers > 0)
 
     def p2p_time(self, nbytes: Any) -> Any:
         latency, per_byte = self.p2p_fit
@@ -155,7 +178,8 @@ class Profile:
         layers = sum(len(b) for b in self.bn_bytes)
         if self.sync_batchnorm and layers:
             lines.append(f"sync_batchnorm: {layers} BatchNorm layers, 2 allreduces each per step on replicated stages")
-        lines.append("data load ms: " + ", ".join(f"{r} rows {t * 1e3:.3f}" for r, t in zip(self.rows, self.load)))
+        how = f" (by {self.num_workers} loader processes per rank)" if self.num_workers else ""
+        lines.append(f"data load ms{how}: " + ", ".join(f"{r} rows {t * 1e3:.3f}" for r, t in zip(self.rows, self.load)))
         if self.p2p:
             lat, per_byte = self.p2p_fit
             lines.append("p2p: " + ", ".join(f"{n >> 10} KiB {t * 1e3:.3f} ms" for n, t in self.p2p)
@@ -210,15 +234,15 @@ def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5,
                 comm: Callable[[], tuple[list, list]] | None = None, progress: bool = False) -> Profile:
     """Profile the blocks of ``job`` (its plan is ignored) for plans on up to ``world_size``
     ranks, or read the cached profile. ``comm`` returns ``(p2p, allreduce)`` measurements
-    (default: ``measure_comm`` on spawned local ranks). The profile's ``sync_batchnorm`` is the
-    job's."""
+    (default: ``measure_comm`` on spawned local ranks). The profile's ``sync_batchnorm`` and
+    ``num_workers`` are the job's."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
-    key = _cache_key(job, world_size, warmup, repeats)
+    key = _cache_key(job, world_size, warmup, repeats)   # num_workers included: it changes what is measured
     path = os.path.join(cache_dir(), f"profile-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json")
     if cache and os.path.exists(path):
         try:
-            return dataclasses.replace(Profile.load_file(path), sync_batchnorm=job.sync_batchnorm)
+            return dataclasses.replace(Profile.load_file(path), **_job_options(job))
         except (OSError, ValueError, TypeError, KeyError):
             pass   # unreadable or from an older version: measure again
     profile = _measure_compute(job, world_size, warmup, repeats, progress)
@@ -230,7 +254,12 @@ def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5,
     if cache:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         profile.save(path)
-    return dataclasses.replace(profile, sync_batchnorm=job.sync_batchnorm)
+    return dataclasses.replace(profile, **_job_options(job))
+
+
+def _job_options(job: Job) -> dict[str, Any]:
+    """The job's options that change what a plan costs but not what is measured."""
+    return {"sync_batchnorm": job.sync_batchnorm}
 
 
 def cache_dir() -> str:
@@ -251,8 +280,11 @@ def _cache_key(job: Job, world_size: int, warmup: int, repeats: int) -> str:
         "teacher": [structure(job.teacher[i]) for i in range(job.num_blocks)],
         "student": [structure(job.student[i]) for i in range(job.num_blocks)],
         "boundary": [(s.shape, str(s.dtype)) for s in job.boundary],
+        # The data loading is measured too: a dataset of another kind or size loads differently.
+        "dataset": [f"{type(job.dataset).__module__}.{type(job.dataset).__qualname__}", job.dataset_len],
         "labels": None if job.labels is None else (job.labels.shape, str(job.labels.dtype)),
         "batch_size": job.batch_size, "world_size": world_size, "device": device, "threads": job.threads,
+        "num_workers": job.num_workers,
         "optimizer": [type(probe).__qualname__, repr(sorted(probe.defaults.items()))],
         "losses": [_describe(job.block_loss), _describe(job.final_loss)],
         "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 3,
@@ -290,6 +322,10 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
         for i in range(n):
             acts.append(rt.teacher_forward(i, acts[-1], 0))
         load = [timer(lambda r=r: rt.load(0, 0, r)) for r in rows]
+        receive, loader_start = [], 0.0
+        if job.num_workers:
+            first_batch = load_rows(job.dataset, rt.order.indices(0, 0, batch))   # as a loader process gives it
+            receive, loader_start = _measure_receive(first_batch, rows, job.num_workers, warmup, repeats)
         teacher, student = [], []
         todo = progress_bar(n * len(rows), "pipebd profile", progress, unit="block-size")
         for i in range(n):
@@ -315,7 +351,48 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
     bn_bytes = [[(2 * m.num_features + 1) * _statistics_itemsize(m) for m in job.student[i].modules()
                  if isinstance(m, _BatchNorm)] for i in range(n)]
     return Profile(n, batch, world_size, job.device, backend_for(job.device), rows, teacher, student, load,
-                   act_bytes, grad_bytes, warmup=warmup, repeats=repeats, threads=job.threads, bn_bytes=bn_bytes)
+                   act_bytes, grad_bytes, warmup=warmup, repeats=repeats, threads=job.threads, bn_bytes=bn_bytes,
+                   num_workers=job.num_workers, receive=receive, loader_start=loader_start)
+
+
+class _Ready(Dataset):
+    """Stands in for the dataset to time the loader processes' own overhead: every item is a
+    fresh copy of one loaded batch (a tensor sent twice would be mapped only once)."""
+
+    def __init__(self, batch: tuple[torch.Tensor, Any], count: int):
+        self.batch, self.count = batch, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, Any]:
+        return tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in self.batch)
+
+
+def _measure_receive(batch: tuple[torch.Tensor, Any], rows: list[int], num_workers: int, warmup: int,
+                     repeats: int) -> tuple[list[float], float]:
+    """Per ``rows``, the median seconds a rank takes to get a batch that ``num_workers`` loader
+    processes have ready (what ``data.batches`` does, with loading itself left out); and how
+    long the first batch takes beyond that: starting the processes."""
+    x, y = batch
+    receive, starts = [], []
+    warmup = max(warmup, PREFETCH * num_workers)   # the batches queued at the start come faster
+    for r in rows:
+        ready = _Ready((x[:r], y[:r] if y is not None else None), 1 + warmup + repeats)
+        tick = time.perf_counter()
+        source = iter(DataLoader(ready, batch_size=None, num_workers=num_workers, prefetch_factor=PREFETCH))
+        next(source)
+        first = time.perf_counter() - tick
+        times = []
+        for _ in range(warmup + repeats):
+            time.sleep(0.01)          # the processes have the next batch ready meanwhile
+            tick = time.perf_counter()
+            next(source)
+            times.append(time.perf_counter() - tick)
+        del source                    # stops the processes
+        receive.append(statistics.median(times[warmup:]))
+        starts.append(max(0.0, first - receive[-1]))
+    return receive, statistics.median(starts)
 
 
 def _statistics_itemsize(bn: nn.Module) -> int:

@@ -3,8 +3,8 @@
 Time fractions are of the run's wall time (start barrier to the last rank's end), averaged over a
 stage's replicas: ``utilization`` is compute (data, teacher, student, optimizer step) and
 checkpoint writes, ``communication`` the gradient allreduce waits, ``waiting`` the time blocked on
-activations (receive) or on the next stage (send backpressure), and ``idle`` the rest (pipeline
-fill/drain).
+activations (receive), on the next stage (send backpressure) or on loader worker processes
+(``num_workers``), and ``idle`` the rest (pipeline fill/drain).
 """
 
 from __future__ import annotations

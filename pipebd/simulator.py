@@ -5,7 +5,9 @@ Pipe-BD (``simulate``) follows ``runtime/relay.py`` step by step. Stage s at ste
 
 1. waits for batch t. Stage s-1 must have sent it and stage s must have posted its receive,
    which it does as soon as it has finished waiting for batch t-1 (one batch ahead);
-2. receives it (``p2p_in``), loads data (stage 0) and runs its teacher blocks (``forward``);
+2. receives it (``p2p_in``), loads data (stage 0) and runs its teacher blocks (``forward``). With
+   loader processes (``Profile.num_workers``) stage 0 instead takes the batch from them, waiting
+   if it is not ready yet (``_Feed`` models DataLoader's workers and prefetch queue);
 3. if a next stage exists: waits until its send of batch ``t - max_inflight`` has arrived there
    (backpressure), then sends batch t (``p2p_out``);
 4. trains its student blocks (``student``), waits for the gradient allreduce and steps. There
@@ -14,9 +16,9 @@ Pipe-BD (``simulate``) follows ``runtime/relay.py`` step by step. Stage s at ste
 The replicas of a stage run in lockstep (their allreduce synchronizes them every step), so a
 stage is modelled by its slowest replica, the one with ``ceil(B/k)`` rows; the costs are
 ``planner.stage_cost``'s. The baseline (``simulate_baseline``) trains block j for all steps
-before block j+1, data parallel over all ranks, re-running teacher blocks 0..j each step.
-Fractions are of the wall time, as in ``Report``. The work is O(steps * stages): 1024 devices
-and 64 blocks take well under a second.
+before block j+1, data parallel over all ranks, re-running teacher blocks 0..j each step and
+loading every batch again. Fractions are of the wall time, as in ``Report``. The work is
+O(steps * stages): 1024 devices and 64 blocks take well under a second.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .data import PREFETCH
 from .plan import Plan
 from .planner import stage_cost
 from .profiler import Profile
@@ -61,9 +64,13 @@ def simulate(profile: Profile, plan: Plan, steps: int, max_inflight: int = 2) ->
     arrival: list[list[float]] = [[] for _ in range(n)]     # [s][t]: batch t reached stage s
     sent: list[list[float]] = [[] for _ in range(n)]        # [s][t]: stage s finished sending batch t
     compute, comm, wait = [0.0] * n, [0.0] * n, [0.0] * n
+    feed = _feed(profile, plan.replicas[0])
     for t in range(steps):
         for s, c in enumerate(costs):
             now = free[s]
+            if s == 0 and feed is not None:
+                got = feed.take(now)
+                wait[s], now = wait[s] + got - now, got
             if s > 0:
                 posted = recv_done[s][t - 1] if t > 0 else 0.0
                 arrival[s].append(max(sent[s - 1][t], posted))
@@ -93,15 +100,53 @@ def simulate_baseline(profile: Profile, world_size: int, steps: int) -> Simulati
     _check(steps, 1)
     n = profile.num_blocks
     rows = math.ceil(profile.batch_size / world_size)
-    compute = comm = 0.0
+    feed = _feed(profile, world_size)
+    now = compute = comm = wait = 0.0
     for j in range(n):
-        compute += profile.load_time(rows) + profile.student_time(j, rows)
-        compute += sum(profile.teacher_time(i, rows) for i in range(j + 1))
-        comm += float(profile.allreduce_time(world_size, profile.grad_bytes[j])) + profile.sync_bn_time(j, world_size)
-    wall = steps * (compute + comm)
+        block_compute = float(profile.data_time(rows)) + profile.student_time(j, rows)
+        block_compute += sum(profile.teacher_time(i, rows) for i in range(j + 1))
+        block_comm = float(profile.allreduce_time(world_size, profile.grad_bytes[j])) + profile.sync_bn_time(j, world_size)
+        for _ in range(steps):
+            if feed is not None:
+                got = feed.take(now)
+                wait, now = wait + got - now, got
+            now += block_compute + block_comm
+        compute += steps * block_compute
+        comm += steps * block_comm
     plan = Plan([list(range(n))], [world_size])
-    return Simulation("baseline", plan, profile.batch_size, steps, wall, _frac([steps * compute], wall),
-                      _frac([steps * comm], wall), [0.0])
+    return Simulation("baseline", plan, profile.batch_size, steps, now, _frac([compute], now),
+                      _frac([comm], now), _frac([wait], now))
+
+
+class _Feed:
+    """When DataLoader worker processes deliver each batch. Batch t goes to worker
+    ``t % workers``, which starts it once it has finished its previous batch and once batch t
+    has been requested: once the workers have started (``start`` seconds) for the first
+    ``PREFETCH * workers`` batches, otherwise when the consumer takes batch
+    ``t - PREFETCH * workers``. Each batch takes ``load`` seconds."""
+
+    def __init__(self, load: float, workers: int, start: float = 0.0):
+        self.load, self.workers, self.start = load, workers, start
+        self.done: list[float] = []     # [t]: batch t is ready
+        self.taken: list[float] = []    # [t]: the consumer has batch t
+
+    def take(self, now: float) -> float:
+        """The consumer asks for its next batch at ``now``; returns when it has it."""
+        t, ahead = len(self.done), PREFETCH * self.workers
+        requested = self.taken[t - ahead] if t >= ahead else self.start
+        previous = self.done[t - self.workers] if t >= self.workers else self.start
+        self.done.append(max(requested, previous) + self.load)
+        self.taken.append(max(now, self.done[t]))
+        return self.taken[t]
+
+
+def _feed(profile: Profile, replicas: int) -> _Feed | None:
+    """The loader processes of one loading rank (whose slice has ``ceil(B / replicas)`` rows),
+    or None when the rank loads in its own process (its ``forward`` holds the loading)."""
+    if profile.num_workers == 0:
+        return None
+    rows = math.ceil(profile.batch_size / replicas)
+    return _Feed(float(profile.load_time(rows)), profile.num_workers, profile.loader_start)
 
 
 def _check(steps: int, max_inflight: int) -> None:

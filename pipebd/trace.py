@@ -2,7 +2,8 @@
 
 Span kinds (``Span.kind``): compute (``data``, ``teacher``, ``student``, ``step``, and the
 ``checkpoint`` writes, which keep a rank as busy), communication (``allreduce``), and waiting
-(``recv-wait``, ``send-wait``, codistillation's ``exchange-wait``). Time outside any span is idle.
+(``recv-wait``, ``send-wait``, codistillation's ``exchange-wait``, and ``data-wait`` for batches
+from loader worker processes). Time outside any span is idle.
 Each span is also a ``torch.profiler`` range (``record_function``), so the same names appear in
 torch profiler traces.
 """
@@ -19,7 +20,7 @@ from torch.autograd.profiler import record_function
 
 COMPUTE = ("data", "teacher", "student", "step", "checkpoint")
 COMMUNICATION = ("allreduce",)
-WAITING = ("recv-wait", "send-wait", "exchange-wait")
+WAITING = ("recv-wait", "send-wait", "exchange-wait", "data-wait")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pipebd.profiler import Profile, replica_rows
 from pipebd.simulator import simulate_baseline
 
 
-def random_profile(rng, n, world, batch, ints=False, costly_small=False, comm=True, sync_bn=False):
+def random_profile(rng, n, world, batch, ints=False, costly_small=False, comm=True, sync_bn=False, workers=0):
     rows = replica_rows(batch, world)
 
     def value():
@@ -35,11 +35,12 @@ def random_profile(rng, n, world, batch, ints=False, costly_small=False, comm=Tr
 
     p2p = [(4096, 1e-3), (1 << 20, 5e-2)] if comm else []
     allreduce = [(2, 4096, 2e-3), (2, 1 << 20, 0.1)] if comm and world > 1 else []
-    return Profile(n, batch, world, "cpu", "gloo", rows, [curve() for _ in range(n)], [curve() for _ in range(n)],
-                   [float(rng.randint(0, 2)) if ints else rng.uniform(0, 0.5) for _ in rows],
+    # With loader workers, loading as slow as the blocks: their pace often sets stage 0's time.
+    load = [float(rng.randint(0, 2)) if ints else rng.uniform(0, 0.5) for _ in rows] if not workers else curve()
+    return Profile(n, batch, world, "cpu", "gloo", rows, [curve() for _ in range(n)], [curve() for _ in range(n)], load,
                    [rng.choice([0, 64, 4096]) for _ in range(n + 1)], [rng.choice([0, 1024, 1 << 16]) for _ in range(n)],
                    p2p, allreduce, bn_bytes=[[rng.choice([36, 4100])] * rng.randint(0, 3) for _ in range(n)],
-                   sync_batchnorm=sync_bn)
+                   sync_batchnorm=sync_bn, num_workers=workers)
 
 
 def all_plans(n, world):
@@ -69,15 +70,17 @@ def brute_force(profile, world):
 CASES = [(seed, n, world, ints, costly)
          for seed, (n, world) in enumerate([(1, 1), (1, 4), (2, 3), (3, 2), (3, 5), (4, 4), (5, 3), (5, 6), (6, 4), (6, 6)])
          for ints, costly in [(False, False), (True, False), (False, True), (True, True)]]
-CASES = [case + (False,) for case in CASES]
-SYNC_BN_CASES = [(seed, n, world, False, False, True) for seed, (n, world) in enumerate([(3, 5), (5, 6), (6, 4)])]
+CASES = [case + (False, 0) for case in CASES]
+SYNC_BN_CASES = [(seed, n, world, False, False, True, 0) for seed, (n, world) in enumerate([(3, 5), (5, 6), (6, 4)])]
+LOADER_CASES = [(seed, n, world, ints, False, False, workers)
+                for seed, (n, world, ints, workers) in enumerate([(3, 5, False, 1), (4, 4, True, 2), (6, 6, False, 3)])]
 
 
-@pytest.mark.parametrize("seed,n,world,ints,costly,sync_bn", CASES + SYNC_BN_CASES)
-def test_dp_equals_brute_force(seed, n, world, ints, costly, sync_bn):
-    rng = random.Random(1000 * seed + 10 * ints + costly + 100 * sync_bn)
+@pytest.mark.parametrize("seed,n,world,ints,costly,sync_bn,workers", CASES + SYNC_BN_CASES + LOADER_CASES)
+def test_dp_equals_brute_force(seed, n, world, ints, costly, sync_bn, workers):
+    rng = random.Random(1000 * seed + 10 * ints + costly + 100 * sync_bn + 10000 * workers)
     batch = rng.choice([world, 7, 12, 64])
-    profile = random_profile(rng, n, world, batch, ints=ints, costly_small=costly, sync_bn=sync_bn)
+    profile = random_profile(rng, n, world, batch, ints=ints, costly_small=costly, sync_bn=sync_bn, workers=workers)
     plan, bottleneck = best_plan(cost_table(profile, world), world)
     plan.validate(n, world)
     best, best_sq, ties = brute_force(profile, world)
@@ -105,10 +108,10 @@ def test_costly_small_batch_keeps_one_replica():
     assert prediction.bottleneck_s == pytest.approx(10.0)   # block 1 alone, at all 8 rows
 
 
-@pytest.mark.parametrize("sync_bn", [False, True])
-def test_cost_table_matches_stage_cost(sync_bn):
+@pytest.mark.parametrize("sync_bn,workers", [(False, 0), (True, 0), (False, 2)])
+def test_cost_table_matches_stage_cost(sync_bn, workers):
     rng = random.Random(3)
-    profile = random_profile(rng, 4, 5, 16, sync_bn=sync_bn)
+    profile = random_profile(rng, 4, 5, 16, sync_bn=sync_bn, workers=workers)
     table = cost_table(profile, 5)
     for first in range(4):
         for stop in range(first + 1, 5):
@@ -130,6 +133,22 @@ def test_sync_batchnorm_charges_two_allreduces_per_layer_and_replica_slot():
     assert simulate_baseline(synced, 4, 3).wall_s - simulate_baseline(plain, 4, 3).wall_s == pytest.approx(3 * extra)
     # replicas cost more with it, so the planner may choose fewer of them, never a faster plan
     assert auto_plan(synced).bottleneck_s >= auto_plan(plain).bottleneck_s
+
+
+def test_loader_workers_take_loading_off_stage_zero():
+    # Loading 6 s per batch at any rows; stage 0's own work is 2 + 1 = 3 s (rows do not matter).
+    rows = replica_rows(8, 4)
+    inline = Profile(2, 8, 4, "cpu", "gloo", rows, [[2.0] * 4, [1.0] * 4], [[1.0] * 4, [1.0] * 4], [6.0] * 4,
+                     [0, 0, 0], [0, 0])
+    for workers, forward, period in ((0, 8.0, 0.0), (1, 2.0, 6.0), (2, 2.0, 3.0), (4, 2.0, 1.5)):
+        p = dataclasses.replace(inline, num_workers=workers)
+        cost = stage_cost(p, 0, 1, 1)
+        assert (cost.forward, cost.data_period) == (forward, period)
+        assert cost.time == max(forward + 1.0, period)
+        assert stage_cost(p, 1, 2, 1).data_period == 0.0        # only stage 0 loads
+    # Inline, the loading makes block 0 the bottleneck; with 2 workers stage 0 takes 3 s.
+    assert auto_plan(inline).bottleneck_s == pytest.approx(9.0)
+    assert auto_plan(dataclasses.replace(inline, num_workers=2)).bottleneck_s == pytest.approx(3.0)
 
 
 def test_large_world_is_fast():

@@ -228,3 +228,36 @@ def test_sync_batchnorm_reaches_the_profile_from_fit_and_profile(monkeypatch, tm
     monkeypatch.setattr(pipebd.api, "auto_plan", lambda p, w: seen.append(p.sync_batchnorm) or real(p, w))
     d.fit(data, 8, 2, world_size=2, plan="auto", sync_batchnorm=True, progress=False, timeout=60)
     assert seen == [True]
+
+
+def test_dataset_kind_and_loader_workers_are_part_of_the_cache_key():
+    d = emulated()
+    plain = job(d)
+    assert profiler._cache_key(plain, 3, 0, 1) != profiler._cache_key(dataclasses.replace(plain, num_workers=2), 3, 0, 1)
+    wrapped = dataclasses.replace(plain, dataset=torch.utils.data.TensorDataset(plain.dataset))
+    assert profiler._cache_key(plain, 3, 0, 1) != profiler._cache_key(wrapped, 3, 0, 1)
+    shorter = dataclasses.replace(plain, dataset_len=plain.dataset_len - 1)
+    assert profiler._cache_key(plain, 3, 0, 1) != profiler._cache_key(shorter, 3, 0, 1)
+
+
+def test_loader_workers_are_measured_and_change_stage_zero():
+    # With loader processes the profile also has what taking a batch from them costs and how
+    # long they take to start.
+    class Slow(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            __import__("time").sleep(2e-4)
+            return torch.full((4,), float(i))
+
+    d = emulated()
+    inline = d.profile(Slow(), 8, 3, warmup=0, repeats=3, comm=False)
+    loaded = d.profile(Slow(), 8, 3, warmup=0, repeats=3, comm=False, num_workers=2)
+    assert (inline.num_workers, inline.receive, inline.loader_start) == (0, [], 0.0)
+    assert loaded.num_workers == 2 and len(loaded.receive) == len(loaded.rows)
+    assert all(0 < t < 0.01 for t in loaded.receive) and 0 < loaded.loader_start < 5.0
+    assert all(t >= r * 2e-4 for r, t in zip(loaded.rows, loaded.load))   # a sleep never ends early
+    assert loaded.data_time(8) == pytest.approx(loaded.receive[-1])
+    assert loaded.data_period(8) == pytest.approx(loaded.load[-1] / 2)
+    assert inline.data_time(8) == inline.load_time(8) and inline.data_period(8) == 0.0

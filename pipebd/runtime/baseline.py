@@ -17,14 +17,16 @@ from .worker import RankRuntime
 def run_baseline(rt: RankRuntime) -> None:
     job = rt.job
     lo, hi = slices(job.batch_size, job.plan.replicas[0])[rt.replica]
-    bar = rt.progress(sum(job.steps - job.start_of(b) for b in range(job.num_blocks)), show=rt.rank == 0)
-    for block in range(job.num_blocks):
-        for t in range(job.start_of(block), job.steps):   # a resumed block continues where it stopped
-            x, y = rt.load(t, lo, hi)
-            for i in range(block):
-                x = rt.teacher_forward(i, x, t)
-            target = rt.teacher_forward(block, x, t)
-            grads = [rt.train_block(block, x, target, y, t)]
-            rt.finish_step([block], grads, t)
-            bar.update()
+    # A resumed block continues where it stopped. One feed for the whole run: loader workers
+    # keep loading across the block boundaries.
+    todo = [(block, t) for block in range(job.num_blocks) for t in range(job.start_of(block), job.steps)]
+    feed = rt.feed([t for _, t in todo], lo, hi)
+    bar = rt.progress(len(todo), show=rt.rank == 0)
+    for (block, t), (x, y) in zip(todo, feed):
+        for i in range(block):
+            x = rt.teacher_forward(i, x, t)
+        target = rt.teacher_forward(block, x, t)
+        grads = [rt.train_block(block, x, target, y, t)]
+        rt.finish_step([block], grads, t)
+        bar.update()
     bar.close()

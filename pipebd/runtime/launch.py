@@ -185,7 +185,8 @@ def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s:
     try:
         for r, task in enumerate(tasks):
             recv_end, send_end = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker, name=f"pipebd-rank{r}", daemon=True,
+            # Not daemonic: a rank may start DataLoader workers. _stop ends every rank.
+            p = ctx.Process(target=_worker, name=f"pipebd-rank{r}", daemon=False,
                             args=(r, world_size, port, cloudpickle.dumps(task), backend, timeout_s, send_end))
             p.start()
             send_end.close()  # the child holds the only write end: its exit means EOF here

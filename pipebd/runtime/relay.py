@@ -51,9 +51,10 @@ def run_relay(rt: RankRuntime) -> None:
     incoming = post_recv() if s > 0 else None
     first = job.first_step     # after a resume, blocks that completed step t skip its training
     bar = rt.progress(job.steps - first, show=s == last_stage and q == 0)
+    feed = rt.feed(list(range(first, job.steps)), lo, hi) if s == 0 else None
     for t in range(first, job.steps):
-        if s == 0:
-            x, y = rt.load(t, lo, hi)
+        if feed is not None:
+            x, y = next(feed)
         else:
             (x, *rest), handles = incoming
             y = rest[0] if rest else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .. import checkpoint
 from ..batchnorm import sync_batchnorm
 from ..rng import derived_seed, stream
-from ..data import BatchOrder, load_rows
+from ..data import BatchOrder, StepRows, batches, load_rows
 from ..plan import Plan
 from ..trace import Recorder, Span
 
@@ -70,6 +70,7 @@ class Job:
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None   # None: only after the last step (the caller saves step 0)
     sync_batchnorm: bool = False       # BatchNorm statistics over a replicated stage's whole batch
+    num_workers: int = 0               # DataLoader worker processes per loading rank (0: load inline)
 
     def start_of(self, block: int) -> int:
         return self.start.get(block, 0)
@@ -168,12 +169,30 @@ class RankRuntime:
         self.order = BatchOrder(job.dataset_len, job.batch_size, job.seed) if job.dataset is not None else None
 
     def load(self, step: int, lo: int, hi: int) -> tuple[Tensor, Tensor | None]:
+        """Rows ``[lo, hi)`` of batch ``step``, loaded now, on the device."""
         with self.recorder.span("data", step):
-            x, y = load_rows(self.job.dataset, self.order.indices(step, lo, hi))
-            x = x.to(self.device, self.job.boundary[0].dtype, non_blocking=True)
-            if self.job.labels is None:
-                return x, None
-            return x, torch.as_tensor(y).to(self.device, non_blocking=True)
+            return self._to_device(*load_rows(self.job.dataset, self.order.indices(step, lo, hi)))
+
+    def feed(self, steps: list[int], lo: int, hi: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Rows ``[lo, hi)`` of batch ``steps[j]`` for each ``j`` in turn, on the device: loaded
+        when asked for, or with ``job.num_workers`` loader processes ahead of use (the time
+        spent waiting for them, their start included, is a ``data-wait`` span)."""
+        job = self.job
+        kind, source = ("data-wait" if job.num_workers else "data"), None
+        for t in steps:
+            with self.recorder.span(kind, t):
+                if source is None:
+                    source = batches(job.dataset, StepRows(self.order, steps, lo, hi), job.num_workers,
+                                     pin_memory=self.device.type == "cuda",
+                                     timeout=job.timeout if job.num_workers else 0.0)
+                batch = self._to_device(*next(source))
+            yield batch
+
+    def _to_device(self, x: Tensor, y: Any) -> tuple[Tensor, Tensor | None]:
+        x = x.to(self.device, self.job.boundary[0].dtype, non_blocking=True)
+        if self.job.labels is None:
+            return x, None
+        return x, torch.as_tensor(y).to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def teacher_forward(self, block: int, x: Tensor, step: int) -> Tensor:
