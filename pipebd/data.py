@@ -9,6 +9,7 @@ only: every strategy and plan sees the same data in the same order, reshuffled e
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -135,7 +136,17 @@ def batches(dataset: Dataset | torch.Tensor, index: StepRows, num_workers: int =
     """
     if num_workers == 0:
         return (load_rows(dataset, index(j)) for j in range(len(index)))
-    loader = DataLoader(_Batches(dataset, index, len(index)), batch_size=None, shuffle=False,
-                        num_workers=num_workers, prefetch_factor=PREFETCH, pin_memory=pin_memory,
-                        timeout=timeout)
-    return iter(loader)
+    return iter(batch_loader(_Batches(dataset, index, len(index)), num_workers, pin_memory=pin_memory,
+                             timeout=timeout))
+
+
+def batch_loader(items: Dataset, num_workers: int, *, pin_memory: bool = False, timeout: float = 0.0) -> DataLoader:
+    """A DataLoader whose items are whole batches, loaded in order by ``num_workers`` processes.
+
+    On Linux the processes are forked, as a DataLoader in a plain process forks them: they get
+    the dataset without pickling it. (A rank that ``fit`` spawned is itself a fork-server child,
+    whose default would pickle the dataset, which fails for classes defined in a script.)
+    """
+    context = "fork" if sys.platform.startswith("linux") else None
+    return DataLoader(items, batch_size=None, shuffle=False, num_workers=num_workers, prefetch_factor=PREFETCH,
+                      pin_memory=pin_memory, timeout=timeout, multiprocessing_context=context)

@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .checkpoint import atomic_write
-from .data import PREFETCH, load_rows
+from .data import PREFETCH, batch_loader, load_rows
 from .plan import Plan
 from .runtime.launch import backend_for, spawn_tasks
 from .runtime.worker import Job, RankRuntime, progress_bar
@@ -380,7 +380,7 @@ def _measure_receive(batch: tuple[torch.Tensor, Any], rows: list[int], num_worke
     for r in rows:
         ready = _Ready((x[:r], y[:r] if y is not None else None), 1 + warmup + repeats)
         tick = time.perf_counter()
-        source = iter(DataLoader(ready, batch_size=None, num_workers=num_workers, prefetch_factor=PREFETCH))
+        source = iter(batch_loader(ready, num_workers))
         next(source)
         first = time.perf_counter() - tick
         times = []

@@ -57,6 +57,25 @@ def test_workers_load_the_same_batches(world_size, strategy, plan):
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
+def test_dataset_class_of_a_script_in_spawned_ranks():
+    # A class defined in a script (here: in a function) reaches spawned ranks by value, through
+    # cloudpickle; their loader processes must get it without pickling it again.
+    class Local(Dataset):
+        def __len__(self):
+            return len(DATA)
+
+        def __getitem__(self, i):
+            return DATA[i]
+
+    teacher, student = mlp_pair(num_blocks=2, seed=1)
+    expected = pipebd.Distiller(teacher, student, device="cpu")
+    expected.fit(DATA, batch_size=6, steps=3, world_size=2, strategy="baseline", seed=3, timeout=60)
+    teacher, student = mlp_pair(num_blocks=2, seed=1)
+    got = pipebd.Distiller(teacher, student, device="cpu")
+    got.fit(Local(), batch_size=6, steps=3, world_size=2, strategy="baseline", seed=3, timeout=60, num_workers=1)
+    assert all(torch.equal(a, b) for a, b in zip(weights(expected), weights(got)))
+
+
 def test_resume_with_workers(tmp_path):
     # The baseline's feed starts each block at its own saved step.
     expected = fit(0, 1, "baseline", steps=6)
