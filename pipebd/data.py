@@ -9,6 +9,7 @@ only: every strategy and plan sees the same data in the same order, reshuffled e
 
 from __future__ import annotations
 
+import numbers
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
@@ -92,22 +93,28 @@ PREFETCH = 2
 
 
 def check_workers(num_workers: Any) -> int:
-    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
-        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
-    return num_workers
+    """``num_workers`` as an int (numpy integers too); TypeError or ValueError otherwise."""
+    if not isinstance(num_workers, numbers.Integral) or isinstance(num_workers, bool):
+        raise TypeError(f"num_workers must be an integer, got {num_workers!r}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    return int(num_workers)
 
 
 class StepRows:
-    """Index of request ``j``: rows ``[lo, hi)`` of batch ``steps[j]`` (picklable, for workers)."""
+    """Index of request ``j``: rows ``[lo, hi)`` of batch ``steps[j]``, as positions in
+    ``within`` (a shard's sample indices) when given, else in the dataset."""
 
-    def __init__(self, order: BatchOrder, steps: Sequence[int], lo: int, hi: int):
-        self.order, self.steps, self.lo, self.hi = order, steps, lo, hi
+    def __init__(self, order: BatchOrder, steps: Sequence[int], lo: int, hi: int,
+                 within: torch.Tensor | None = None):
+        self.order, self.steps, self.lo, self.hi, self.within = order, steps, lo, hi, within
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def __call__(self, j: int) -> torch.Tensor:
-        return self.order.indices(self.steps[j], self.lo, self.hi)
+        index = self.order.indices(self.steps[j], self.lo, self.hi)
+        return index if self.within is None else self.within[index]
 
 
 class _Batches(Dataset):
@@ -132,12 +139,22 @@ def batches(dataset: Dataset | torch.Tensor, index: StepRows, num_workers: int =
     ``num_workers`` DataLoader worker processes load them ahead of use, each keeping
     ``PREFETCH`` requests in hand, so the loading overlaps the caller's work; an error in a
     worker is raised here with the worker's traceback. ``timeout`` (seconds, 0: none) bounds the
-    wait for one batch from the workers.
+    wait for one batch from the workers. The workers start with the first batch asked for, and
+    stop when the iterator is exhausted or closed (``close()``; dropping it is not enough while
+    a traceback still refers to it).
     """
     if num_workers == 0:
-        return (load_rows(dataset, index(j)) for j in range(len(index)))
-    return iter(batch_loader(_Batches(dataset, index, len(index)), num_workers, pin_memory=pin_memory,
-                             timeout=timeout))
+        for j in range(len(index)):
+            yield load_rows(dataset, index(j))
+        return
+    source = iter(batch_loader(_Batches(dataset, index, len(index)), num_workers, pin_memory=pin_memory,
+                               timeout=timeout))
+    try:
+        yield from source
+    finally:
+        shutdown = getattr(source, "_shutdown_workers", None)   # DataLoader's own, also run by its __del__
+        if shutdown is not None:
+            shutdown()
 
 
 def batch_loader(items: Dataset, num_workers: int, *, pin_memory: bool = False, timeout: float = 0.0) -> DataLoader:

@@ -178,8 +178,10 @@ class Profile:
         layers = sum(len(b) for b in self.bn_bytes)
         if self.sync_batchnorm and layers:
             lines.append(f"sync_batchnorm: {layers} BatchNorm layers, 2 allreduces each per step on replicated stages")
-        how = f" (by {self.num_workers} loader processes per rank)" if self.num_workers else ""
-        lines.append(f"data load ms{how}: " + ", ".join(f"{r} rows {t * 1e3:.3f}" for r, t in zip(self.rows, self.load)))
+        lines.append("data load ms: " + ", ".join(f"{r} rows {t * 1e3:.3f}" for r, t in zip(self.rows, self.load)))
+        if self.num_workers:
+            lines.append(f"{self.num_workers} loader processes per loading rank: start {self.loader_start * 1e3:.1f} ms; "
+                         f"taking a batch ms: " + ", ".join(f"{r} rows {t * 1e3:.3f}" for r, t in zip(self.rows, self.receive)))
         if self.p2p:
             lat, per_byte = self.p2p_fit
             lines.append("p2p: " + ", ".join(f"{n >> 10} KiB {t * 1e3:.3f} ms" for n, t in self.p2p)
@@ -383,12 +385,15 @@ def _measure_receive(batch: tuple[torch.Tensor, Any], rows: list[int], num_worke
         source = iter(batch_loader(ready, num_workers))
         next(source)
         first = time.perf_counter() - tick
-        times = []
+        times = [first]
         for _ in range(warmup + repeats):
-            time.sleep(0.01)          # the processes have the next batch ready meanwhile
+            # Long enough for the processes to have the next batch ready: a batch's copy and
+            # sending take them about as long as its receiving takes the rank.
+            time.sleep(0.01 + 2 * times[-1])
             tick = time.perf_counter()
             next(source)
             times.append(time.perf_counter() - tick)
+        times = times[1:]
         del source                    # stops the processes
         receive.append(statistics.median(times[warmup:]))
         starts.append(max(0.0, first - receive[-1]))

@@ -70,7 +70,10 @@ def run_rank(job: Job, rank: int, world_size: int) -> list[RankResult]:
         dist.barrier()
     rt.recorder.restart()
     if rt.stage is not None:
-        LOOPS[job.strategy](rt)
+        try:
+            LOOPS[job.strategy](rt)
+        finally:
+            rt.close()
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
     mine = rt.result()
@@ -135,6 +138,8 @@ def _free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, payload: bytes, backend: str, timeout_s: float,
             report: mp.connection.Connection) -> None:
+    if hasattr(os, "setpgid"):
+        os.setpgid(0, 0)   # a process group of its own, with its loader processes: _stop ends them all
     try:
         task = cloudpickle.loads(payload)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
@@ -205,16 +210,21 @@ def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s:
 
 def _collect(procs: list, conns: dict) -> tuple[Any, list]:
     """Read every rank's report. After the first error, wait only a moment for the errors of
-    ranks that fail in its wake, then give up on the rest."""
+    ranks that fail in its wake, then give up on the rest. A rank that has exited without a
+    report is dead even while its loader processes, which inherited its end of the pipe, live."""
     gathered, errors, first_error_at = None, [], None
     while conns:
         timeout = None if first_error_at is None else max(0.0, first_error_at + _GRACE_S - time.monotonic())
-        ready = mp.connection.wait(list(conns), timeout)
+        sentinels = {procs[rank].sentinel: conn for conn, rank in conns.items()}
+        ready = mp.connection.wait(list(conns) + list(sentinels), timeout)
         if not ready:
             break
+        ready = {sentinels.get(r, r) for r in ready}
         for conn in ready:
             rank = conns.pop(conn)
             try:
+                if not conn.poll():
+                    raise EOFError   # exited without a word
                 msg = conn.recv()
             except EOFError:
                 procs[rank].join(1.0)
@@ -231,15 +241,26 @@ def _collect(procs: list, conns: dict) -> tuple[Any, list]:
 
 
 def _stop(procs: list) -> None:
+    """End every rank and the loader processes it started (the process group it leads)."""
     for p in procs:
-        if p.is_alive():
-            p.terminate()
+        _end(p, kill=False)
     deadline = time.monotonic() + 5.0
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join()
+        _end(p, kill=True)
+        p.join()
+
+
+def _end(p: Any, kill: bool) -> None:
+    if p.pid is None:
+        return
+    if hasattr(os, "killpg"):
+        try:
+            os.killpg(p.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass   # everything in it has exited, or the rank never made its group
+    if p.is_alive():
+        p.kill() if kill else p.terminate()
 
 
 def _worker_error(errors: list, role: Callable[[int], str]) -> WorkerError:

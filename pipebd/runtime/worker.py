@@ -167,6 +167,7 @@ class RankRuntime:
         self.check_every = 1 if self.device.type == "cpu" else 20
         self.checked = {i: job.start_of(i) for i in self.blocks}   # block -> first step not yet checked
         self.order = BatchOrder(job.dataset_len, job.batch_size, job.seed) if job.dataset is not None else None
+        self.feeds: list[Iterator] = []
 
     def load(self, step: int, lo: int, hi: int) -> tuple[Tensor, Tensor | None]:
         """Rows ``[lo, hi)`` of batch ``step``, loaded now, on the device."""
@@ -176,17 +177,30 @@ class RankRuntime:
     def feed(self, steps: list[int], lo: int, hi: int) -> Iterator[tuple[Tensor, Tensor | None]]:
         """Rows ``[lo, hi)`` of batch ``steps[j]`` for each ``j`` in turn, on the device: loaded
         when asked for, or with ``job.num_workers`` loader processes ahead of use (the time
-        spent waiting for them, their start included, is a ``data-wait`` span)."""
+        spent waiting for them, their start included, is a ``data-wait`` span). ``close``
+        stops the processes of every feed."""
+        feed = self._feed(steps, lo, hi)
+        self.feeds.append(feed)
+        return feed
+
+    def _feed(self, steps: list[int], lo: int, hi: int) -> Iterator[tuple[Tensor, Tensor | None]]:
         job = self.job
-        kind, source = ("data-wait" if job.num_workers else "data"), None
-        for t in steps:
-            with self.recorder.span(kind, t):
-                if source is None:
-                    source = batches(job.dataset, StepRows(self.order, steps, lo, hi), job.num_workers,
-                                     pin_memory=self.device.type == "cuda",
-                                     timeout=job.timeout if job.num_workers else 0.0)
-                batch = self._to_device(*next(source))
-            yield batch
+        source = batches(job.dataset, StepRows(self.order, steps, lo, hi), job.num_workers,
+                         pin_memory=self.device.type == "cuda", timeout=job.timeout)
+        try:
+            for t in steps:
+                with self.recorder.span("data-wait" if job.num_workers else "data", t):
+                    batch = self._to_device(*next(source))
+                yield batch
+        finally:
+            source.close()
+
+    def close(self) -> None:
+        """Stop the loader processes of every feed, also when the loop failed (a traceback
+        that refers to a feed would keep them alive)."""
+        for feed in self.feeds:
+            feed.close()
+        self.feeds.clear()
 
     def _to_device(self, x: Tensor, y: Any) -> tuple[Tensor, Tensor | None]:
         x = x.to(self.device, self.job.boundary[0].dtype, non_blocking=True)
