@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numbers
 import sys
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
@@ -102,30 +102,27 @@ def check_workers(num_workers: Any) -> int:
 
 
 class StepRows:
-    """Index of request ``j``: rows ``[lo, hi)`` of batch ``steps[j]``, as positions in
-    ``within`` (a shard's sample indices) when given, else in the dataset."""
+    """Index of request ``j``: rows ``[lo, hi)`` of batch ``steps[j]`` (picklable, for workers)."""
 
-    def __init__(self, order: BatchOrder, steps: Sequence[int], lo: int, hi: int,
-                 within: torch.Tensor | None = None):
-        self.order, self.steps, self.lo, self.hi, self.within = order, steps, lo, hi, within
+    def __init__(self, order: BatchOrder, steps: Sequence[int], lo: int, hi: int):
+        self.order, self.steps, self.lo, self.hi = order, steps, lo, hi
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def __call__(self, j: int) -> torch.Tensor:
-        index = self.order.indices(self.steps[j], self.lo, self.hi)
-        return index if self.within is None else self.within[index]
+        return self.order.indices(self.steps[j], self.lo, self.hi)
 
 
 class _Batches(Dataset):
     """Item ``j`` is the whole batch ``load_rows(dataset, index(j))``, so that a loader worker
     builds batches and the DataLoader does no batching of its own."""
 
-    def __init__(self, dataset: Dataset | torch.Tensor, index: Callable[[int], torch.Tensor], count: int):
-        self.dataset, self.index, self.count = dataset, index, count
+    def __init__(self, dataset: Dataset | torch.Tensor, index: StepRows):
+        self.dataset, self.index = dataset, index
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.index)
 
     def __getitem__(self, j: int) -> tuple[torch.Tensor, Any]:
         return load_rows(self.dataset, self.index(j))
@@ -147,8 +144,7 @@ def batches(dataset: Dataset | torch.Tensor, index: StepRows, num_workers: int =
         for j in range(len(index)):
             yield load_rows(dataset, index(j))
         return
-    source = iter(batch_loader(_Batches(dataset, index, len(index)), num_workers, pin_memory=pin_memory,
-                               timeout=timeout))
+    source = iter(batch_loader(_Batches(dataset, index), num_workers, pin_memory=pin_memory, timeout=timeout))
     try:
         yield from source
     finally:

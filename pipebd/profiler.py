@@ -384,16 +384,16 @@ def _measure_receive(batch: tuple[torch.Tensor, Any], rows: list[int], num_worke
         tick = time.perf_counter()
         source = iter(batch_loader(ready, num_workers))
         next(source)
-        first = time.perf_counter() - tick
-        times = [first]
+        first = last = time.perf_counter() - tick
+        times = []
         for _ in range(warmup + repeats):
             # Long enough for the processes to have the next batch ready: a batch's copy and
             # sending take them about as long as its receiving takes the rank.
-            time.sleep(0.01 + 2 * times[-1])
+            time.sleep(0.01 + 2 * last)
             tick = time.perf_counter()
             next(source)
-            times.append(time.perf_counter() - tick)
-        times = times[1:]
+            last = time.perf_counter() - tick
+            times.append(last)
         del source                    # stops the processes
         receive.append(statistics.median(times[warmup:]))
         starts.append(max(0.0, first - receive[-1]))
