@@ -169,7 +169,9 @@ def test_workers_overlap_loading_as_simulated():
         simulated[workers] = simulate(profile, report.plan, steps).samples_per_s
         # Unloaded, within 6%; the bound leaves room for a loaded machine (as test_auto does).
         assert measured[workers] == pytest.approx(simulated[workers], rel=0.3)
-    assert simulated[2] / simulated[0] > 1.4
+    # About 1.5 unloaded; without overlap (loading left on the rank) it would be 1.0. A loaded
+    # machine stretches the sleeps' overhead and so the work that hides the loading.
+    assert simulated[2] / simulated[0] > 1.25
     assert measured[2] / measured[0] > 1.25
 
 
