@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from . import checkpoint
 from .api import _device_of
 from .batchnorm import sync_batchnorm
-from .data import BatchOrder, dataset_length, load_rows, probe_item
+from .data import BatchOrder, StepRows, check_workers, dataset_length, feed, probe_item
 from .losses import _BACKENDS, soft_target_loss
 from .rng import check_seed, derived_seed, stream
 from .runtime.exchange import PeerLogits, Transfer, WeightExchange, packed_sizes, pack, unpack
@@ -105,6 +105,7 @@ class _Job:
     checkpoint_every: int | None = None
     key: checkpoint.CodistillKey | None = None
     sync_batchnorm: bool = False       # BatchNorm statistics over each DDP group's whole batch
+    num_workers: int = 0               # loader processes per feed (0: load in the rank's process)
 
     @property
     def n(self) -> int:
@@ -215,7 +216,7 @@ class Codistillation:
             keep_checkpoints: bool = False, threads: int | None = None, progress: bool | None = None,
             timeout: float = 600.0, checkpoint_dir: str | os.PathLike | None = None,
             checkpoint_every: int | None = None, resume: bool = False,
-            sync_batchnorm: bool = False) -> "CodistillReport":
+            sync_batchnorm: bool = False, num_workers: int = 0) -> "CodistillReport":
         """Train every model for ``steps`` steps of ``batch_size`` samples each.
 
         ``world_size``: 1 (all models in this process) or a multiple of n (``world_size // n``
@@ -235,6 +236,11 @@ class Codistillation:
         BatchNorm in a model trained by several ranks uses each rank's rows by default (as DDP);
         ``sync_batchnorm=True`` normalizes with the statistics of the model's whole batch
         (``pipebd.batchnorm``), so the group trains as one process on that batch would.
+
+        ``num_workers`` > 0: every rank loads its batches with that many DataLoader worker
+        processes per model it trains (per shard; one set for all models in online mode),
+        ahead of use, so loading overlaps training. The batches and the result are the same as
+        with 0 (loading in the rank's own process).
         Raises ValueError/TypeError before any process starts; ``pipebd.WorkerError`` if a rank
         fails (``pipebd.ExchangeError`` in its message when a transfer failed).
         """
@@ -246,6 +252,7 @@ class Codistillation:
         if not isinstance(sync_batchnorm, bool):
             raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
         job.sync_batchnorm = sync_batchnorm
+        job.num_workers = check_workers(num_workers)
         self._checkpoints(job, checkpoint_dir, checkpoint_every, resume)
         log.info("pipebd: %s of %d models on %d rank(s)", self.mode, self.n, world_size)
         if env is not None:
@@ -449,11 +456,18 @@ class _Rank:
             i: dict(job.resume_state[i]["snapshots"]) if i in job.resume_state else {} for i in self.own}
         self.lo, self.hi = slices(job.batch_size, self.g)[rank % self.g]
         self.scale = self.g / job.batch_size   # local sum -> share of the global mean, before DDP averages
+        # This rank's rows of every step's batch: per model from its shard (codistill), or one
+        # batch for all models (online, key None). Loader processes start with the first batch.
+        steps = range(job.start, job.steps)
         if job.mode == "codistill":
-            self.orders = {i: BatchOrder(len(job.shards[i]), job.batch_size, derived_seed(job.seed, "order", i))
-                           for i in self.own}
+            rows = {i: StepRows(BatchOrder(len(job.shards[i]), job.batch_size, derived_seed(job.seed, "order", i)),
+                                steps, self.lo, self.hi, job.shards[i]) for i in self.own}
         else:
-            self.order = BatchOrder(dataset_length(job.dataset), job.batch_size, job.seed)
+            rows = {None: StepRows(BatchOrder(dataset_length(job.dataset), job.batch_size, job.seed),
+                                   steps, self.lo, self.hi)}
+        self.feeds = {i: feed(job.dataset, r, job.num_workers, self.recorder, self._to_device,
+                              pin_memory=self.device.type == "cuda", timeout=job.timeout) for i, r in rows.items()}
+        if job.mode == "online":
             self.peers = PeerLogits(n, self.g, rank, world_size, job.timeout)
             self.groups += [self.peers.group] if self.peers.group is not None else []
         if job.exchanges:
@@ -472,18 +486,20 @@ class _Rank:
         self.installed: dict = {}
         self.exchanged_bytes = 0
 
-    def load(self, step: int) -> dict[int, tuple[Tensor, Tensor]]:
-        """Model -> (inputs, labels) of this rank's rows of its batch ``step``; in online mode
-        every model shares one batch, loaded once."""
+    def load(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """Model -> (inputs, labels) of this rank's rows of its next batch; in online mode every
+        model shares one batch, loaded once."""
         if self.job.mode == "online":
-            return dict.fromkeys(self.own, self._rows(self.order.indices(step, self.lo, self.hi), step))
-        return {i: self._rows(self.job.shards[i][self.orders[i].indices(step, self.lo, self.hi)], step)
-                for i in self.own}
+            return dict.fromkeys(self.own, next(self.feeds[None]))
+        return {i: next(self.feeds[i]) for i in self.own}
 
-    def _rows(self, index: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        with self.recorder.span("data", step):
-            x, y = load_rows(self.job.dataset, index)
-            return x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device, non_blocking=True)
+    def _to_device(self, x: Tensor, y: Any) -> tuple[Tensor, Tensor]:
+        return x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop the loader processes, also when training failed."""
+        for batches in self.feeds.values():
+            batches.close()
 
     def install(self, transfer: Transfer, step: int) -> None:
         with self.recorder.span("exchange-wait", step):
@@ -619,7 +635,7 @@ def _run(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
             distill = job.alpha > 0 and job.n > 1 and t >= job.burn_in
             source = (t if job.mode == "online" else installed_step) if distill else None
             rt.sources.append(source)
-            batches = rt.load(t)
+            batches = rt.load()
             xs = {i: x for i, (x, _) in batches.items()}
             logits = {}
             for i in rt.own:
@@ -653,6 +669,7 @@ def _run(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
                 rt.save(t + 1)
             bar.update()
     finally:
+        rt.close()
         bar.close()
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numbers
 import sys
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
@@ -102,16 +102,20 @@ def check_workers(num_workers: Any) -> int:
 
 
 class StepRows:
-    """Index of request ``j``: rows ``[lo, hi)`` of batch ``steps[j]`` (picklable, for workers)."""
+    """Index of request ``j``: rows ``[lo, hi)`` of batch ``steps[j]`` (picklable, for workers).
+    With ``shard`` the order runs over a shard of the dataset: its positions are mapped to
+    ``shard[position]``."""
 
-    def __init__(self, order: BatchOrder, steps: Sequence[int], lo: int, hi: int):
-        self.order, self.steps, self.lo, self.hi = order, steps, lo, hi
+    def __init__(self, order: BatchOrder, steps: Sequence[int], lo: int, hi: int,
+                 shard: torch.Tensor | None = None):
+        self.order, self.steps, self.lo, self.hi, self.shard = order, steps, lo, hi, shard
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def __call__(self, j: int) -> torch.Tensor:
-        return self.order.indices(self.steps[j], self.lo, self.hi)
+        index = self.order.indices(self.steps[j], self.lo, self.hi)
+        return index if self.shard is None else self.shard[index]
 
 
 class _Batches(Dataset):
@@ -151,6 +155,23 @@ def batches(dataset: Dataset | torch.Tensor, index: StepRows, num_workers: int =
         shutdown = getattr(source, "_shutdown_workers", None)   # DataLoader's own, also run by its __del__
         if shutdown is not None:
             shutdown()
+
+
+def feed(dataset: Dataset | torch.Tensor, index: StepRows, num_workers: int, recorder: Any,
+         to_device: Callable[[torch.Tensor, Any], Any], *, pin_memory: bool = False,
+         timeout: float = 0.0) -> Iterator[Any]:
+    """``to_device(x, y)`` of each of the ``batches`` of ``index``, with the time it takes in a
+    span of ``recorder`` (a ``pipebd.trace.Recorder``) named after its step: ``data`` when it is
+    loaded then, ``data-wait`` while waiting for loader processes (their start included).
+    Closing the generator stops the processes."""
+    source = batches(dataset, index, num_workers, pin_memory=pin_memory, timeout=timeout)
+    try:
+        for t in index.steps:
+            with recorder.span("data-wait" if num_workers else "data", t):
+                batch = to_device(*next(source))
+            yield batch
+    finally:
+        source.close()
 
 
 def batch_loader(items: Dataset, num_workers: int, *, pin_memory: bool = False, timeout: float = 0.0) -> DataLoader:

@@ -1,6 +1,6 @@
-"""Loader worker processes (``fit(num_workers=...)``): the same batches in the same order as
-loading in the rank itself, loading overlapped with the blocks' work as the simulator predicts,
-and a failing sample reported with its traceback."""
+"""Loader worker processes (``fit(num_workers=...)`` of ``Distiller`` and ``Codistillation``):
+the same batches in the same order as loading in the rank itself, loading overlapped with the
+blocks' work as the simulator predicts, and a failing sample reported with its traceback."""
 
 import functools
 import os
@@ -242,6 +242,44 @@ def test_killed_loading_rank_is_reported_at_once(tmp_path):
     assert time.monotonic() - start < 12.0
 
 
+def codistill(num_workers, world_size, mode="codistill", steps=6, models=None, dataset=None, **options):
+    """Final weights of n=2 models (Linear 16 -> 5, seeded) trained on ``Samples``."""
+    torch.manual_seed(4)
+    models = models or [torch.nn.Linear(16, 5) for _ in range(2)]
+    cd = pipebd.Codistillation(models, alpha=0.5, exchange_every=2, mode=mode, backend="torch", device="cpu")
+    cd.fit(dataset or Samples(), batch_size=6, steps=steps, world_size=world_size, seed=3, timeout=60,
+           num_workers=num_workers, **options)
+    return [p.detach().clone() for m in cd.models for p in m.parameters()]
+
+
+@pytest.mark.parametrize("world_size,mode", [
+    (1, "codistill"),    # both models in one process: a set of loader processes per shard
+    (4, "codistill"),    # two data-parallel ranks per model, each loading its rows
+    (2, "online"),       # one batch for both models, one rank each
+])
+def test_codistillation_workers_load_the_same_batches(world_size, mode):
+    expected = codistill(0, world_size, mode)
+    got = codistill(2, world_size, mode)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+def test_codistillation_resume_with_workers(tmp_path):
+    expected = codistill(0, 1)
+    codistill(0, 1, steps=3, checkpoint_dir=tmp_path, checkpoint_every=1)
+    got = codistill(2, 1, checkpoint_dir=tmp_path, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_codistillation_failures_end_the_loader_processes(tmp_path):
+    with pytest.raises(ValueError, match="cannot decode sample 7"):
+        codistill(2, 1, steps=20, dataset=Samples(fail_at=7))
+    log = tmp_path / "loads"
+    with pytest.raises(RuntimeError, match="block broke"):
+        codistill(2, 1, models=[Breaks(16, 5), Breaks(16, 5)], dataset=Logged(str(log)))
+    assert loader_pids(log) and not [pid for pid in loader_pids(log) if alive(pid)]
+
+
 @pytest.mark.parametrize("value,error,message", [(-1, ValueError, "must be >= 0"), (1.5, TypeError, "must be an integer"),
                                                  (True, TypeError, "must be an integer"), ("2", TypeError, "must be an integer")])
 def test_num_workers_is_checked(value, error, message):
@@ -251,4 +289,6 @@ def test_num_workers_is_checked(value, error, message):
         distiller.fit(Samples(), batch_size=8, steps=2, num_workers=value)
     with pytest.raises(error, match=f"num_workers {message}"):
         distiller.profile(Samples(), 8, 2, comm=False, num_workers=value)
+    with pytest.raises(error, match=f"num_workers {message}"):
+        codistill(value, 1)
     assert check_workers(np.int64(2)) == 2

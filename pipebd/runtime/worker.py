@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .. import checkpoint
 from ..batchnorm import sync_batchnorm
 from ..rng import derived_seed, stream
-from ..data import BatchOrder, StepRows, batches, load_rows
+from ..data import BatchOrder, StepRows, feed, load_rows
 from ..plan import Plan
 from ..trace import Recorder, Span
 
@@ -179,27 +179,17 @@ class RankRuntime:
         when asked for, or with ``job.num_workers`` loader processes ahead of use (the time
         spent waiting for them, their start included, is a ``data-wait`` span). ``close``
         stops the processes of every feed."""
-        feed = self._feed(steps, lo, hi)
-        self.feeds.append(feed)
-        return feed
-
-    def _feed(self, steps: list[int], lo: int, hi: int) -> Iterator[tuple[Tensor, Tensor | None]]:
-        job = self.job
-        source = batches(job.dataset, StepRows(self.order, steps, lo, hi), job.num_workers,
-                         pin_memory=self.device.type == "cuda", timeout=job.timeout)
-        try:
-            for t in steps:
-                with self.recorder.span("data-wait" if job.num_workers else "data", t):
-                    batch = self._to_device(*next(source))
-                yield batch
-        finally:
-            source.close()
+        batches = feed(self.job.dataset, StepRows(self.order, steps, lo, hi), self.job.num_workers,
+                       self.recorder, self._to_device, pin_memory=self.device.type == "cuda",
+                       timeout=self.job.timeout)
+        self.feeds.append(batches)
+        return batches
 
     def close(self) -> None:
         """Stop the loader processes of every feed, also when the loop failed (a traceback
         that refers to a feed would keep them alive)."""
-        for feed in self.feeds:
-            feed.close()
+        for batches in self.feeds:
+            batches.close()
         self.feeds.clear()
 
     def _to_device(self, x: Tensor, y: Any) -> tuple[Tensor, Tensor | None]:
