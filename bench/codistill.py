@@ -41,7 +41,9 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 import pipebd
+from pipebd import datasets
 from pipebd.lr import linear_scaling, param_groups, warmup
+from pipebd.models import mlp_classifier
 
 from common import machine, publish
 
@@ -65,34 +67,21 @@ class Task:
         return self.train.tensors[0].shape[1]
 
     def model(self, i: int) -> nn.Module:
-        return nn.Sequential(nn.Linear(self.features, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
-
-
-def split(x: Tensor, y: Tensor, test_rows: int) -> tuple[TensorDataset, tuple[Tensor, Tensor]]:
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
-    test, train = perm[:test_rows], perm[test_rows:]
-    return TensorDataset(x[train], y[train]), (x[test], y[test])
+        return mlp_classifier(self.features, self.hidden, 10)
 
 
 def digits(steps: int, eval_every: int) -> Task:
     try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise SystemExit('the digits task needs scikit-learn: pip install -e ".[data]"') from None
-    bunch = load_digits()
-    x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(bunch.target, dtype=torch.long)
-    train, test = split(x, y, test_rows=len(x) // 4)
+        x, y = datasets.digits()
+    except ImportError as err:
+        raise SystemExit(str(err)) from None
+    train, test = datasets.split(x, y, test_rows=len(x) // 4)
     return Task("digits", train, test, hidden=64, batch_size=32, steps=steps, eval_every=eval_every, base_lr=0.2)
 
 
 def synthetic(steps: int, eval_every: int, rows: int = 16384 + 4096) -> Task:
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(rows, 32, generator=gen)
-    w1, w2 = torch.randn(32, 256, generator=gen) / 32**0.5, torch.randn(256, 10, generator=gen) * 10 / 256**0.5
-    logits = torch.tanh(x @ w1 * 2) @ w2
-    y = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(1)
-    train, test = split(x, y, test_rows=rows // 5)
+    x, y = datasets.synthetic(rows)
+    train, test = datasets.split(x, y, test_rows=rows // 5)
     return Task("synthetic", train, test, hidden=128, batch_size=64, steps=steps, eval_every=eval_every,
                 base_lr=0.025)
 

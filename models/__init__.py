@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple
 
 from .cnn import BasicBlock, InvertedResidual, cnn_input_shape, cnn_pair, mobilenet_student, resnet_teacher
 from .emulated import PROFILES, EmulatedBlock, emulated_input_shape, emulated_pair
-from .mlp import mlp_input_shape, mlp_pair
+from .mlp import mlp_classifier, mlp_input_shape, mlp_pair
 
 
 class PairSpec(NamedTuple):
@@ -22,4 +22,4 @@ PAIRS = {"mlp": PairSpec(mlp_pair, mlp_input_shape), "cnn": PairSpec(cnn_pair, c
          "emulated": PairSpec(emulated_pair, emulated_input_shape)}
 
 __all__ = ["BasicBlock", "EmulatedBlock", "InvertedResidual", "PAIRS", "PROFILES", "PairSpec", "cnn_pair",
-           "emulated_pair", "mlp_pair", "mobilenet_student", "resnet_teacher"]
+           "emulated_pair", "mlp_classifier", "mlp_pair", "mobilenet_student", "resnet_teacher"]

@@ -35,3 +35,10 @@ def mlp_pair(num_blocks: int = 4, in_features: int = IN_FEATURES, width: int = 3
         teacher = [_block(dims[i], 2 * width, dims[i + 1], i == num_blocks - 1) for i in range(num_blocks)]
         student = [_block(dims[i], student_width, dims[i + 1], i == num_blocks - 1) for i in range(num_blocks)]
     return teacher, student
+
+
+def mlp_classifier(features: int, hidden: int = 128, classes: int = 10) -> nn.Sequential:
+    """``Linear(features, hidden) - ReLU - Linear(hidden, classes)``: a model for codistillation
+    (``pipebd codistill``, ``bench/codistill.py``). Initialized from torch's global generator,
+    which ``Codistillation.fit`` seeds per model."""
+    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))

@@ -1,17 +1,21 @@
-"""Command line: ``pipebd run CONFIG [--set key=value ...]``, ``pipebd profile CONFIG`` and
-``pipebd check CONFIG``."""
+"""Command line: ``pipebd run CONFIG [--set key=value ...]``, ``pipebd profile CONFIG``,
+``pipebd check CONFIG`` and ``pipebd codistill CONFIG [--check]``."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 
 import torch
+from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from . import datasets
 from .api import Distiller
-from .config import RunConfig, dump_config, load_config
+from .codistill import Codistillation
+from .config import CodistillConfig, RunConfig, dump_config, load_config
 
 
 def build(config: RunConfig) -> tuple[Distiller, TensorDataset]:
@@ -29,7 +33,7 @@ def build(config: RunConfig) -> tuple[Distiller, TensorDataset]:
     shape = pair.input_shape(**config.model.args)
     gen = torch.Generator().manual_seed(config.data.seed)
     dataset = TensorDataset(torch.randn(config.data.samples, *shape, generator=gen))
-    distiller = Distiller(teacher, student, optimizer=config.build_optimizer(), block_loss=config.block_loss,
+    distiller = Distiller(teacher, student, optimizer=config.optimizer.build(), block_loss=config.block_loss,
                           final_loss=config.build_final_loss(), device=config.device)
     return distiller, dataset
 
@@ -70,27 +74,94 @@ def profile(config: RunConfig) -> None:
         print(sim)
 
 
+def build_codistill(config: CodistillConfig) -> tuple[Codistillation, TensorDataset, tuple[Tensor, Tensor]]:
+    """The Codistillation, training set and held-out ``(inputs, labels)`` a codistill config describes."""
+    d = config.data
+    if d.kind not in datasets.KINDS:
+        raise ValueError(f"data.kind must be one of {', '.join(datasets.KINDS)}, got {d.kind!r}")
+    if config.model.kind != "mlp":
+        raise ValueError(f"model.kind must be 'mlp', got {config.model.kind!r}")
+    if config.model.hidden < 1:
+        raise ValueError(f"model.hidden must be >= 1, got {config.model.hidden}")
+    if not 0 < d.test_fraction < 1:
+        raise ValueError(f"data.test_fraction must be between 0 and 1, got {d.test_fraction}")
+    if config.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+    x, y = datasets.synthetic(d.samples, d.features, d.classes, d.seed) if d.kind == "synthetic" else datasets.digits()
+    train, test = datasets.split(x, y, test_rows=max(1, round(len(x) * d.test_fraction)))
+    classes = d.classes if d.kind == "synthetic" else int(y.max()) + 1
+    model = functools.partial(_classifier, x.shape[1], config.model.hidden, classes)
+    schedule = None
+    if config.warmup_steps or config.cosine:
+        schedule = functools.partial(_schedule, warmup_steps=config.warmup_steps,
+                                     cosine_steps=config.steps if config.cosine else 0)
+    cd = Codistillation(model, config.n, optimizer=config.optimizer.build(), scheduler=schedule, alpha=config.alpha,
+                        temperature=config.temperature, burn_in=config.burn_in, exchange_every=config.exchange_every,
+                        mode=config.mode, backend=config.backend, device=config.device)
+    return cd, train, test
+
+
+def _classifier(features: int, hidden: int, classes: int, index: int) -> nn.Module:
+    from pipebd.models import mlp_classifier
+
+    return mlp_classifier(features, hidden, classes)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, cosine_steps: int) -> object:
+    from .lr import warmup
+
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cosine_steps) if cosine_steps else None
+    return warmup(optimizer, warmup_steps, then=cosine) if warmup_steps else cosine
+
+
+def codistill(config: CodistillConfig) -> None:
+    cd, train, test = build_codistill(config)
+    report = cd.fit(train, batch_size=config.batch_size, steps=config.steps, world_size=config.world_size,
+                    seed=config.seed, eval_data=test, eval_every=config.eval_every,
+                    checkpoint_dir=config.checkpoint_dir, checkpoint_every=config.checkpoint_every,
+                    resume=config.resume, sync_batchnorm=config.sync_batchnorm, num_workers=config.num_workers)
+    print(f"{len(train)} training rows, accuracy on {len(test[1])} held-out rows")
+    print(report)
+    if config.trace:
+        report.save_trace(config.trace)
+        print(f"trace written to {config.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipebd", description="Blockwise distillation with Pipe-BD.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "distill the model pair a config describes and print the report"),
                             ("profile", "measure the blocks' costs and print them with the auto plan and the "
                                         "simulator's predictions"),
-                            ("check", "validate a config and print it with every default filled in")):
+                            ("check", "validate a run config and print it with every default filled in "
+                                      "(a codistill config: pipebd codistill CONFIG --check)"),
+                            ("codistill", "train n classifiers on a labelled task, each distilling from the "
+                                          "others (codistillation or online distillation), and print the report")):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("config", nargs="?", help="YAML file (default: built-in defaults)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set steps=10 --set plan.replicas=[1,3]")
-        if name == "run":
+                       help="override a config key, e.g. --set steps=10 --set "
+                            + ("mode=online" if name == "codistill" else "plan.replicas=[1,3]"))
+        if name in ("run", "codistill"):
             p.add_argument("--resume", action="store_true",
                            help="continue the run saved in checkpoint_dir (same as --set resume=true)")
+        if name == "codistill":
+            p.add_argument("--check", action="store_true",
+                           help="validate the config and print it with every default filled in; train nothing")
     args = parser.parse_args(argv)
     if getattr(args, "resume", False):
         args.overrides.append("resume=true")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        config = load_config(args.config, args.overrides)
-        if args.command == "check":
+        config = load_config(args.config, args.overrides,
+                             CodistillConfig if args.command == "codistill" else RunConfig)
+        if args.command == "codistill":
+            if args.check:
+                build_codistill(config)
+                print(dump_config(config), end="")
+            else:
+                codistill(config)
+        elif args.command == "check":
             build(config)
             print(dump_config(config), end="")
         elif args.command == "profile":

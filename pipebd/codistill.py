@@ -744,7 +744,7 @@ class CodistillReport:
                  "distillation term: " + (f"from step {first}" if first is not None else "never on")]
         if self.start:
             lines.append(f"resumed after step {self.start} (losses from step {self.start} on)")
-        if self.mode == "codistill":
+        if self.mode == "codistill" and self.n > 1:
             lines.append(f"exchanges every {self.exchange_every} steps: {self.exchanged_bytes / 1e6:.3f} MB "
                          f"received per rank (max), {self.exchange_wait_s:.3f} s blocked on transfers (max)")
         accuracy = self.accuracy if self.eval_steps else None

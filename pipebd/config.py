@@ -1,8 +1,10 @@
 """YAML run configurations for the CLI: a file plus ``key.path=value`` overrides, validated up
 front. Unknown keys and values of the wrong type are errors that name the key.
 
-A config describes a model pair from ``pipebd.models``, a dataset, the optimizer and losses, and
-the ``fit`` arguments; ``configs/default.yaml`` shows every key.
+A run config (``RunConfig``) describes a model pair from ``pipebd.models``, a dataset, the
+optimizer and losses, and the ``Distiller.fit`` arguments; ``configs/default.yaml`` shows every
+key. A codistillation config (``CodistillConfig``) describes n classifiers, a labelled task from
+``pipebd.datasets`` and the ``Codistillation`` arguments; see ``configs/codistill.yaml``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ class OptimizerConfig:
     lr: float = 0.05
     momentum: float = 0.9                                   # sgd only
     weight_decay: float = 0.0
+
+    def build(self) -> Any:
+        """A picklable callable ``params -> optimizer``."""
+        if self.name == "sgd":
+            return functools.partial(torch.optim.SGD, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+        if self.name not in classes:
+            raise ValueError(f"optimizer.name must be one of sgd, adam, adamw, got {self.name!r}")
+        return functools.partial(classes[self.name], lr=self.lr, weight_decay=self.weight_decay)
 
 
 @dataclass
@@ -85,24 +96,60 @@ class RunConfig:
             return Plan.parse(self.plan)
         return self.plan
 
-    def build_optimizer(self) -> Any:
-        o = self.optimizer
-        if o.name == "sgd":
-            return functools.partial(torch.optim.SGD, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-        if o.name not in classes:
-            raise ValueError(f"optimizer.name must be one of sgd, adam, adamw, got {o.name!r}")
-        return functools.partial(classes[o.name], lr=o.lr, weight_decay=o.weight_decay)
-
     def build_final_loss(self) -> SoftTargetLoss | None:
         f = self.final_loss
         return None if f is None else SoftTargetLoss(f.temperature, alpha=f.alpha, backend=f.backend)
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
+@dataclass
+class ClassifierConfig:
+    kind: str = "mlp"                                       # pipebd.models.mlp_classifier
+    hidden: int = 128
+
+
+@dataclass
+class TaskDataConfig:
+    kind: str = "synthetic"                                 # synthetic | digits (pipebd.datasets)
+    samples: int = 20480                                    # synthetic: rows, before the test rows are held out
+    features: int = 32                                      # synthetic only
+    classes: int = 10                                       # synthetic only
+    test_fraction: float = 0.2                              # held out for the accuracy columns
+    seed: int = 7                                           # synthetic: draws the rows and labels
+
+
+@dataclass
+class CodistillConfig:
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    warmup_steps: int = 0                                   # linear warmup from 0.1x the rate (pipebd.lr.warmup)
+    cosine: bool = False                                    # cosine decay to 0 over the run (after warmup)
+    n: int = 2                                              # models
+    mode: str = "codistill"                                 # codistill | online
+    alpha: float = 1.0
+    temperature: float = 2.0
+    burn_in: int = 0
+    exchange_every: int = 50
+    backend: str = "auto"                                   # the soft-target kernel: auto | triton | torch
+    batch_size: int = 64                                    # per model
+    steps: int = 500
+    world_size: int = 1                                     # 1, or a multiple of n
+    seed: int = 0
+    device: str | None = None
+    eval_every: int | None = None                           # null: after the last step only
+    sync_batchnorm: bool = False
+    num_workers: int = 0
+    trace: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), kind: type = RunConfig) -> Any:
     """Read ``path`` (or start from the defaults) and apply ``key.path=value`` overrides, whose
     values are parsed as YAML (``steps=10``, ``plan=auto``, ``final_loss.temperature=2``), or
-    taken as the plain string when they are not valid YAML (``plan=[0]x1 | [1-3]x2``)."""
+    taken as the plain string when they are not valid YAML (``plan=[0]x1 | [1-3]x2``). ``kind``:
+    the config class, ``RunConfig`` (``pipebd run``) or ``CodistillConfig`` (``pipebd codistill``)."""
     raw: dict = {}
     if path is not None:
         with open(path) as f:
@@ -127,7 +174,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
             node[leaf] = yaml.safe_load(value)
         except yaml.YAMLError:
             node[leaf] = value      # not YAML (e.g. plan=[0]x1 | [1-3]x2): the plain string
-    return _build(RunConfig, raw, "")
+    return _build(kind, raw, "")
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -164,5 +211,5 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
     raise ValueError(f"config key '{path}' must be {expected}, got {value!r}")
 
 
-def dump_config(config: RunConfig) -> str:
+def dump_config(config: Any) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,83 @@ def test_help():
     out = subprocess.run([sys.executable, "-m", "pipebd", "run", "--help"], capture_output=True, text=True,
                          timeout=60).stdout
     assert "--set KEY=VALUE" in out
+
+
+CODISTILL = ["--set", "data={samples: 600, features: 8, classes: 4, test_fraction: 0.2, seed: 3}",
+             "--set", "model.hidden=16", "--set", "optimizer={lr: 0.1, momentum: 0.9}", "--set", "warmup_steps=5",
+             "--set", "cosine=true", "--set", "alpha=0.5", "--set", "temperature=3", "--set", "burn_in=5",
+             "--set", "exchange_every=5", "--set", "batch_size=16", "--set", "eval_every=10",
+             "--set", "backend=torch", "--set", "device=cpu"]
+
+
+def table(out):
+    """The per-model rows of a codistillation report: (loss last, accuracy), and the ensemble line."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["model"]) + 1
+    rows = [line.split() for line in lines[start:] if line.split()[:1] and line.split()[0].isdigit()]
+    return [(float(r[2]), r[3]) for r in rows], next(line for line in lines if line.startswith("ensemble"))
+
+
+def test_cli_codistill_is_the_api_call_it_describes(tmp_path, capsys):
+    # The reference is the API call written out by hand; the CLI must build the same data, models,
+    # optimizer and schedule. Then the CLI resumes a 2-rank run, saved after 20 steps, to step 30
+    # and must print what the uninterrupted 1-process run prints.
+    import functools
+
+    import torch
+    from torch import nn
+
+    import pipebd
+    from pipebd import datasets
+
+    x, y = datasets.synthetic(600, features=8, classes=4, seed=3)
+    train, test = datasets.split(x, y, test_rows=120)
+
+    def schedule(opt):
+        return pipebd.lr.warmup(opt, 5, then=torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=30))
+
+    cd = pipebd.Codistillation(lambda i: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), n=2,
+                               optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+                               scheduler=schedule, alpha=0.5, temperature=3.0, burn_in=5, exchange_every=5,
+                               backend="torch", device="cpu")
+    reference = cd.fit(train, batch_size=16, steps=30, seed=0, eval_data=test, eval_every=10, progress=False)
+    expected_rows, expected_ensemble = table(str(reference))
+    assert len(expected_rows) == 2
+
+    assert main(["codistill", *CODISTILL, "--set", "steps=30", "--set", "world_size=1"]) == 0
+    out = capsys.readouterr().out
+    assert "480 training rows, accuracy on 120 held-out rows" in out
+    assert table(out) == (expected_rows, expected_ensemble)
+
+    # Without the cosine (whose length is the first run's steps), 20 steps on 2 ranks and a resume
+    # to 30 print what 30 steps in one process print.
+    warmup_only = [*CODISTILL, "--set", "cosine=false"]
+    assert main(["codistill", *warmup_only, "--set", "steps=30", "--set", "world_size=1"]) == 0
+    uninterrupted = table(capsys.readouterr().out)
+    assert uninterrupted != (expected_rows, expected_ensemble)      # the cosine changed something
+    ckpt, trace = tmp_path / "ckpt", tmp_path / "trace.json"
+    resumable = [*warmup_only, "--set", "world_size=2", "--set", f"checkpoint_dir={ckpt}"]
+    assert main(["codistill", *resumable, "--set", "steps=20", "--set", f"trace={trace}"]) == 0
+    assert trace.stat().st_size > 0 and "trace written to" in capsys.readouterr().out
+    assert main(["codistill", *resumable, "--set", "steps=30", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed after step 20" in out
+    (rows, ensemble), (expected_rows, expected_ensemble) = table(out), uninterrupted
+    assert ensemble == expected_ensemble
+    for (loss, accuracy), (expected_loss, expected_accuracy) in zip(rows, expected_rows):
+        assert accuracy == expected_accuracy and loss == pytest.approx(expected_loss, rel=2e-3)   # 4 digits printed
+
+
+def test_cli_codistill_checks_and_refuses_bad_configs(capsys):
+    shipped = str(Path(__file__).parents[1] / "configs" / "codistill.yaml")
+    assert main(["codistill", shipped, "--check", "--set", "mode=online", "--set", "n=3"]) == 0
+    out = capsys.readouterr().out
+    assert "mode: online" in out and "n: 3" in out and "exchange_every: 25" in out and "burn_in: 50" in out
+    assert main(["codistill", "--check"]) == 0 and "exchange_every: 50" in capsys.readouterr().out   # built-in
+    for override, message in (("data.kind=imagenet", "data.kind must be one of synthetic, digits"),
+                              ("mode=ensemble", "mode must be one of"),
+                              ("data.test_fraction=1.5", "data.test_fraction must be between 0 and 1"),
+                              ("plan=auto", "unknown config key 'plan'"),
+                              ("world_size=3", "world_size 3 must be 1 or a multiple of n=2")):
+        assert main(["codistill", "--set", override, "--set", "steps=1"]) == 2, override
+        assert message in capsys.readouterr().err, override
