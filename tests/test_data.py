@@ -51,3 +51,21 @@ def test_load_rows_from_tensors_and_datasets():
     assert torch.equal(xs, x[index]) and ys.tolist() == [3, 1]
     xs, ys = load_rows(Pairs(), index)
     assert xs.tolist() == [[3.0, 3.0], [1.0, 1.0]] and ys.tolist() == [30, 10]
+
+
+def test_labelled_tasks_are_seeded_and_split_without_overlap():
+    from pipebd import datasets
+
+    x, y = datasets.synthetic(500, features=6, classes=3, seed=1)
+    assert x.shape == (500, 6) and y.dtype == torch.long and set(y.tolist()) == {0, 1, 2}
+    x2, y2 = datasets.synthetic(500, features=6, classes=3, seed=1)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(y, datasets.synthetic(500, features=6, classes=3, seed=2)[1])
+    train, (tx, ty) = datasets.split(x, y, test_rows=100)
+    assert len(train) == 400 and len(tx) == len(ty) == 100
+    rows = torch.cat([train.tensors[0], tx])            # every row once: the split is a permutation
+    assert torch.equal(rows[rows[:, 0].argsort()], x[x[:, 0].argsort()])
+    with pytest.raises(ValueError, match="classes must be an integer >= 2"):
+        datasets.synthetic(10, classes=1)
+    with pytest.raises(ValueError, match="test rows must be between 1 and 9"):
+        datasets.split(x[:10], y[:10], test_rows=10)
