@@ -14,7 +14,8 @@ from torch.utils.data import TensorDataset
 
 from . import datasets
 from .api import Distiller
-from .codistill import Codistillation
+from .report import Report
+from .codistill import Codistillation, CodistillReport
 from .config import CodistillConfig, RunConfig, dump_config, load_config
 
 
@@ -47,12 +48,7 @@ def run(config: RunConfig) -> None:
                            resume=config.resume, sync_batchnorm=config.sync_batchnorm,
                            num_workers=config.num_workers)
     print(report)
-    if config.trace:
-        report.save_trace(config.trace)
-        print(f"trace written to {config.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
-    if config.plot:
-        report.plot(config.plot)
-        print(f"plot written to {config.plot}")
+    write_outputs(report, config.trace, config.plot)
 
 
 def profile(config: RunConfig) -> None:
@@ -122,9 +118,16 @@ def codistill(config: CodistillConfig) -> None:
                     resume=config.resume, sync_batchnorm=config.sync_batchnorm, num_workers=config.num_workers)
     print(f"{len(train)} training rows, accuracy on {len(test[1])} held-out rows")
     print(report)
-    if config.trace:
-        report.save_trace(config.trace)
-        print(f"trace written to {config.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    write_outputs(report, config.trace, config.plot)
+
+
+def write_outputs(report: Report | CodistillReport, trace: str | None, plot: str | None) -> None:
+    if trace:
+        report.save_trace(trace)
+        print(f"trace written to {trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    if plot:
+        report.plot(plot)
+        print(f"plot written to {plot}")
 
 
 def main(argv: list[str] | None = None) -> int:

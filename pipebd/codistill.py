@@ -735,6 +735,12 @@ class CodistillReport:
         """Chrome trace with one track per rank (data, student, teacher, step, exchange-wait, eval)."""
         write_chrome_trace(path, self.tracks)
 
+    def plot(self, path: str) -> None:
+        """Draw the timeline of every rank and, with ``eval_data``, each model's accuracy against
+        steps to ``path`` (PNG; needs the ``plot`` extra, matplotlib). See ``pipebd.plot``."""
+        from .plot import plot_report
+        plot_report(self, path)
+
     def __str__(self) -> str:
         g = max(1, self.world_size // self.n)
         first = next((t for t, s in enumerate(self.sources) if s is not None), None)

@@ -140,6 +140,7 @@ class CodistillConfig:
     sync_batchnorm: bool = False
     num_workers: int = 0
     trace: str | None = None
+    plot: str | None = None                                 # draw the timeline and accuracy curves here (PNG)
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None
     resume: bool = False

@@ -1,7 +1,8 @@
 """Pictures of a run, for the optional ``plot`` extra (matplotlib): a timeline with one row per
 rank and a bar per span, and, for a ``Distiller`` report, each stage's time split into compute,
-communication, waiting and idle (the report's fractions). ``Report.plot(path)`` writes both to
-one PNG; ``plot_report`` also takes a ``CodistillReport`` (timeline only).
+communication, waiting and idle (the report's fractions); for a ``CodistillReport`` with
+``eval_data``, each model's accuracy (and the ensemble's) against steps. ``Report.plot(path)``
+and ``CodistillReport.plot(path)`` write both to one PNG.
 
 The figure is built without pyplot, so plotting neither needs a display nor changes the
 caller's matplotlib state.
@@ -31,12 +32,16 @@ def plot_report(report: Any, path: str | None = None, *, dpi: int = 120) -> Any:
         raise ImportError("plotting needs matplotlib: pip install 'pipebd[plot]'") from err
     tracks = report.tracks
     stages = getattr(report, "stages", None) or []
-    height = 1.2 + 0.35 * len(tracks) + (0.9 + 0.35 * len(stages) if stages else 0.0)
-    fig = Figure(figsize=(11, height), layout="constrained")
+    evaluated = bool(getattr(report, "eval_steps", None))
+    heights = [1.2 + 0.35 * len(tracks)]
     if stages:
-        timeline, bars = fig.subplots(2, 1, height_ratios=[1.2 + 0.35 * len(tracks), 0.9 + 0.35 * len(stages)])
-    else:
-        timeline, bars = fig.subplots(1, 1), None
+        heights.append(0.9 + 0.35 * len(stages))
+    elif evaluated:
+        heights.append(2.6)
+    fig = Figure(figsize=(11, sum(heights)), layout="constrained")
+    axes = fig.subplots(len(heights), 1, height_ratios=heights, squeeze=False)[:, 0]
+    timeline = axes[0]
+    bars = axes[1] if stages else None
 
     kinds: list[str] = []
     for row, (_, spans) in enumerate(tracks):
@@ -70,9 +75,24 @@ def plot_report(report: Any, path: str | None = None, *, dpi: int = 120) -> Any:
         bars.set_xlabel("fraction of the wall time (mean over a stage's replicas)")
         bars.legend(handles=[Patch(color=c, label=n) for n, c in BREAKDOWN], loc="upper left",
                     bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
+    if evaluated and not stages:
+        _accuracy_curves(axes[1], report)
     if path is not None:
         fig.savefig(path, dpi=dpi)
     return fig
+
+
+def _accuracy_curves(ax: Any, report: Any) -> None:
+    """Accuracy on ``eval_data`` against steps: one line per model, the ensemble dashed."""
+    curves = [(f"model {i}", acc, "-") for i, acc in enumerate(report.accuracy)]
+    if report.n > 1:
+        curves.append(("ensemble", report.ensemble_accuracy, "--"))
+    for label, acc, style in curves:
+        ax.plot(report.eval_steps, acc, style, marker="o", markersize=3, label=label, gid=f"accuracy:{label}")
+    ax.set_xlabel("steps (per model)")
+    ax.set_ylabel("accuracy on eval_data")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
 
 
 def _kind_order(kind: str) -> tuple[int, str]:

@@ -132,8 +132,10 @@ def test_cli_codistill_is_the_api_call_it_describes(tmp_path, capsys):
     assert uninterrupted != (expected_rows, expected_ensemble)      # the cosine changed something
     ckpt, trace = tmp_path / "ckpt", tmp_path / "trace.json"
     resumable = [*warmup_only, "--set", "world_size=2", "--set", f"checkpoint_dir={ckpt}"]
-    assert main(["codistill", *resumable, "--set", "steps=20", "--set", f"trace={trace}"]) == 0
+    assert main(["codistill", *resumable, "--set", "steps=20", "--set", f"trace={trace}",
+                 "--set", f"plot={tmp_path / 'c.png'}"]) == 0
     assert trace.stat().st_size > 0 and "trace written to" in capsys.readouterr().out
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["codistill", *resumable, "--set", "steps=30", "--resume"]) == 0
     out = capsys.readouterr().out
     assert "resumed after step 20" in out

@@ -53,14 +53,25 @@ def test_every_span_kind_has_a_colour():
     assert set(COMPUTE + COMMUNICATION + WAITING) <= set(KIND_COLORS)
 
 
-def test_codistillation_report_gets_a_timeline(tmp_path):
+def test_codistillation_report_gets_a_timeline_and_accuracy_curves(tmp_path):
     x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
     co = pipebd.Codistillation(lambda i: nn.Linear(4, 3), optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
                                exchange_every=2, device="cpu")
     result = co.fit(TensorDataset(x, y), batch_size=8, steps=6, eval_data=(x, y), eval_every=3,
                     progress=False)
     fig = plot_report(result, str(tmp_path / "co.png"))
-    assert len(fig.axes) == 1 and any(c.get_gid().endswith(":eval") for c in fig.axes[0].collections)
+    assert len(fig.axes) == 2 and any(c.get_gid().endswith(":eval") for c in fig.axes[0].collections)
+    curves = {line.get_gid(): line for line in fig.axes[1].lines}
+    assert set(curves) == {"accuracy:model 0", "accuracy:model 1", "accuracy:ensemble"}
+    assert result.eval_steps == [3, 6]
+    for name, acc in (("model 0", result.accuracy[0]), ("model 1", result.accuracy[1]),
+                      ("ensemble", result.ensemble_accuracy)):
+        assert list(curves[f"accuracy:{name}"].get_xdata()) == [3, 6]
+        assert list(curves[f"accuracy:{name}"].get_ydata()) == acc
+    result.eval_steps = []                                   # without eval_data: the timeline alone
+    assert len(plot_report(result).axes) == 1
+    result.plot(str(tmp_path / "co2.png"))
+    assert (tmp_path / "co2.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_without_matplotlib_the_error_says_what_to_install(report, monkeypatch):
