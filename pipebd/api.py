@@ -20,7 +20,7 @@ from .planner import auto_plan
 from .rng import check_seed
 from .profiler import COMM_REPEATS, Profile, comm_task, profile_job
 from .report import Report, build_report
-from .runtime.launch import LOOPS, init_spmd, pin_device, run_rank, run_spmd, spawn, torchrun_env
+from .runtime.launch import LOOPS, check_timeout, init_spmd, pin_device, run_rank, run_spmd, spawn, torchrun_env
 from .runtime.worker import Job, TensorSpec
 from .simulator import simulate
 
@@ -93,7 +93,8 @@ class Distiller:
         ``world_size > 1`` spawns local workers unless the process runs under torchrun, where every
         rank calls ``fit``. A stage runs at most ``max_inflight + 1`` batches ahead of the
         next; ``threads`` sets torch threads per spawned worker (default: cores / world_size);
-        ``timeout`` (seconds) bounds every collective and point-to-point wait.
+        ``timeout`` (seconds) bounds every collective and point-to-point wait, and the wait for
+        each batch from loader processes.
 
         BatchNorm layers of a replicated stage's student blocks normalize with the statistics of
         their replica's slice (as DDP does); ``sync_batchnorm=True`` uses the statistics of the
@@ -228,6 +229,7 @@ class Distiller:
              progress: bool | None, timeout: float = 600.0) -> Job:
         """Validate everything that can be checked in the caller and build the job."""
         seed = check_seed(seed)
+        timeout = check_timeout(timeout)
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 1),

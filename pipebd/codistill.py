@@ -42,7 +42,7 @@ from .data import BatchOrder, StepRows, check_workers, dataset_length, feed, pro
 from .losses import _BACKENDS, soft_target_loss
 from .rng import check_seed, derived_seed, stream
 from .runtime.exchange import PeerLogits, Transfer, WeightExchange, packed_sizes, pack, unpack
-from .runtime.launch import _broadcast_from_rank0, backend_for, init_spmd, spawn_tasks, torchrun_env
+from .runtime.launch import _broadcast_from_rank0, backend_for, check_timeout, init_spmd, spawn_tasks, torchrun_env
 from .runtime.redistribute import slices
 from .runtime.worker import NonFiniteLoss, progress_bar
 from .trace import Recorder, Span, busy_time, write_chrome_trace
@@ -224,7 +224,8 @@ class Codistillation:
         torchrun). ``eval_data`` = (inputs, labels): each model's softmax predictions on it are
         recorded every ``eval_every`` steps and after the last (``report.accuracy``).
         ``keep_checkpoints`` records every published and installed checkpoint in the report (for
-        tests of the staleness rule; costs memory). ``timeout`` (seconds) bounds every transfer.
+        tests of the staleness rule; costs memory). ``timeout`` (seconds) bounds every transfer and
+        the wait for each batch from loader processes.
 
         ``checkpoint_dir``: every model's weights, optimizer and scheduler state (and its
         weights at the last two exchanges, which the others distill from next) are saved there
@@ -240,7 +241,10 @@ class Codistillation:
         ``num_workers`` > 0: every rank loads its batches with that many DataLoader worker
         processes per model it trains (per shard; one set for all models in online mode),
         ahead of use, so loading overlaps training. The batches and the result are the same as
-        with 0 (loading in the rank's own process).
+        with 0 (loading in the rank's own process): a random transform in the dataset draws
+        from torch's generator seeded per sample by ``seed`` and the sample's place in the
+        stream of samples (the model's shard's, or in online mode the run's; see
+        ``pipebd.data.StepRows``), wherever it is loaded.
         Raises ValueError/TypeError before any process starts; ``pipebd.WorkerError`` if a rank
         fails (``pipebd.ExchangeError`` in its message when a transfer failed).
         """
@@ -312,6 +316,7 @@ class Codistillation:
              eval_data: Any, eval_every: int | None, keep_checkpoints: bool, threads: int | None,
              progress: bool | None, timeout: float) -> _Job:
         seed = check_seed(seed)
+        timeout = check_timeout(timeout)
         for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 1), ("world_size", world_size, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -500,6 +505,7 @@ class _Rank:
         """Stop the loader processes, also when training failed."""
         for batches in self.feeds.values():
             batches.close()
+        self.feeds.clear()
 
     def install(self, transfer: Transfer, step: int) -> None:
         with self.recorder.span("exchange-wait", step):
@@ -732,7 +738,8 @@ class CodistillReport:
         return [_accuracy(torch.stack(ps).mean(0), self.eval_labels) for ps in zip(*self.eval_probs)]
 
     def save_trace(self, path: str) -> None:
-        """Chrome trace with one track per rank (data, student, teacher, step, exchange-wait, eval)."""
+        """Chrome trace with one track per rank (data or data-wait, student, teacher, step,
+        exchange-wait, eval)."""
         write_chrome_trace(path, self.tracks)
 
     def plot(self, path: str) -> None:

@@ -5,6 +5,8 @@ The samples of a run form one stream: epoch ``e`` is a permutation of the datase
 generator seeded by ``(seed, e)``, and the epochs are concatenated. Batch ``t`` is rows
 ``[t*B, (t+1)*B)`` of that stream, so the batches depend on ``seed`` (and the dataset length)
 only: every strategy and plan sees the same data in the same order, reshuffled each epoch.
+Each sample is read with torch's generator seeded by its place in that stream (``StepRows``),
+so random transforms in a dataset are part of the batches too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+
+from .rng import derived_seed, stream
+
+_CPU = torch.device("cpu")
 
 _SEED_MIX = 0x9E3779B1
 
@@ -69,22 +75,37 @@ def dataset_length(dataset: Dataset | torch.Tensor) -> int:
         raise TypeError("dataset must be a map-style torch Dataset (with __len__) or a tensor") from err
 
 
-def load_rows(dataset: Dataset | torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """Collate the items at ``index`` into ``(x, y-or-None)`` batches."""
+def _tensors(dataset: Dataset | torch.Tensor) -> bool:
+    """Whether ``dataset``'s rows are indexed out of tensors (no ``__getitem__`` of ours runs)."""
+    return isinstance(dataset, (torch.Tensor, TensorDataset))
+
+
+def load_rows(dataset: Dataset | torch.Tensor, index: torch.Tensor,
+              seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, Any]:
+    """Collate the items at ``index`` into ``(x, y-or-None)`` batches. With ``seeds``, item
+    ``index[r]`` is read with the CPU generator seeded by ``seeds[r]`` (``pipebd.rng.stream``,
+    which puts the caller's state back), for random transforms in the dataset."""
     if isinstance(dataset, torch.Tensor):
         return dataset[index], None
     if isinstance(dataset, TensorDataset):
         tensors = dataset.tensors
         return tensors[0][index], (tensors[1][index] if len(tensors) > 1 else None)
-    pairs = [split_item(dataset[i]) for i in index.tolist()]
+    if seeds is None:
+        pairs = [split_item(dataset[i]) for i in index.tolist()]
+    else:
+        pairs = []
+        for i, seed in zip(index.tolist(), seeds, strict=True):
+            with stream(seed, _CPU):
+                pairs.append(split_item(dataset[i]))
     x = default_collate([p[0] for p in pairs])
     y = default_collate([p[1] for p in pairs]) if pairs[0][1] is not None else None
     return x, y
 
 
 def probe_item(dataset: Dataset | torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """The first sample as a batch of one, for shape checks before any process starts."""
-    return load_rows(dataset, torch.zeros(1, dtype=torch.long))
+    """The first sample as a batch of one, for shape checks before any process starts (read
+    with a generator of its own: the caller's is left as it was)."""
+    return load_rows(dataset, torch.zeros(1, dtype=torch.long), [0])
 
 
 # Batches each loader worker keeps requested ahead of use (DataLoader's prefetch_factor); the
@@ -104,7 +125,13 @@ def check_workers(num_workers: Any) -> int:
 class StepRows:
     """Index of request ``j``: rows ``[lo, hi)`` of batch ``steps[j]`` (picklable, for workers).
     With ``shard`` the order runs over a shard of the dataset: its positions are mapped to
-    ``shard[position]``."""
+    ``shard[position]``.
+
+    ``load`` reads each sample with the CPU generator seeded by the order's seed and the
+    sample's place in the run's stream of samples (``step * batch_size + row``): a random
+    transform in the dataset draws the same for that sample whichever process loads it, in
+    whatever slice, before or after a resume, and with or without loader processes.
+    """
 
     def __init__(self, order: BatchOrder, steps: Sequence[int], lo: int, hi: int,
                  shard: torch.Tensor | None = None):
@@ -117,9 +144,17 @@ class StepRows:
         index = self.order.indices(self.steps[j], self.lo, self.hi)
         return index if self.shard is None else self.shard[index]
 
+    def seeds(self, j: int) -> list[int]:
+        start = self.steps[j] * self.order.batch_size
+        return [derived_seed(self.order.seed, "sample", p) for p in range(start + self.lo, start + self.hi)]
+
+    def load(self, dataset: Dataset | torch.Tensor, j: int) -> tuple[torch.Tensor, Any]:
+        """Batch ``j``: ``load_rows`` of ``self(j)``, each sample read under its own seed."""
+        return load_rows(dataset, self(j), None if _tensors(dataset) else self.seeds(j))
+
 
 class _Batches(Dataset):
-    """Item ``j`` is the whole batch ``load_rows(dataset, index(j))``, so that a loader worker
+    """Item ``j`` is the whole batch ``index.load(dataset, j)``, so that a loader worker
     builds batches and the DataLoader does no batching of its own."""
 
     def __init__(self, dataset: Dataset | torch.Tensor, index: StepRows):
@@ -129,12 +164,12 @@ class _Batches(Dataset):
         return len(self.index)
 
     def __getitem__(self, j: int) -> tuple[torch.Tensor, Any]:
-        return load_rows(self.dataset, self.index(j))
+        return self.index.load(self.dataset, j)
 
 
 def batches(dataset: Dataset | torch.Tensor, index: StepRows, num_workers: int = 0, *,
             pin_memory: bool = False, timeout: float = 0.0) -> Iterator[tuple[torch.Tensor, Any]]:
-    """The batches ``load_rows(dataset, index(j))`` for ``j = 0 .. len(index)-1``, in order.
+    """The batches ``index.load(dataset, j)`` for ``j = 0 .. len(index)-1``, in order.
 
     With ``num_workers == 0`` each is loaded in this process when it is asked for. Otherwise
     ``num_workers`` DataLoader worker processes load them ahead of use, each keeping
@@ -146,9 +181,11 @@ def batches(dataset: Dataset | torch.Tensor, index: StepRows, num_workers: int =
     """
     if num_workers == 0:
         for j in range(len(index)):
-            yield load_rows(dataset, index(j))
+            yield index.load(dataset, j)
         return
-    source = iter(batch_loader(_Batches(dataset, index), num_workers, pin_memory=pin_memory, timeout=timeout))
+    seed = derived_seed(index.order.seed, "loader", index.lo, index.steps[0] if len(index) else 0)
+    source = iter(batch_loader(_Batches(dataset, index), num_workers, seed=seed, pin_memory=pin_memory,
+                               timeout=timeout))
     try:
         yield from source
     finally:
@@ -174,8 +211,13 @@ def feed(dataset: Dataset | torch.Tensor, index: StepRows, num_workers: int, rec
         source.close()
 
 
-def batch_loader(items: Dataset, num_workers: int, *, pin_memory: bool = False, timeout: float = 0.0) -> DataLoader:
+def batch_loader(items: Dataset, num_workers: int, *, seed: int = 0, pin_memory: bool = False,
+                 timeout: float = 0.0) -> DataLoader:
     """A DataLoader whose items are whole batches, loaded in order by ``num_workers`` processes.
+
+    The processes' generators are seeded from ``seed`` (worker ``i``: the DataLoader's base seed
+    drawn from it, plus ``i``), not from a draw of the caller's generator, which a DataLoader
+    otherwise takes and which would change what the caller's script draws next.
 
     On Linux the processes are forked, as a DataLoader in a plain process forks them: they get
     the dataset without pickling it. (A rank that ``fit`` spawned is itself a fork-server child,
@@ -183,4 +225,5 @@ def batch_loader(items: Dataset, num_workers: int, *, pin_memory: bool = False, 
     """
     context = "fork" if sys.platform.startswith("linux") else None
     return DataLoader(items, batch_size=None, shuffle=False, num_workers=num_workers, prefetch_factor=PREFETCH,
-                      pin_memory=pin_memory, timeout=timeout, multiprocessing_context=context)
+                      pin_memory=pin_memory, timeout=timeout, multiprocessing_context=context,
+                      generator=torch.Generator().manual_seed(seed))

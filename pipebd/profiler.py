@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Dataset
 
 from .checkpoint import atomic_write
-from .data import PREFETCH, batch_loader, load_rows
+from .data import PREFETCH, StepRows, batch_loader
 from .plan import Plan
 from .runtime.launch import backend_for, spawn_tasks
 from .runtime.worker import Job, RankRuntime, progress_bar
@@ -326,7 +326,7 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
         load = [timer(lambda r=r: rt.load(0, 0, r)) for r in rows]
         receive, loader_start = [], 0.0
         if job.num_workers:
-            first_batch = load_rows(job.dataset, rt.order.indices(0, 0, batch))   # as a loader process gives it
+            first_batch = StepRows(rt.order, [0], 0, batch).load(job.dataset, 0)   # as a loader process gives it
             receive, loader_start = _measure_receive(first_batch, rows, job.num_workers, warmup, repeats)
         teacher, student = [], []
         todo = progress_bar(n * len(rows), "pipebd profile", progress, unit="block-size")

@@ -39,6 +39,14 @@ class Samples(Dataset):
         return DATA[i, :self.features], LABELS[i]
 
 
+class Noisy(Samples):
+    """``Samples`` with noise drawn from the loading process's generator (a random transform)."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x + 0.1 * torch.rand(x.shape), y
+
+
 class Logged(Samples):
     """``Samples`` that also append the loading process's pid to ``path``."""
 
@@ -105,10 +113,10 @@ def weights(distiller):
     return [p.detach().clone() for p in distiller.student_model().parameters()]
 
 
-def fit(num_workers, world_size, strategy="pipebd", plan=None, steps=6, **options):
+def fit(num_workers, world_size, strategy="pipebd", plan=None, steps=6, dataset=None, **options):
     teacher, student = mlp_pair(num_blocks=4, seed=1)
     distiller = pipebd.Distiller(teacher, student, device="cpu")
-    distiller.fit(Samples(), batch_size=6, steps=steps, world_size=world_size, strategy=strategy, plan=plan,
+    distiller.fit(dataset or Samples(), batch_size=6, steps=steps, world_size=world_size, strategy=strategy, plan=plan,
                   seed=3, timeout=60, num_workers=num_workers, **options)
     return weights(distiller)
 
@@ -119,10 +127,22 @@ def fit(num_workers, world_size, strategy="pipebd", plan=None, steps=6, **option
     (2, "baseline", None),                                     # loads every batch once per block
 ])
 def test_workers_load_the_same_batches(world_size, strategy, plan):
-    # 6 steps of 6 rows from 40 samples: the run crosses an epoch boundary (a reshuffle).
-    expected = fit(0, world_size, strategy, plan)
-    got = fit(2, world_size, strategy, plan)
+    # 6 steps of 6 rows from 40 samples: the run crosses an epoch boundary (a reshuffle). The
+    # noise is drawn in the loader processes with 2 workers, in the rank with 0.
+    expected = fit(0, world_size, strategy, plan, dataset=Noisy())
+    got = fit(2, world_size, strategy, plan, dataset=Noisy())
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+def test_random_transforms_draw_per_sample():
+    # Replicas of stage 0 each load half of a batch; the baseline loads every batch once per
+    # block. Each sample still gets the noise one process gives it (1e-5: summation order).
+    expected = fit(0, 1, dataset=Noisy())
+    for world_size, strategy, plan in [(3, "pipebd", pipebd.Plan([[0], [1, 2, 3]], [2, 1])), (2, "baseline", None)]:
+        got = fit(0, world_size, strategy, plan, dataset=Noisy())
+        assert max((a - b).abs().max().item() for a, b in zip(expected, got)) <= 1e-5
+    # The noise moves the weights far more than that (by 4e-4 without it).
+    assert max((a - b).abs().max().item() for a, b in zip(expected, fit(0, 1))) > 1e-4
 
 
 def test_dataset_class_of_a_script_in_spawned_ranks():
@@ -258,9 +278,12 @@ def codistill(num_workers, world_size, mode="codistill", steps=6, models=None, d
     (2, "online"),       # one batch for both models, one rank each
 ])
 def test_codistillation_workers_load_the_same_batches(world_size, mode):
-    expected = codistill(0, world_size, mode)
-    got = codistill(2, world_size, mode)
+    expected = codistill(0, world_size, mode, dataset=Noisy())
+    got = codistill(2, world_size, mode, dataset=Noisy())
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    if world_size == 4:   # each rank loads its half of its model's batch: the noise of 1 process
+        one = codistill(0, 1, mode, dataset=Noisy())
+        assert max((a - b).abs().max().item() for a, b in zip(one, got)) <= 1e-5
 
 
 def test_codistillation_resume_with_workers(tmp_path):
@@ -278,6 +301,27 @@ def test_codistillation_failures_end_the_loader_processes(tmp_path):
     with pytest.raises(RuntimeError, match="block broke"):
         codistill(2, 1, models=[Breaks(16, 5), Breaks(16, 5)], dataset=Logged(str(log)))
     assert loader_pids(log) and not [pid for pid in loader_pids(log) if alive(pid)]
+
+
+def test_loader_processes_leave_the_callers_generator_alone():
+    # A DataLoader draws its processes' base seed from the caller's generator unless given one:
+    # the script's next draw would change with num_workers, and the noise with the script's seed.
+    def run(caller_seed, train):
+        torch.manual_seed(caller_seed)
+        before = torch.get_rng_state()
+        result = train()
+        assert torch.equal(torch.get_rng_state(), before)
+        return result
+
+    def codistilled():
+        cd = pipebd.Codistillation(lambda i: torch.nn.Linear(16, 5), alpha=0.5, exchange_every=2,
+                                   backend="torch", device="cpu")   # built from seeds of the run's own
+        cd.fit(Noisy(), batch_size=6, steps=4, seed=3, timeout=60, num_workers=2)
+        return [p.detach().clone() for m in cd.models for p in m.parameters()]
+
+    for train in (lambda: fit(2, 1, dataset=Noisy()), codistilled):
+        first, second = run(1, train), run(2, train)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))   # noise seeded by the run's seed
 
 
 @pytest.mark.parametrize("value,error,message", [(-1, ValueError, "must be >= 0"), (1.5, TypeError, "must be an integer"),

@@ -10,8 +10,10 @@ with its exit code. Nothing waits forever.
 from __future__ import annotations
 
 import functools
+import math
 import multiprocessing as mp
 import multiprocessing.connection
+import numbers
 import os
 import signal
 import socket
@@ -91,6 +93,16 @@ def torchrun_env() -> tuple[int, int] | None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return None
+
+
+def check_timeout(timeout: Any) -> float:
+    """``timeout`` (seconds) as a float; TypeError unless a real number, ValueError unless
+    finite and > 0."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be finite and > 0 seconds, got {timeout!r}")
+    return float(timeout)
 
 
 def backend_for(device: str) -> str:

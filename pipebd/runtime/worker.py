@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .. import checkpoint
 from ..batchnorm import sync_batchnorm
 from ..rng import derived_seed, stream
-from ..data import BatchOrder, StepRows, feed, load_rows
+from ..data import BatchOrder, StepRows, feed
 from ..plan import Plan
 from ..trace import Recorder, Span
 
@@ -172,7 +172,7 @@ class RankRuntime:
     def load(self, step: int, lo: int, hi: int) -> tuple[Tensor, Tensor | None]:
         """Rows ``[lo, hi)`` of batch ``step``, loaded now, on the device."""
         with self.recorder.span("data", step):
-            return self._to_device(*load_rows(self.job.dataset, self.order.indices(step, lo, hi)))
+            return self._to_device(*StepRows(self.order, [step], lo, hi).load(self.job.dataset, 0))
 
     def feed(self, steps: list[int], lo: int, hi: int) -> Iterator[tuple[Tensor, Tensor | None]]:
         """Rows ``[lo, hi)`` of batch ``steps[j]`` for each ``j`` in turn, on the device: loaded
