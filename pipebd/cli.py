@@ -17,6 +17,7 @@ from .api import Distiller
 from .report import Report
 from .codistill import Codistillation, CodistillReport
 from .config import CodistillConfig, RunConfig, dump_config, load_config
+from .runtime.launch import check_timeout
 
 
 def build(config: RunConfig) -> tuple[Distiller, TensorDataset]:
@@ -29,6 +30,7 @@ def build(config: RunConfig) -> tuple[Distiller, TensorDataset]:
         raise ValueError(f"data.kind must be 'synthetic', got {config.data.kind!r}")
     if config.data.samples < 1:
         raise ValueError(f"data.samples must be >= 1, got {config.data.samples}")
+    check_timeout(config.timeout)
     pair = PAIRS[config.model.pair]
     teacher, student = pair.build(**config.model.args, seed=config.seed)
     shape = pair.input_shape(**config.model.args)
@@ -46,7 +48,7 @@ def run(config: RunConfig) -> None:
                            seed=config.seed, max_inflight=config.max_inflight,
                            checkpoint_dir=config.checkpoint_dir, checkpoint_every=config.checkpoint_every,
                            resume=config.resume, sync_batchnorm=config.sync_batchnorm,
-                           num_workers=config.num_workers)
+                           num_workers=config.num_workers, timeout=config.timeout)
     print(report)
     write_outputs(report, config.trace, config.plot)
 
@@ -60,7 +62,7 @@ def profile(config: RunConfig) -> None:
 
     distiller, dataset = build(config)
     prof = distiller.profile(dataset, config.batch_size, config.world_size, sync_batchnorm=config.sync_batchnorm,
-                             num_workers=config.num_workers)
+                             num_workers=config.num_workers, timeout=config.timeout)
     print(prof)
     best = auto_plan(prof, config.world_size)
     print(f"auto: {best}")
@@ -83,6 +85,7 @@ def build_codistill(config: CodistillConfig) -> tuple[Codistillation, TensorData
         raise ValueError(f"data.test_fraction must be between 0 and 1, got {d.test_fraction}")
     if config.warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+    check_timeout(config.timeout)
     x, y = datasets.synthetic(d.samples, d.features, d.classes, d.seed) if d.kind == "synthetic" else datasets.digits()
     train, test = datasets.split(x, y, test_rows=max(1, round(len(x) * d.test_fraction)))
     classes = d.classes if d.kind == "synthetic" else int(y.max()) + 1
@@ -115,7 +118,8 @@ def codistill(config: CodistillConfig) -> None:
     report = cd.fit(train, batch_size=config.batch_size, steps=config.steps, world_size=config.world_size,
                     seed=config.seed, eval_data=test, eval_every=config.eval_every,
                     checkpoint_dir=config.checkpoint_dir, checkpoint_every=config.checkpoint_every,
-                    resume=config.resume, sync_batchnorm=config.sync_batchnorm, num_workers=config.num_workers)
+                    resume=config.resume, sync_batchnorm=config.sync_batchnorm, num_workers=config.num_workers,
+                    timeout=config.timeout)
     print(f"{len(train)} training rows, accuracy on {len(test[1])} held-out rows")
     print(report)
     write_outputs(report, config.trace, config.plot)

@@ -83,6 +83,7 @@ class RunConfig:
     max_inflight: int = 2
     sync_batchnorm: bool = False                            # BatchNorm statistics over a replicated stage's batch
     num_workers: int = 0                                    # DataLoader workers per loading rank (0: inline)
+    timeout: float = 600.0                                  # seconds any one wait may take before fit fails
     trace: str | None = None                                # write a Chrome trace here
     plot: str | None = None                                 # draw the timeline and stage breakdown here (PNG)
     checkpoint_dir: str | None = None                       # save each block's state here
@@ -139,6 +140,7 @@ class CodistillConfig:
     eval_every: int | None = None                           # null: after the last step only
     sync_batchnorm: bool = False
     num_workers: int = 0
+    timeout: float = 600.0                                  # seconds any one wait may take before fit fails
     trace: str | None = None
     plot: str | None = None                                 # draw the timeline and accuracy curves here (PNG)
     checkpoint_dir: str | None = None

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import pipebd
 from pipebd import Plan
 from pipebd.cli import main
 from pipebd.config import load_config
@@ -70,6 +71,19 @@ def test_cli_reports_errors_without_a_traceback(capsys):
     assert main(["run", "--set", "model={pair: mlp}", "--set", "strategy=dna"]) == 2
     assert "pipebd: error: strategy must be one of" in capsys.readouterr().err
     assert main(["check", "--set", "model.pair=vit"]) == 2
+    assert main(["check", "--set", "timeout=0"]) == 2
+    assert "pipebd: error: timeout must be finite and > 0 seconds, got 0.0" in capsys.readouterr().err
+
+
+def test_cli_passes_the_timeout_to_fit(monkeypatch):
+    seen = []
+    monkeypatch.setattr(pipebd.Distiller, "fit", lambda self, *a, **k: seen.append(k["timeout"]) or 1 / 0)
+    monkeypatch.setattr(pipebd.Distiller, "profile", lambda self, *a, **k: seen.append(k["timeout"]) or 1 / 0)
+    monkeypatch.setattr(pipebd.Codistillation, "fit", lambda self, *a, **k: seen.append(k["timeout"]) or 1 / 0)
+    for command in ("run", "profile", "codistill"):
+        with pytest.raises(ZeroDivisionError):
+            main([command, "--set", "timeout=45", "--set", "steps=1"])
+    assert seen == [45.0, 45.0, 45.0] and load_config(None).timeout == 600.0
 
 
 def test_help():
@@ -155,6 +169,7 @@ def test_cli_codistill_checks_and_refuses_bad_configs(capsys):
                               ("mode=ensemble", "mode must be one of"),
                               ("data.test_fraction=1.5", "data.test_fraction must be between 0 and 1"),
                               ("plan=auto", "unknown config key 'plan'"),
-                              ("world_size=3", "world_size 3 must be 1 or a multiple of n=2")):
+                              ("world_size=3", "world_size 3 must be 1 or a multiple of n=2"),
+                              ("timeout=-1", "timeout must be finite and > 0 seconds")):
         assert main(["codistill", "--set", override, "--set", "steps=1"]) == 2, override
         assert message in capsys.readouterr().err, override
