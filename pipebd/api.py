@@ -103,8 +103,10 @@ class Distiller:
         Data: only the ranks of the first stage (every rank, for the baseline) load it, each its
         slice of the batch. With ``num_workers > 0`` each of them starts that many DataLoader
         worker processes that load the next batches while the rank computes (as
-        ``DataLoader(num_workers=...)``); the batches and their order stay the same. Random
-        transforms in the dataset draw from the workers' generators then, as with any DataLoader.
+        ``DataLoader(num_workers=...)``); the batches and their order stay the same. A random
+        transform in the dataset that draws from torch's CPU generator draws the same for a
+        sample wherever it is loaded: each sample is read under a seed of ``seed`` and its step
+        and row (``pipebd.data.StepRows``).
 
         Checkpoints (``pipebd.checkpoint``): with ``checkpoint_dir``, each student block's
         weights, optimizer and scheduler state are saved there, atomically, every

@@ -18,9 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
-from .rng import derived_seed, stream
-
-_CPU = torch.device("cpu")
+from .rng import derived_seed
 
 _SEED_MIX = 0x9E3779B1
 
@@ -76,27 +74,33 @@ def dataset_length(dataset: Dataset | torch.Tensor) -> int:
 
 
 def _tensors(dataset: Dataset | torch.Tensor) -> bool:
-    """Whether ``dataset``'s rows are indexed out of tensors (no ``__getitem__`` of ours runs)."""
-    return isinstance(dataset, (torch.Tensor, TensorDataset))
+    """Whether ``dataset``'s rows are indexed straight out of its tensors: a tensor, or a
+    ``TensorDataset`` whose ``__getitem__`` is not overridden (a subclass's may transform)."""
+    return isinstance(dataset, torch.Tensor) or (
+        isinstance(dataset, TensorDataset) and type(dataset).__getitem__ is TensorDataset.__getitem__)
 
 
 def load_rows(dataset: Dataset | torch.Tensor, index: torch.Tensor,
               seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, Any]:
     """Collate the items at ``index`` into ``(x, y-or-None)`` batches. With ``seeds``, item
-    ``index[r]`` is read with the CPU generator seeded by ``seeds[r]`` (``pipebd.rng.stream``,
-    which puts the caller's state back), for random transforms in the dataset."""
-    if isinstance(dataset, torch.Tensor):
-        return dataset[index], None
-    if isinstance(dataset, TensorDataset):
+    ``index[r]`` is read with torch's CPU generator seeded by ``seeds[r]`` (for random transforms
+    in the dataset); the generator's state is put back afterwards."""
+    if _tensors(dataset):
+        if isinstance(dataset, torch.Tensor):
+            return dataset[index], None
         tensors = dataset.tensors
         return tensors[0][index], (tensors[1][index] if len(tensors) > 1 else None)
     if seeds is None:
         pairs = [split_item(dataset[i]) for i in index.tolist()]
     else:
-        pairs = []
-        for i, seed in zip(index.tolist(), seeds, strict=True):
-            with stream(seed, _CPU):
+        generator = torch.random.default_generator
+        state, pairs = generator.get_state(), []
+        try:
+            for i, seed in zip(index.tolist(), seeds, strict=True):
+                generator.manual_seed(seed)
                 pairs.append(split_item(dataset[i]))
+        finally:
+            generator.set_state(state)
     x = default_collate([p[0] for p in pairs])
     y = default_collate([p[1] for p in pairs]) if pairs[0][1] is not None else None
     return x, y

@@ -289,7 +289,7 @@ def _cache_key(job: Job, world_size: int, warmup: int, repeats: int) -> str:
         "num_workers": job.num_workers,
         "optimizer": [type(probe).__qualname__, repr(sorted(probe.defaults.items()))],
         "losses": [_describe(job.block_loss), _describe(job.final_loss)],
-        "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 3,
+        "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 4,
     }, sort_keys=True, default=str)
 
 

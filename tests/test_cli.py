@@ -72,7 +72,7 @@ def test_cli_reports_errors_without_a_traceback(capsys):
     assert "pipebd: error: strategy must be one of" in capsys.readouterr().err
     assert main(["check", "--set", "model.pair=vit"]) == 2
     assert main(["check", "--set", "timeout=0"]) == 2
-    assert "pipebd: error: timeout must be finite and > 0 seconds, got 0.0" in capsys.readouterr().err
+    assert "pipebd: error: timeout must be between 0.001 and 2147483 seconds (about 24 days), got 0.0" in capsys.readouterr().err
 
 
 def test_cli_passes_the_timeout_to_fit(monkeypatch):
@@ -170,6 +170,6 @@ def test_cli_codistill_checks_and_refuses_bad_configs(capsys):
                               ("data.test_fraction=1.5", "data.test_fraction must be between 0 and 1"),
                               ("plan=auto", "unknown config key 'plan'"),
                               ("world_size=3", "world_size 3 must be 1 or a multiple of n=2"),
-                              ("timeout=-1", "timeout must be finite and > 0 seconds")):
+                              ("timeout=-1", "timeout must be between 0.001 and 2147483 seconds")):
         assert main(["codistill", "--set", override, "--set", "steps=1"]) == 2, override
         assert message in capsys.readouterr().err, override

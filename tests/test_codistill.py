@@ -277,7 +277,7 @@ def test_an_exchange_that_fails_surfaces_as_a_clear_error(how):
     ({}, dict(world_size=3), "world_size 3 must be 1 or a multiple of n=2"),
     ({}, dict(world_size=4, batch_size=1), "batch_size 1 is smaller than the 2 ranks per model"),
     ({}, dict(eval_every=5), "eval_every needs eval_data"),
-    ({}, dict(timeout=0), "timeout must be finite and > 0 seconds"),
+    ({}, dict(timeout=0), "timeout must be between 0.001 and 2147483 seconds"),
     ({}, dict(timeout="60"), "timeout must be a number of seconds"),
     ({}, dict(data=torch.randn(10, FEATURES)), "items carry no labels"),
     ({}, dict(data=TensorDataset(torch.randn(10, FEATURES), torch.rand(10))), "labels must be class indices"),

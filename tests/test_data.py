@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from pipebd.data import BatchOrder, load_rows
+from pipebd.data import BatchOrder, StepRows, load_rows
 
 
 def test_batches_depend_on_seed_only_and_cover_each_epoch():
@@ -51,6 +51,31 @@ def test_load_rows_from_tensors_and_datasets():
     assert torch.equal(xs, x[index]) and ys.tolist() == [3, 1]
     xs, ys = load_rows(Pairs(), index)
     assert xs.tolist() == [[3.0, 3.0], [1.0, 1.0]] and ys.tolist() == [30, 10]
+
+
+class Shifted(TensorDataset):
+    """A TensorDataset whose ``__getitem__`` transforms: rows + 100 + uniform noise."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x + 100 + torch.rand(x.shape), y
+
+
+def test_samples_are_read_under_their_own_seeds():
+    x = torch.zeros(5, 2)
+    index = torch.tensor([3, 1, 3])
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    xs, ys = load_rows(Shifted(x, torch.arange(5)), index, seeds=[7, 8, 7])
+    assert torch.equal(torch.get_rng_state(), before)   # the caller's generator is left alone
+    noise = [torch.rand(2, generator=torch.Generator().manual_seed(s)) for s in (7, 8, 7)]
+    assert torch.equal(xs, 100 + torch.stack(noise)) and ys.tolist() == [3, 1, 3]
+    # A batch's rows get the seeds of their places in the run: step * batch_size + row, so a
+    # slice of a batch draws what the same rows of the whole batch draw.
+    rows = StepRows(BatchOrder(5, 4, seed=1), [2], 1, 3)
+    whole = StepRows(BatchOrder(5, 4, seed=1), [2], 0, 4)
+    assert rows.seeds(0) == whole.seeds(0)[1:3]
+    assert torch.equal(rows.load(Shifted(x, torch.arange(5)), 0)[0], whole.load(Shifted(x, torch.arange(5)), 0)[0][1:3])
 
 
 def test_labelled_tasks_are_seeded_and_split_without_overlap():

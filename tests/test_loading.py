@@ -166,9 +166,9 @@ def test_dataset_class_of_a_script_in_spawned_ranks():
 
 def test_resume_with_workers(tmp_path):
     # The baseline's one feed for all blocks starts at the saved step of each.
-    expected = fit(0, 1, "baseline", steps=6)
-    fit(0, 1, "baseline", steps=3, checkpoint_dir=tmp_path)
-    got = fit(2, 1, "baseline", steps=6, checkpoint_dir=tmp_path, resume=True)
+    expected = fit(0, 1, "baseline", steps=6, dataset=Noisy())
+    fit(0, 1, "baseline", steps=3, checkpoint_dir=tmp_path, dataset=Noisy())
+    got = fit(2, 1, "baseline", steps=6, checkpoint_dir=tmp_path, resume=True, dataset=Noisy())
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
@@ -287,9 +287,9 @@ def test_codistillation_workers_load_the_same_batches(world_size, mode):
 
 
 def test_codistillation_resume_with_workers(tmp_path):
-    expected = codistill(0, 1)
-    codistill(0, 1, steps=3, checkpoint_dir=tmp_path, checkpoint_every=1)
-    got = codistill(2, 1, checkpoint_dir=tmp_path, resume=True)
+    expected = codistill(0, 1, dataset=Noisy())
+    codistill(0, 1, steps=3, checkpoint_dir=tmp_path, checkpoint_every=1, dataset=Noisy())
+    got = codistill(2, 1, checkpoint_dir=tmp_path, resume=True, dataset=Noisy())
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
@@ -303,9 +303,11 @@ def test_codistillation_failures_end_the_loader_processes(tmp_path):
     assert loader_pids(log) and not [pid for pid in loader_pids(log) if alive(pid)]
 
 
-def test_loader_processes_leave_the_callers_generator_alone():
-    # A DataLoader draws its processes' base seed from the caller's generator unless given one:
-    # the script's next draw would change with num_workers, and the noise with the script's seed.
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loading_leaves_the_callers_generator_alone(num_workers):
+    # A DataLoader draws its processes' base seed from the caller's generator unless given one,
+    # and loading in the caller's process would draw the noise from it: the script's next draw
+    # would change, and the noise with the script's seed.
     def run(caller_seed, train):
         torch.manual_seed(caller_seed)
         before = torch.get_rng_state()
@@ -316,10 +318,10 @@ def test_loader_processes_leave_the_callers_generator_alone():
     def codistilled():
         cd = pipebd.Codistillation(lambda i: torch.nn.Linear(16, 5), alpha=0.5, exchange_every=2,
                                    backend="torch", device="cpu")   # built from seeds of the run's own
-        cd.fit(Noisy(), batch_size=6, steps=4, seed=3, timeout=60, num_workers=2)
+        cd.fit(Noisy(), batch_size=6, steps=4, seed=3, timeout=60, num_workers=num_workers)
         return [p.detach().clone() for m in cd.models for p in m.parameters()]
 
-    for train in (lambda: fit(2, 1, dataset=Noisy()), codistilled):
+    for train in (lambda: fit(num_workers, 1, dataset=Noisy()), codistilled):
         first, second = run(1, train), run(2, train)
         assert all(torch.equal(a, b) for a, b in zip(first, second))   # noise seeded by the run's seed
 

@@ -10,7 +10,6 @@ with its exit code. Nothing waits forever.
 from __future__ import annotations
 
 import functools
-import math
 import multiprocessing as mp
 import multiprocessing.connection
 import numbers
@@ -95,13 +94,20 @@ def torchrun_env() -> tuple[int, int] | None:
     return None
 
 
+# The longest wait every layer takes: a DataLoader polls its processes with a timeout in
+# milliseconds that must fit a C int.
+MAX_TIMEOUT = 2_147_483.0
+MIN_TIMEOUT = 1e-3   # below this, timedelta and the backends' millisecond clocks round to 0
+
+
 def check_timeout(timeout: Any) -> float:
     """``timeout`` (seconds) as a float; TypeError unless a real number, ValueError unless
-    finite and > 0."""
+    between ``MIN_TIMEOUT`` and ``MAX_TIMEOUT`` (about 24 days)."""
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
-    if not math.isfinite(timeout) or timeout <= 0:
-        raise ValueError(f"timeout must be finite and > 0 seconds, got {timeout!r}")
+    if not MIN_TIMEOUT <= timeout <= MAX_TIMEOUT:   # NaN fails too
+        raise ValueError(f"timeout must be between {MIN_TIMEOUT:g} and {MAX_TIMEOUT:.0f} seconds "
+                         f"(about 24 days), got {timeout!r}")
     return float(timeout)
 
 
