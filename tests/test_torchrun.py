@@ -19,8 +19,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun_fit(out, plan, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun_fit(out, plan, *extra, num_workers=0):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUM_WORKERS": str(num_workers)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(Path(__file__).with_name("torchrun_fit.py")), str(out), plan,
            *map(str, extra)]
@@ -37,12 +37,13 @@ def reference_weights():
     return [p.detach() for p in distiller.student_model().parameters()]
 
 
-@pytest.mark.parametrize("plan", ["[0-1]x1 | [2-4]x2", "auto"])
-def test_torchrun_matches_reference(tmp_path, plan):
+@pytest.mark.parametrize("plan, num_workers", [("[0-1]x1 | [2-4]x2", 0), ("auto", 0), ("[0]x2 | [1-4]x1", 2)])
+def test_torchrun_matches_reference(tmp_path, plan, num_workers):
     """With "auto", every rank joins the communication benchmark, rank 0 profiles, and all ranks
-    must run the same plan."""
+    must run the same plan. With ``num_workers`` both ranks of stage 0 load their halves in
+    DataLoader processes forked from a torchrun rank."""
     out = tmp_path / "result"
-    torchrun_fit(out, plan)
+    torchrun_fit(out, plan, num_workers=num_workers)
     reference = reference_weights()
     plans = set()
     for rank in range(3):

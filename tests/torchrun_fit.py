@@ -2,7 +2,8 @@
 
 Each rank builds its models from a different seed on purpose: fit must start all ranks from
 rank 0's weights, as DDP does. ``argv[2]`` is "auto" or a plan in ``Plan.parse`` form; optional
-``argv[3:6]``: a checkpoint directory, the steps, and "resume" or "new".
+``argv[3:6]``: a checkpoint directory, the steps, and "resume" or "new". ``NUM_WORKERS`` in the
+environment: loader processes per loading rank.
 """
 
 import os
@@ -24,6 +25,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 3:
         checkpoints = dict(checkpoint_dir=sys.argv[3], steps=int(sys.argv[4]), resume=sys.argv[5] == "resume")
     report = distiller.fit(data, batch_size=7, world_size=world, plan=plan, seed=3, timeout=60,
-                           **{"steps": 20, **checkpoints})
+                           num_workers=int(os.environ.get("NUM_WORKERS", "0")), **{"steps": 20, **checkpoints})
     torch.save({"weights": [p.detach() for p in distiller.student_model().parameters()],
                 "teacher_block_runs": report.teacher_block_runs, "plan": report.plan.describe()}, f"{out}.{rank}")
