@@ -85,9 +85,9 @@ def load_rows(dataset: Dataset | torch.Tensor, index: torch.Tensor,
     """Collate the items at ``index`` into ``(x, y-or-None)`` batches. With ``seeds``, item
     ``index[r]`` is read with torch's CPU generator seeded by ``seeds[r]`` (for random transforms
     in the dataset); the generator's state is put back afterwards."""
+    if isinstance(dataset, torch.Tensor):
+        return dataset[index], None
     if _tensors(dataset):
-        if isinstance(dataset, torch.Tensor):
-            return dataset[index], None
         tensors = dataset.tensors
         return tensors[0][index], (tensors[1][index] if len(tensors) > 1 else None)
     if seeds is None:

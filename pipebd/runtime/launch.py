@@ -94,7 +94,7 @@ def torchrun_env() -> tuple[int, int] | None:
     return None
 
 
-# The longest wait every layer takes: a DataLoader polls its processes with a timeout in
+# The longest timeout every layer accepts: a DataLoader polls its processes with a timeout in
 # milliseconds that must fit a C int.
 MAX_TIMEOUT = 2_147_483.0
 MIN_TIMEOUT = 1e-3   # below this, timedelta and the backends' millisecond clocks round to 0
