@@ -257,13 +257,22 @@ def save_model(directory: str, model: int, step: int, module: nn.Module, optimiz
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def commit(directory: str, key: CodistillKey, step: int) -> None:
+def commit(directory: str, key: CodistillKey, step: int, *, first: bool = False) -> None:
     """Record ``step`` as the run's checkpoint (every model's file for it is on disk) and
-    remove the step directories of older or unfinished checkpoints."""
+    remove the step directories of older checkpoints. Only the ``first`` commit of a fit,
+    before any rank trains, also removes later ones (a killed run's unfinished steps): during
+    training a model that is ahead may already be writing the next step's directory."""
     start(directory, key, step=step)
     for name in os.listdir(directory):
-        if name.startswith("step") and name != f"step{step}":
+        saved = _step_of(name)
+        if saved is not None and (saved < step or (first and saved != step)):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _step_of(name: str) -> int | None:
+    """The step of a checkpoint's directory name (``step12``), or None for other names."""
+    digits = name.removeprefix("step")
+    return int(digits) if digits != name and digits.isascii() and digits.isdigit() else None
 
 
 def read_codistill(directory: str | None, key: CodistillKey, steps: int, resume: bool) -> tuple[int, dict[int, dict]]:

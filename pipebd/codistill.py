@@ -309,7 +309,7 @@ class Codistillation:
                     optimizer = job.optimizer(model.parameters())
                     scheduler = job.scheduler(optimizer) if job.scheduler is not None else None
                     checkpoint.save_model(directory, i, 0, model, optimizer, scheduler, {}, [])
-            checkpoint.commit(directory, key, start)
+            checkpoint.commit(directory, key, start, first=True)
         job.checkpoint_dir, job.checkpoint_every, job.key = directory, every, key
 
     def _job(self, dataset: Any, batch_size: int, steps: int, world_size: int, seed: int,

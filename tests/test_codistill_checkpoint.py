@@ -96,6 +96,30 @@ def test_only_a_step_every_model_saved_counts(tmp_path, uninterrupted):
     assert sorted(os.listdir(tmp_path)) == ["run.json", f"step{STEPS}"]
 
 
+def test_a_commit_keeps_the_step_a_model_ahead_is_writing(tmp_path, uninterrupted):
+    # With a checkpoint every step, the leader of model 1 trains on and writes step t+1 while
+    # rank 0 still commits step t after the barrier: the commit must leave that directory alone.
+    # Before the fix this run failed 3 times in 3 (model 1's file renamed into a removed directory).
+    mode, want, _ = uninterrupted
+    cd = codistillation(mode)
+    fit(cd, world_size=2, checkpoint_dir=tmp_path, checkpoint_every=1)
+    assert max_diff(weights(cd), want) <= TOL
+    assert json.loads((tmp_path / "run.json").read_text())["step"] == STEPS
+    assert sorted(os.listdir(tmp_path)) == ["run.json", f"step{STEPS}"]
+    assert sorted(os.listdir(tmp_path / f"step{STEPS}")) == ["model0.pt", "model1.pt"]
+
+
+def test_commit_removes_later_steps_only_at_the_start(tmp_path):
+    key = checkpoint.CodistillKey(2, "codistill", BATCH, 3, 61, K)
+    for name in ("step4", "step6", "step9", "stepped", "other"):
+        os.makedirs(tmp_path / name)
+    checkpoint.commit(str(tmp_path), key, 6)       # during training: step 9 may be in the making
+    assert sorted(os.listdir(tmp_path)) == ["other", "run.json", "step6", "step9", "stepped"]
+    checkpoint.commit(str(tmp_path), key, 6, first=True)   # a fit starting from step 6
+    assert sorted(os.listdir(tmp_path)) == ["other", "run.json", "step6", "stepped"]
+    assert json.loads((tmp_path / "run.json").read_text())["step"] == 6
+
+
 @pytest.fixture
 def saved(tmp_path):
     fit(codistillation(), steps=12, checkpoint_dir=tmp_path)
