@@ -99,6 +99,7 @@ class Distiller:
         BatchNorm layers of a replicated stage's student blocks normalize with the statistics of
         their replica's slice (as DDP does); ``sync_batchnorm=True`` uses the statistics of the
         stage's whole batch instead (``pipebd.batchnorm``), which gives the one-process result.
+        ``torch.nn.SyncBatchNorm`` layers follow the same option (not the default group).
 
         Data: only the ranks of the first stage (every rank, for the baseline) load it, each its
         slice of the batch. With ``num_workers > 0`` each of them starts that many DataLoader

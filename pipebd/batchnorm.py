@@ -111,16 +111,29 @@ def sync_batchnorm(module: nn.Module, group: Any) -> nn.Module:
     ``GroupBatchNorm`` over ``group``, holding copies of the same parameters and buffers, so its
     state dict loads into ``module`` and back. ``module`` is returned unchanged (not copied)
     when it has no BatchNorm."""
-    if not any(isinstance(m, _BatchNorm) for m in module.modules()):
+    return _converted(module, group, _BatchNorm)
+
+
+def local_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with its ``torch.nn.SyncBatchNorm`` layers replaced as ``sync_batchnorm``
+    does but without a group: per-rank statistics, like the plain BatchNorm layers beside them.
+    Left as they are, they would synchronize over the default group, which holds ranks (other
+    stages, other models) that never call them: a hang on GPUs, an error on CPUs. ``module`` is
+    returned unchanged (not copied) when it has no SyncBatchNorm."""
+    return _converted(module, None, nn.SyncBatchNorm)
+
+
+def _converted(module: nn.Module, group: Any, kind: type) -> nn.Module:
+    if not any(isinstance(m, kind) for m in module.modules()):
         return module
-    return _convert(copy.deepcopy(module), group)
+    return _convert(copy.deepcopy(module), group, kind)
 
 
 _INPUT_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
 
 
-def _convert(module: nn.Module, group: Any) -> nn.Module:
-    if isinstance(module, _BatchNorm) and not isinstance(module, GroupBatchNorm):
+def _convert(module: nn.Module, group: Any, kind: type) -> nn.Module:
+    if isinstance(module, kind) and not isinstance(module, GroupBatchNorm):
         out = GroupBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats, group)
         out.input_dims = _INPUT_DIMS.get(type(module))
@@ -131,5 +144,5 @@ def _convert(module: nn.Module, group: Any) -> nn.Module:
         out.train(module.training)
         return out
     for name, child in module.named_children():
-        module.add_module(name, _convert(child, group))
+        module.add_module(name, _convert(child, group, kind))
     return module

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .api import _device_of
-from .batchnorm import sync_batchnorm
+from .batchnorm import local_batchnorm, sync_batchnorm
 from .data import BatchOrder, StepRows, check_workers, dataset_length, feed, probe_item
 from .losses import _BACKENDS, soft_target_loss
 from .rng import check_seed, derived_seed, stream
@@ -237,6 +237,7 @@ class Codistillation:
         BatchNorm in a model trained by several ranks uses each rank's rows by default (as DDP);
         ``sync_batchnorm=True`` normalizes with the statistics of the model's whole batch
         (``pipebd.batchnorm``), so the group trains as one process on that batch would.
+        ``torch.nn.SyncBatchNorm`` layers follow the same option (not the default group).
 
         ``num_workers`` > 0: every rank loads its batches with that many DataLoader worker
         processes per model it trains (per shard; one set for all models in online mode),
@@ -438,18 +439,22 @@ class _Rank:
         self.device = _rank_device(job.device, rank, world_size)
         self.recorder = Recorder()
         members = [list(range(i * self.g, (i + 1) * self.g)) for i in range(n)]
-        self.models = {i: job.models[i].to(self.device).train() for i in self.own}
-        self.trained = dict(self.models)    # what forward calls: the DDP wrappers in groups
-        self.groups: list[Any] = []         # the process groups this rank belongs to
+        mine = {}   # model -> its DDP group, with several ranks per model
         if self.g > 1:
-            from torch.nn.parallel import DistributedDataParallel
             for i in range(n):   # every rank takes part in every new_group call
                 group = dist.new_group(members[i], timeout=timedelta(seconds=job.timeout))
                 if i in self.own:
-                    if job.sync_batchnorm:    # a copy with the same parameters, buffers and state-dict keys
-                        self.models[i] = sync_batchnorm(self.models[i], group)
-                    self.trained[i] = DistributedDataParallel(self.models[i], process_group=group)
-                    self.groups.append(group)
+                    mine[i] = group
+        self.groups: list[Any] = list(mine.values())   # the process groups this rank belongs to
+        # Copies with the same parameters, buffers and state-dict keys, where they hold BatchNorm.
+        self.models = {i: job.models[i].to(self.device).train() for i in self.own}
+        self.models = {i: sync_batchnorm(m, mine[i]) if job.sync_batchnorm and i in mine else local_batchnorm(m)
+                       for i, m in self.models.items()}
+        self.trained = dict(self.models)    # what forward calls: the DDP wrappers in groups
+        if mine:
+            from torch.nn.parallel import DistributedDataParallel
+            self.trained.update({i: DistributedDataParallel(self.models[i], process_group=group)
+                                 for i, group in mine.items()})
         self.optimizers = {i: job.optimizer(self.models[i].parameters()) for i in self.own}
         self.schedulers = {i: job.scheduler(o) for i, o in self.optimizers.items()} if job.scheduler else {}
         for i in self.own:

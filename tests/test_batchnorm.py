@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import pipebd
-from pipebd.batchnorm import GroupBatchNorm, sync_batchnorm
+from pipebd.batchnorm import GroupBatchNorm, local_batchnorm, sync_batchnorm
 from pipebd.models import cnn_pair
 from pipebd.runtime.launch import spawn_tasks
 from pipebd.runtime.redistribute import slices
@@ -145,11 +145,30 @@ def test_conversion_copies_and_keeps_the_state_dict_keys():
         flat(torch.randn(3, 4, 2, 2))
 
 
+def test_local_batchnorm_replaces_only_torch_sync_batchnorm():
+    block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4)))
+    local = local_batchnorm(block)
+    assert local is not block and isinstance(block[1], nn.SyncBatchNorm)   # the original is untouched
+    assert [type(m) for m in local.modules()].count(GroupBatchNorm) == 1
+    assert isinstance(local[2][1], nn.BatchNorm2d) and local[1].group is None
+    assert list(local.state_dict()) == list(block.state_dict())
+    plain = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    assert local_batchnorm(plain) is plain
+    # Per-rank statistics: a plain BatchNorm's output and running statistics.
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4)))
+    reference.load_state_dict(block.state_dict())
+    x = torch.randn(5, 3, 6, 6)
+    torch.testing.assert_close(local(x), reference(x), atol=0, rtol=0)
+    torch.testing.assert_close(local.state_dict(), reference.state_dict(), atol=0, rtol=0)
+
+
 BATCH, STEPS = 7, 4
 
 
-def fit_bn(world_size, strategy="pipebd", plan=None, sync=True):
+def fit_bn(world_size, strategy="pipebd", plan=None, sync=True, torch_sync=False):
     teacher, student = cnn_pair(width=8, depth=1, student_depth=1, seed=0)
+    if torch_sync:   # as a user would prepare the student for DDP
+        student = [nn.SyncBatchNorm.convert_sync_batchnorm(b) for b in student]
     distiller = pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
                                  device="cpu")
     g = torch.Generator().manual_seed(2)
@@ -178,10 +197,26 @@ def test_sync_batchnorm_fit_matches_one_process(bn_reference, world_size, strate
     assert max_diff(fit_bn(world_size, strategy, plan), bn_reference) <= TOL
 
 
-def test_per_replica_batchnorm_differs_from_one_process(bn_reference):
+HYBRID = pipebd.Plan([[0], [1, 2, 3]], [1, 2])
+
+
+@pytest.fixture(scope="module")
+def per_replica():
+    return fit_bn(3, plan=HYBRID, sync=False)
+
+
+def test_per_replica_batchnorm_differs_from_one_process(bn_reference, per_replica):
     # Guards the test above: the default (per-replica statistics) is not the one-process result.
-    got = fit_bn(3, plan=pipebd.Plan([[0], [1, 2, 3]], [1, 2]), sync=False)
-    assert max_diff(got, bn_reference) > 1e-3
+    assert max_diff(per_replica, bn_reference) > 1e-3
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_torch_sync_batchnorm_layers_follow_the_option(bn_reference, per_replica, sync):
+    # Left alone, torch's SyncBatchNorm would gather over the default group, which holds the
+    # other stage's rank (CPU: "expected input tensor to be on GPU"; GPU: a hang). Its layers
+    # train as plain BatchNorm layers do: over the stage's replicas with sync_batchnorm, else per replica.
+    got = fit_bn(3, plan=HYBRID, sync=sync, torch_sync=True)
+    assert max_diff(got, bn_reference if sync else per_replica) <= TOL
 
 
 def test_sync_batchnorm_must_be_a_bool():
@@ -195,12 +230,13 @@ def test_sync_batchnorm_must_be_a_bool():
 CD_STEPS = 12
 
 
-def fit_codistill(world_size, mode="codistill", sync=True):
+def fit_codistill(world_size, mode="codistill", sync=True, torch_sync=False):
     from test_codistill import BATCH as CD_BATCH, CLASSES, FEATURES, K, dataset
     gen = torch.Generator().manual_seed(5)
     models = []
     for _ in range(2):
-        m = nn.Sequential(nn.Linear(FEATURES, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, CLASSES))
+        norm = nn.SyncBatchNorm(12) if torch_sync else nn.BatchNorm1d(12)
+        m = nn.Sequential(nn.Linear(FEATURES, 12), norm, nn.Tanh(), nn.Linear(12, CLASSES))
         with torch.no_grad():
             for p in m.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
@@ -227,3 +263,12 @@ def test_codistillation_groups_with_sync_batchnorm_match_one_process(mode):
 def test_codistillation_sync_batchnorm_must_be_a_bool():
     with pytest.raises(TypeError, match="sync_batchnorm must be True or False"):
         fit_codistill(1, sync=1)
+
+
+@pytest.mark.parametrize("world_size, sync", [(2, False), (4, True)])
+def test_codistillation_torch_sync_batchnorm_stays_within_its_model(world_size, sync):
+    # On 2 ranks (one per model) torch's layer would mix the two models' statistics over the
+    # default group; with 2 ranks per model and sync_batchnorm it must cover the model's batch.
+    want = fit_codistill(world_size, sync=sync)
+    got = fit_codistill(world_size, sync=sync, torch_sync=True)
+    assert max(max_diff(g, w) for g, w in zip(got, want)) <= TOL
