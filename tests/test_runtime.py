@@ -92,6 +92,37 @@ def test_a_stage_runs_at_most_max_inflight_plus_one_batches_ahead(max_inflight):
     assert any(teacher_start[t] < received[t - ahead] for t in range(ahead, steps))
 
 
+class Send:
+    """A send's work handle as NCCL gives it: ``wait`` returns at once (it orders CUDA streams);
+    the transfer completes ``polls`` queries later (never with None)."""
+
+    def __init__(self, polls):
+        self.polls, self.waited = polls, False
+
+    def wait(self):
+        self.waited = True
+
+    def is_completed(self):
+        if self.polls is None:
+            return False
+        self.polls -= 1
+        return self.polls < 0
+
+
+def test_cuda_sends_are_drained_on_the_host():
+    # The in-flight bound above rests on waiting for old sends; on CUDA the host must poll
+    # until they complete, or it runs ahead holding ever more activations.
+    from pipebd.runtime.relay import _drain
+    sends = [Send(3), Send(0)]
+    _drain(sends, torch.device("cuda"), timeout=5)
+    assert all(s.waited for s in sends) and sends[0].polls < 0
+    with pytest.raises(TimeoutError, match="did not complete within 0.05 s"):
+        _drain([Send(None)], torch.device("cuda"), timeout=0.05)
+    idle = Send(None)
+    _drain([idle], torch.device("cpu"), timeout=0.05)   # gloo's wait has already blocked
+    assert idle.waited
+
+
 def test_report_and_trace(tmp_path):
     teacher, student = mlp_pair(num_blocks=4)
     plan = pipebd.Plan([[0], [1, 2, 3]], [1, 2])

@@ -8,13 +8,15 @@ ready; there is no barrier between stages. Before sending batch t a stage waits 
 batch ``t - max_inflight`` has completed. With gloo a send completes once the receiver has
 posted the matching receive, and a stage posts its receive one batch ahead, so a stage runs at
 most ``max_inflight + 1`` batches ahead of the next and the activations in flight stay bounded on
-long runs (tested). With NCCL ``wait`` orders CUDA streams rather than blocking the host; that
-path has not been run on a GPU yet.
+long runs (tested). With NCCL ``wait`` only makes the CUDA stream wait, so there the host also
+polls the sends until they have completed (``_drain``); that path has not been run on a GPU yet.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor
@@ -27,6 +29,20 @@ def _post(op, tensors: tuple[Tensor, ...], links: list[tuple[int, slice]]) -> li
     """Start ``op`` (``dist.isend`` or ``dist.irecv``) on the rows each peer rank exchanges with
     this one; the position of a tensor in ``tensors`` is its tag (activation 0, labels 1)."""
     return [op(t[rows], peer, tag=tag) for peer, rows in links for tag, t in enumerate(tensors)]
+
+
+def _drain(handles: list, device: Any, timeout: float) -> None:
+    """Wait for the sends ``handles`` to complete, on the host as well: with NCCL ``wait`` only
+    orders the CUDA streams, and a host that ran on would hold ever more activations in flight."""
+    for h in handles:
+        h.wait()
+    if device.type != "cuda":
+        return     # gloo's wait blocks until the receiver has the data
+    deadline = time.monotonic() + timeout
+    while not all(h.is_completed() for h in handles):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"a send of activations did not complete within {timeout:g} s")
+        time.sleep(50e-6)
 
 
 def run_relay(rt: RankRuntime) -> None:
@@ -69,8 +85,7 @@ def run_relay(rt: RankRuntime) -> None:
         if outbound:
             if len(sends) >= job.max_inflight:
                 with rt.recorder.span("send-wait", t):
-                    for h in sends.popleft()[0]:
-                        h.wait()
+                    _drain(sends.popleft()[0], rt.device, job.timeout)
             out = (acts[-1].contiguous(),) + ((y,) if y is not None else ())
             sends.append((_post(dist.isend, out, outbound), out))  # out outlives its sends
         due = [j for j, i in enumerate(blocks) if t >= job.start_of(i)]
@@ -79,6 +94,5 @@ def run_relay(rt: RankRuntime) -> None:
         bar.update()
     with rt.recorder.span("send-wait", job.steps - 1):
         while sends:
-            for h in sends.popleft()[0]:
-                h.wait()
+            _drain(sends.popleft()[0], rt.device, job.timeout)
     bar.close()
