@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
+from .checks import check_device, check_int
 from .data import check_workers, dataset_length, probe_item
 from .losses import SoftTargetLoss, resolve_block_loss
 from .plan import Plan, default_plan
@@ -55,6 +56,9 @@ class Distiller:
                     raise TypeError(f"{name} block {i} is a {type(b).__name__}, not an nn.Module")
         for i, block in enumerate(self.student):
             kinds = {(p.dtype, p.device) for p in block.parameters() if p.requires_grad}
+            if not kinds:
+                raise ValueError(f"student block {i} ({type(block).__name__}) has no trainable parameters; "
+                                 f"every student block is trained")
             if len(kinds) > 1:
                 raise ValueError(f"student block {i} has trainable parameters of several dtypes or devices "
                                  f"({sorted(map(str, kinds))}); each block's gradients share one buffer")
@@ -70,7 +74,7 @@ class Distiller:
             raise ValueError("final_loss must average over rows (reduction='batchmean') so that "
                              "replicated stages reproduce the full-batch gradient")
         self.final_loss = final_loss
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = check_device(device)
 
     @property
     def num_blocks(self) -> int:
@@ -125,6 +129,7 @@ class Distiller:
             raise ValueError(f"fit(world_size={world_size}) but torchrun started WORLD_SIZE={env[1]} processes")
         job = self._job(dataset, batch_size, steps, world_size, strategy, plan, seed, max_inflight,
                         threads, progress, timeout)
+        batch_size, steps, world_size = job.batch_size, job.steps, int(world_size)   # checked: plain ints
         if not isinstance(sync_batchnorm, bool):
             raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
         job.sync_batchnorm = sync_batchnorm
@@ -148,7 +153,7 @@ class Distiller:
                               [job.start_of(i) for i in range(self.num_blocks)])
         if prediction is not None:
             report.prediction = prediction
-            report.simulation = simulate(profile, job.plan, steps - job.first_step, max_inflight)
+            report.simulation = simulate(profile, job.plan, steps - job.first_step, job.max_inflight)
         return report
 
     def _checkpoints(self, job: Job, directory: str | os.PathLike | None, every: int | None, resume: bool) -> None:
@@ -235,12 +240,9 @@ class Distiller:
         timeout = check_timeout(timeout)
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 1),
-                                 ("world_size", world_size, 1), ("max_inflight", max_inflight, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        batch_size, steps, world_size, max_inflight = (check_int(name, value, 1) for name, value in (
+            ("batch_size", batch_size), ("steps", steps), ("world_size", world_size), ("max_inflight", max_inflight)))
+        threads = None if threads is None else check_int("threads", threads, 1)
         length = dataset_length(dataset)
         if length == 0:
             raise ValueError("dataset is empty")

@@ -53,6 +53,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .checks import check_int
+
 log = logging.getLogger("pipebd")
 
 FORMAT = 2   # 2: the weights are saved under "weights" (1: "student")
@@ -87,8 +89,8 @@ class CodistillKey:
 
 def options(directory: str | os.PathLike | None, every: int | None, resume: bool) -> str | None:
     """Check a fit's checkpoint arguments; returns ``directory`` as an absolute path (or None)."""
-    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
-        raise ValueError(f"checkpoint_every must be an integer >= 1, got {every!r}")
+    if every is not None:
+        check_int("checkpoint_every", every, 1)
     if every is not None and directory is None:
         raise ValueError("checkpoint_every needs checkpoint_dir: where to write the checkpoints")
     if not isinstance(resume, bool):

@@ -12,11 +12,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from . import datasets
+from . import checkpoint, datasets
 from .api import Distiller
 from .report import Report
 from .codistill import Codistillation, CodistillReport
 from .config import CodistillConfig, RunConfig, dump_config, load_config
+from .data import check_workers
 from .runtime.launch import check_timeout
 
 
@@ -30,6 +31,9 @@ def build(config: RunConfig) -> tuple[Distiller, TensorDataset]:
         raise ValueError(f"data.kind must be 'synthetic', got {config.data.kind!r}")
     if config.data.samples < 1:
         raise ValueError(f"data.samples must be >= 1, got {config.data.samples}")
+    if config.final_loss is not None and config.final_loss.alpha > 0:
+        raise ValueError(f"final_loss.alpha={config.final_loss.alpha:g} mixes in a cross-entropy on labels, but "
+                         f"synthetic data has none; use alpha 0 here (the Python API takes (x, y) items)")
     check_timeout(config.timeout)
     pair = PAIRS[config.model.pair]
     teacher, student = pair.build(**config.model.args, seed=config.seed)
@@ -39,6 +43,16 @@ def build(config: RunConfig) -> tuple[Distiller, TensorDataset]:
     distiller = Distiller(teacher, student, optimizer=config.optimizer.build(), block_loss=config.block_loss,
                           final_loss=config.build_final_loss(), device=config.device)
     return distiller, dataset
+
+
+def check(config: RunConfig) -> None:
+    """Refuse what ``pipebd run`` would refuse, without running: the config's values, then
+    fit's own checks of them (plan against world size, batch against replicas, shapes)."""
+    distiller, dataset = build(config)
+    distiller._job(dataset, config.batch_size, config.steps, config.world_size, config.strategy, config.fit_plan(),
+                   config.seed, config.max_inflight, None, False, config.timeout)
+    check_workers(config.num_workers)
+    checkpoint.options(config.checkpoint_dir, config.checkpoint_every, config.resume)
 
 
 def run(config: RunConfig) -> None:
@@ -113,6 +127,15 @@ def _schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, cosine_steps:
     return warmup(optimizer, warmup_steps, then=cosine) if warmup_steps else cosine
 
 
+def check_codistill(config: CodistillConfig) -> None:
+    """``check`` for a codistill config: its values, then ``Codistillation.fit``'s checks of them."""
+    cd, train, test = build_codistill(config)
+    cd._job(train, config.batch_size, config.steps, config.world_size, config.seed, test, config.eval_every,
+            False, None, False, config.timeout)
+    check_workers(config.num_workers)
+    checkpoint.options(config.checkpoint_dir, config.checkpoint_every, config.resume)
+
+
 def codistill(config: CodistillConfig) -> None:
     cd, train, test = build_codistill(config)
     report = cd.fit(train, batch_size=config.batch_size, steps=config.steps, world_size=config.world_size,
@@ -164,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
                              CodistillConfig if args.command == "codistill" else RunConfig)
         if args.command == "codistill":
             if args.check:
-                build_codistill(config)
+                check_codistill(config)
                 print(dump_config(config), end="")
             else:
                 codistill(config)
         elif args.command == "check":
-            build(config)
+            check(config)
             print(dump_config(config), end="")
         elif args.command == "profile":
             profile(config)

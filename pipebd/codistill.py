@@ -34,8 +34,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 from . import checkpoint
+from .checks import check_device, check_int
 from .api import _device_of
 from .batchnorm import local_batchnorm, sync_batchnorm
 from .data import BatchOrder, StepRows, check_workers, dataset_length, feed, probe_item
@@ -181,17 +183,14 @@ class Codistillation:
             if n is not None and n != len(self._models):
                 raise ValueError(f"n={n} but {len(self._models)} models were given")
             n = len(self._models)
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        n = check_int("n", n, 1)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        for name, value, low in (("burn_in", burn_in, 0), ("exchange_every", exchange_every, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        burn_in, exchange_every = check_int("burn_in", burn_in, 0), check_int("exchange_every", exchange_every, 1)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         for name, fn in (("optimizer", optimizer), ("scheduler", scheduler)):
@@ -201,7 +200,7 @@ class Codistillation:
         self.burn_in, self.exchange_every, self.ignore_index, self.backend = burn_in, exchange_every, ignore_index, backend
         self.optimizer = optimizer or functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
         self.scheduler = scheduler
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = check_device(device)
 
     @property
     def models(self) -> list[nn.Module]:
@@ -254,6 +253,7 @@ class Codistillation:
             raise ValueError(f"fit(world_size={world_size}) but torchrun started WORLD_SIZE={env[1]} processes")
         job = self._job(dataset, batch_size, steps, world_size, seed, eval_data, eval_every, keep_checkpoints,
                         threads, progress, timeout)
+        world_size = int(world_size)   # checked: an integer
         if not isinstance(sync_batchnorm, bool):
             raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
         job.sync_batchnorm = sync_batchnorm
@@ -318,9 +318,8 @@ class Codistillation:
              progress: bool | None, timeout: float) -> _Job:
         seed = check_seed(seed)
         timeout = check_timeout(timeout)
-        for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 1), ("world_size", world_size, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        batch_size, steps, world_size = (check_int(name, value, 1) for name, value in (
+            ("batch_size", batch_size), ("steps", steps), ("world_size", world_size)))
         if world_size > 1 and world_size % self.n:
             raise ValueError(f"world_size {world_size} must be 1 or a multiple of n={self.n} "
                              f"(each model gets world_size // n ranks)")
@@ -328,12 +327,10 @@ class Codistillation:
         if batch_size < group_size:
             raise ValueError(f"batch_size {batch_size} is smaller than the {group_size} ranks per model; "
                              f"every rank needs at least one row")
-        if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
-            raise ValueError(f"eval_every must be an integer >= 1, got {eval_every!r}")
+        eval_every = None if eval_every is None else check_int("eval_every", eval_every, 1)
         if eval_every is not None and eval_data is None:
             raise ValueError("eval_every needs eval_data")
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        threads = None if threads is None else check_int("threads", threads, 1)
         if self.device.startswith("cuda") and torchrun_env() is None and world_size > torch.cuda.device_count():
             raise ValueError(f"world_size {world_size} needs one GPU per rank but "
                              f"{torch.cuda.device_count()} are visible")
@@ -347,9 +344,15 @@ class Codistillation:
             if not (isinstance(eval_data, (tuple, list)) and len(eval_data) == 2):
                 raise TypeError("eval_data must be an (inputs, labels) pair of tensors")
             evaluation = (torch.as_tensor(eval_data[0]), torch.as_tensor(eval_data[1]))
-        self._probe(models, probe_item(dataset), "dataset")
+            if evaluation[0].dim() == 0 or len(evaluation[0]) != len(evaluation[1]):
+                raise ValueError(f"eval_data has {len(evaluation[0]) if evaluation[0].dim() else 0} inputs but "
+                                 f"{len(evaluation[1]) if evaluation[1].dim() else 0} labels")
+        x, y = probe_item(dataset)
+        if type(dataset) is TensorDataset and len(dataset.tensors) > 1:
+            y = dataset.tensors[1]   # every label is at hand: check them all
+        self._probe(models, (x, y), "dataset")
         if evaluation is not None:
-            self._probe(models, (evaluation[0][:1], evaluation[1][:1]), "eval_data")
+            self._probe(models, (evaluation[0][:1], evaluation[1]), "eval_data")
         if threads is None and world_size > 1 and torchrun_env() is None:
             threads = max(1, (os.cpu_count() or 1) // world_size)
         return _Job(models=models, mode=self.mode, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -374,7 +377,8 @@ class Codistillation:
         return self._models
 
     def _probe(self, models: list[nn.Module], item: tuple[Any, Any], source: str) -> None:
-        """One sample through every model: logits of one shape for all, integer labels that fit."""
+        """One sample through every model: logits of one shape and dtype for all, integer labels
+        that fit them (``item``'s labels may be those of many samples)."""
         x, y = item
         if not isinstance(x, Tensor):
             raise TypeError(f"{source} items must be (tensor, label) pairs, got {type(x).__name__}")
@@ -383,7 +387,7 @@ class Codistillation:
         y = torch.as_tensor(y)
         if y.is_floating_point() or y.is_complex():
             raise TypeError(f"labels must be class indices (an integer tensor), got {y.dtype}")
-        shapes = set()
+        shapes, dtypes = set(), set()
         for i, m in enumerate(models):
             mode = m.training
             try:
@@ -398,12 +402,20 @@ class Codistillation:
                 raise ValueError(f"model {i} must return logits [batch, ..., classes], got "
                                  f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
             shapes.add(tuple(out.shape[1:]))
-            if out.shape[:-1] != y.shape:
+            dtypes.add(str(out.dtype).removeprefix("torch."))
+            if out.shape[1:-1] != y.shape[1:]:
                 raise ValueError(f"model {i} returns logits of shape {tuple(out.shape[1:])} per sample, so labels "
                                  f"need shape {tuple(out.shape[1:-1])}, but {source} labels have "
                                  f"{tuple(y.shape[1:])}")
+            classes = out.shape[-1]
+            bad = (y != self.ignore_index) & ((y < 0) | (y >= classes))
+            if bad.any():
+                raise ValueError(f"{source} labels must be in [0, {classes}) (the models' classes) or "
+                                 f"ignore_index={self.ignore_index}, got {y[bad][:4].tolist()}")
         if len(shapes) > 1:
             raise ValueError(f"the models' logits differ in shape per sample: {sorted(shapes)}")
+        if len(dtypes) > 1:   # the ranks exchange logits and checkpoints in buffers of one dtype
+            raise ValueError(f"the models' logits differ in dtype: {sorted(dtypes)}")
 
 
 def _check_snapshot(directory: str, packed: dict | None, model: nn.Module, j: int, step: int) -> None:

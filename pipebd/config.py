@@ -45,6 +45,9 @@ class OptimizerConfig:
 
     def build(self) -> Any:
         """A picklable callable ``params -> optimizer``."""
+        for key in ("lr", "momentum", "weight_decay"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"optimizer.{key} must be >= 0, got {getattr(self, key)}")
         if self.name == "sgd":
             return functools.partial(torch.optim.SGD, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -169,8 +172,9 @@ def load_config(path: str | None = None, overrides: list[str] = (), kind: type =
         node = raw
         *parents, leaf = key.split(".")
         for p in parents:
-            child = node.get(p)
-            node = node.setdefault(p, {}) if child is None else child
+            if node.get(p) is None:     # absent, or null in the file (plan: null): a new section
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p!r} is not a section")
         try:

@@ -28,6 +28,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ChainedScheduler, LinearLR, LRScheduler
 
+from .checks import check_int
+
 # Layers whose affine parameters are scales and shifts of a normalized activation.
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm)
 
@@ -37,10 +39,7 @@ def linear_scaling(base_lr: float, batch_size: int, base_batch_size: int = 256) 
     ``base_lr * batch_size / base_batch_size``."""
     if base_lr <= 0:
         raise ValueError(f"base_lr must be > 0, got {base_lr}")
-    for name, value in (("batch_size", batch_size), ("base_batch_size", base_batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return base_lr * batch_size / base_batch_size
+    return base_lr * check_int("batch_size", batch_size, 1) / check_int("base_batch_size", base_batch_size, 1)
 
 
 def warmup(optimizer: Optimizer, steps: int, start_factor: float = 0.1,
@@ -49,8 +48,7 @@ def warmup(optimizer: Optimizer, steps: int, start_factor: float = 0.1,
     ``start_factor * lr`` (at step 0) to ``lr`` (at step ``steps``) and stays there. With
     ``then`` (a scheduler on the same optimizer), returns both chained: the rate at step t is
     ``lr * warmup_factor(t) * then_factor(t)``. Call ``step()`` once per optimizer step."""
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"warmup steps must be an integer >= 0, got {steps!r}")
+    steps = check_int("warmup steps", steps, 0)
     if not 0 < start_factor <= 1:
         raise ValueError(f"start_factor must be in (0, 1], got {start_factor}")
     if then is not None and then.optimizer is not optimizer:

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
+
+from .checks import integer
 
 _STAGE = re.compile(r"\[?\s*(\d+)\s*(?:-\s*(\d+))?\s*\]?\s*(?:x\s*(\d+))?")
+
+
+def _integer(value: Any, what: str) -> int:
+    number = integer(value)
+    if number is None:
+        raise ValueError(f"a plan's {what} must be an integer, got {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -28,8 +37,8 @@ class Plan:
     replicas: tuple[int, ...] = field(default=())
 
     def __init__(self, stages: Sequence[Sequence[int]], replicas: Sequence[int] | None = None):
-        stages_t = tuple(tuple(int(b) for b in stage) for stage in stages)
-        replicas_t = tuple(int(k) for k in replicas) if replicas is not None else (1,) * len(stages_t)
+        stages_t = tuple(tuple(_integer(b, "block") for b in stage) for stage in stages)
+        replicas_t = tuple(_integer(k, "replica count") for k in replicas) if replicas is not None else (1,) * len(stages_t)
         object.__setattr__(self, "stages", stages_t)
         object.__setattr__(self, "replicas", replicas_t)
 

@@ -1,3 +1,5 @@
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,44 @@ def test_defaults_file_and_overrides(tmp_path):
     # Not valid YAML: taken as the plain string, so the plan syntax needs no extra quotes.
     assert load_config(None, ["plan=[0]x1 | [1-3]x2"]).fit_plan() == Plan([[0], [1, 2, 3]], [1, 2])
     assert load_config(None, ["sync_batchnorm=true"]).sync_batchnorm is True
+    # A section that is null in the file (plan: null, final_loss absent) takes dotted keys.
+    shipped = str(Path(__file__).parents[1] / "configs" / "default.yaml")
+    config = load_config(shipped, ["plan.stages=[[0],[1],[2,3]]", "plan.replicas=[1,2,1]"])
+    assert config.fit_plan() == Plan([[0], [1], [2, 3]], [1, 2, 1])
+    assert load_config(None, ["final_loss.temperature=2"]).final_loss.temperature == 2.0
+
+
+def test_the_readme_cli_lines_pass_check(capsys):
+    # Every `pipebd run|profile|check` line of the README's CLI section, checked as `run` would.
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("## CLI", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    lines = [shlex.split(re.sub(r"\s#.*$", "", line)) for line in block.splitlines() if line.startswith("pipebd ")]
+    checked = 0
+    for words in lines:
+        if words[1] not in ("run", "profile", "check"):
+            continue
+        args = [w for w in words[2:] if w != "--resume"] + (["--set", "resume=true"] if "--resume" in words else [])
+        args = [str(Path(__file__).parents[1] / a) if a.endswith(".yaml") else a for a in args]
+        assert main(["check", *args]) == 0, (words, capsys.readouterr().err)
+        checked += 1
+    assert checked >= 9
+
+
+def test_check_refuses_what_run_would_refuse(capsys):
+    for override, message in (("steps=0", "steps must be an integer >= 1"),
+                              ("batch_size=0", "batch_size must be an integer >= 1"),
+                              ("world_size=0", "world_size must be an integer >= 1"),
+                              ("max_inflight=0", "max_inflight must be an integer >= 1"),
+                              ("num_workers=-1", "num_workers must be >= 0"),
+                              ("optimizer.lr=-1", "optimizer.lr must be >= 0"),
+                              ("device=tpu", "device 'tpu' is not a torch device"),
+                              ("plan=[0-1]x1 | garbage", "cannot read stage 'garbage'"),
+                              ("plan=[0]x1 | [1-3]x2", r"needs 3 ranks"),
+                              ("checkpoint_every=5", "checkpoint_every needs checkpoint_dir"),
+                              ("final_loss.alpha=0.5", "synthetic data has none")):
+        assert main(["check", "--set", override]) == 2, override
+        err = capsys.readouterr().err
+        assert re.search(message, err), (override, err)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -67,9 +107,9 @@ def test_cli_profile_prints_costs_plan_and_predictions(capsys):
 
 
 def test_cli_reports_errors_without_a_traceback(capsys):
-    assert main(["check", "--set", "strategy=dna"]) == 0  # strategy is checked by fit, not check
-    assert main(["run", "--set", "model={pair: mlp}", "--set", "strategy=dna"]) == 2
-    assert "pipebd: error: strategy must be one of" in capsys.readouterr().err
+    for command in ("check", "run"):   # check refuses what fit would
+        assert main([command, "--set", "model={pair: mlp}", "--set", "strategy=dna"]) == 2
+        assert "pipebd: error: strategy must be one of" in capsys.readouterr().err
     assert main(["check", "--set", "model.pair=vit"]) == 2
     assert main(["check", "--set", "timeout=0"]) == 2
     assert "pipebd: error: timeout must be between 0.001 and 2147483 seconds (about 24 days), got 0.0" in capsys.readouterr().err
@@ -161,7 +201,7 @@ def test_cli_codistill_is_the_api_call_it_describes(tmp_path, capsys):
 
 def test_cli_codistill_checks_and_refuses_bad_configs(capsys):
     shipped = str(Path(__file__).parents[1] / "configs" / "codistill.yaml")
-    assert main(["codistill", shipped, "--check", "--set", "mode=online", "--set", "n=3"]) == 0
+    assert main(["codistill", shipped, "--check", "--set", "mode=online", "--set", "n=3", "--set", "world_size=3"]) == 0
     out = capsys.readouterr().out
     assert "mode: online" in out and "n: 3" in out and "exchange_every: 25" in out and "burn_in: 50" in out
     assert main(["codistill", "--check"]) == 0 and "exchange_every: 50" in capsys.readouterr().out   # built-in
@@ -172,4 +212,9 @@ def test_cli_codistill_checks_and_refuses_bad_configs(capsys):
                               ("world_size=3", "world_size 3 must be 1 or a multiple of n=2"),
                               ("timeout=-1", "timeout must be between 0.001 and 2147483 seconds")):
         assert main(["codistill", "--set", override, "--set", "steps=1"]) == 2, override
+        assert message in capsys.readouterr().err, override
+    for override, message in (("steps=0", "steps must be an integer >= 1"),
+                              ("eval_every=0", "eval_every must be an integer >= 1"),
+                              ("num_workers=-1", "num_workers must be >= 0")):
+        assert main(["codistill", "--check", "--set", override]) == 2, override
         assert message in capsys.readouterr().err, override

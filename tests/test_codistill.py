@@ -287,6 +287,13 @@ def test_an_exchange_that_fails_surfaces_as_a_clear_error(how):
      r"model 0 failed on a dataset input of shape \(3,\)"),
     ({}, dict(data=TensorDataset(torch.randn(10, FEATURES), torch.zeros(10, 2, dtype=torch.long))),
      r"labels need shape \(\), but dataset labels have \(2,\)"),
+    ({}, dict(data=TensorDataset(torch.randn(10, FEATURES), torch.tensor([0] * 9 + [CLASSES]))),
+     rf"dataset labels must be in \[0, {CLASSES}\) \(the models' classes\) or ignore_index=-100, got \[{CLASSES}\]"),
+    ({}, dict(eval_data=(torch.randn(10, FEATURES), torch.zeros(9, dtype=torch.long))),
+     "eval_data has 10 inputs but 9 labels"),
+    ({}, dict(eval_data=(torch.randn(3, FEATURES), torch.tensor([0, -1, 2]))),
+     r"eval_data labels must be in \[0, 5\) .* got \[-1\]"),
+    ({}, dict(threads=1.5), "threads must be an integer >= 1, got 1.5"),
 ])
 def test_bad_input_is_refused_before_training(monkeypatch, kwargs, fit, message):
     monkeypatch.setattr(pipebd.codistill, "spawn_tasks", lambda *a, **k: pytest.fail("workers were started"))
@@ -300,6 +307,14 @@ def test_models_whose_logits_differ_are_refused():
     models = [nn.Linear(FEATURES, CLASSES), nn.Linear(FEATURES, CLASSES + 1)]
     with pytest.raises(ValueError, match=r"logits differ in shape per sample: \[\(5,\), \(6,\)\]"):
         pipebd.Codistillation(models).fit(dataset(), batch_size=4, steps=1)
+    models = [nn.Linear(FEATURES, CLASSES), nn.Sequential(nn.Linear(FEATURES, CLASSES), Double())]
+    with pytest.raises(ValueError, match=r"logits differ in dtype: \['float32', 'float64'\]"):
+        pipebd.Codistillation(models).fit(dataset(), batch_size=4, steps=1)
+
+
+class Double(nn.Module):
+    def forward(self, x):
+        return x.double()
 
 
 def test_benchmark_script_runs(tmp_path):

@@ -1,0 +1,38 @@
+"""Argument checks that every entry point shares, so that one kind of bad value gets one message."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+
+
+def integer(value: Any) -> int | None:
+    """``value`` as a Python int when it is an integer (numpy integers and one-element integer
+    tensors too), else None: for bools and floats as well, which are never truncated."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    """``value`` as an int (see ``integer``) of at least ``low``, else ValueError."""
+    number = integer(value)
+    if number is None or number < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return number
+
+
+def check_device(device: str | None) -> str:
+    """``device`` (None: CUDA when available, else the CPU) as a string torch accepts, else ValueError."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device: {err}") from None
+    return str(device)
