@@ -29,12 +29,15 @@ import torch.distributed as dist
 from ..plan import Plan
 from .baseline import run_baseline
 from .relay import run_relay
-from .worker import Job, RankResult, RankRuntime
+from .worker import Job, NonFiniteLoss, RankResult, RankRuntime
 
 LOOPS = {"pipebd": run_relay, "baseline": run_baseline}
 
 # After the first failure, how long to collect the errors of ranks that fail in its wake.
 _GRACE_S = 1.0
+# A rank that dies without a word is noticed about when its peers report losing it: it is taken
+# to have died this much earlier than it was noticed, so that it comes first as the cause.
+_SILENT_DEATH_S = 1.0
 
 
 class WorkerError(RuntimeError):
@@ -43,6 +46,11 @@ class WorkerError(RuntimeError):
     def __init__(self, rank: int, message: str):
         super().__init__(message)
         self.rank = rank
+
+
+class NonFiniteWorkerError(WorkerError, NonFiniteLoss):
+    """A rank's ``NonFiniteLoss``: ``except pipebd.NonFiniteLoss`` catches it as it catches the
+    error of a one-process fit, and ``except pipebd.WorkerError`` as any rank's failure."""
 
 
 def stage_group(plan: Plan, rank: int, timeout_s: float) -> Any:
@@ -158,6 +166,7 @@ def _worker(rank: int, world_size: int, port: int, payload: bytes, backend: str,
             report: mp.connection.Connection) -> None:
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)   # a process group of its own, with its loader processes: _stop ends them all
+    report.send(("started",))
     try:
         task = cloudpickle.loads(payload)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
@@ -165,8 +174,8 @@ def _worker(rank: int, world_size: int, port: int, payload: bytes, backend: str,
         value = task(rank, world_size)
         report.send(("ok", cloudpickle.dumps(value) if rank == 0 else None))
         dist.destroy_process_group()
-    except BaseException:
-        report.send(("error", time.time(), traceback.format_exc()))
+    except BaseException as err:
+        report.send(("error", time.time(), traceback.format_exc(), isinstance(err, NonFiniteLoss)))
         sys.exit(1)
 
 
@@ -230,7 +239,7 @@ def _collect(procs: list, conns: dict) -> tuple[Any, list]:
     """Read every rank's report. After the first error, wait only a moment for the errors of
     ranks that fail in its wake, then give up on the rest. A rank that has exited without a
     report is dead even while its loader processes, which inherited its end of the pipe, live."""
-    gathered, errors, first_error_at = None, [], None
+    gathered, errors, first_error_at, started = None, [], None, set()
     while conns:
         timeout = None if first_error_at is None else max(0.0, first_error_at + _GRACE_S - time.monotonic())
         sentinels = {procs[rank].sentinel: conn for conn, rank in conns.items()}
@@ -239,7 +248,7 @@ def _collect(procs: list, conns: dict) -> tuple[Any, list]:
             break
         ready = {sentinels.get(r, r) for r in ready}
         for conn in ready:
-            rank = conns.pop(conn)
+            rank = conns[conn]
             try:
                 if not conn.poll():
                     raise EOFError   # exited without a word
@@ -249,11 +258,19 @@ def _collect(procs: list, conns: dict) -> tuple[Any, list]:
                 code = procs[rank].exitcode
                 how = (f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
                        else f"exited with code {code}")
-                msg = ("error", time.time(), f"rank {rank} {how} without reporting an error\n")
+                text = f"rank {rank} {how} without reporting an error\n"
+                if rank not in started:
+                    text = (f"rank {rank} {how} before it started; its output above says why. A script "
+                            f"that starts ranks when it is imported needs `if __name__ == \"__main__\":`\n")
+                msg = ("error", time.time() - _SILENT_DEATH_S, text, False)
+            if msg[0] == "started":
+                started.add(rank)
+                continue
+            del conns[conn]
             if msg[0] == "ok":
                 gathered = cloudpickle.loads(msg[1]) if msg[1] is not None else gathered
             else:
-                errors.append((msg[1], rank, msg[2]))
+                errors.append(msg[1:] + (rank,))
                 first_error_at = first_error_at or time.monotonic()
     return gathered, errors
 
@@ -282,10 +299,11 @@ def _end(p: Any, kill: bool) -> None:
 
 
 def _worker_error(errors: list, role: Callable[[int], str]) -> WorkerError:
-    errors.sort()
-    _, rank, tb = errors[0]
+    """The first error (by the time it happened), with the last line of each later one."""
+    errors.sort(key=lambda e: (e[0], e[3]))
+    _, tb, non_finite, rank = errors[0]
     message = f"rank {rank}{role(rank)} failed:\n{tb.rstrip()}"
-    others = [f"rank {r}: {t.strip().splitlines()[-1]}" for _, r, t in errors[1:]]
+    others = [f"rank {r}: {t.strip().splitlines()[-1]}" for _, t, _, r in errors[1:]]
     if others:
         message += "\nthen, probably as a consequence:\n  " + "\n  ".join(others)
-    return WorkerError(rank, message)
+    return (NonFiniteWorkerError if non_finite else WorkerError)(rank, message)
