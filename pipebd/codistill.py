@@ -44,7 +44,8 @@ from .data import BatchOrder, StepRows, check_workers, dataset_length, feed, pro
 from .losses import _BACKENDS, soft_target_loss
 from .rng import check_seed, derived_seed, stream
 from .runtime.exchange import PeerLogits, Transfer, WeightExchange, packed_sizes, pack, unpack
-from .runtime.launch import _broadcast_from_rank0, backend_for, check_timeout, init_spmd, spawn_tasks, torchrun_env
+from .runtime.launch import (_broadcast_from_rank0, backend_for, check_timeout, init_spmd, spawn_tasks, torch_threads,
+                             torchrun_env)
 from .runtime.redistribute import slices
 from .runtime.worker import NonFiniteLoss, progress_bar
 from .trace import Recorder, Span, busy_time, write_chrome_trace
@@ -635,8 +636,11 @@ class _Rank:
 
 def _run(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
     """Train this rank's model(s) for ``job.steps`` steps; every rank returns all ranks' results."""
-    if job.threads is not None:
-        torch.set_num_threads(job.threads)
+    with torch_threads(job.threads):
+        return _train(job, rank, world_size)
+
+
+def _train(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
     rt = _Rank(job, rank, world_size)
     if world_size > 1:
         dist.barrier()

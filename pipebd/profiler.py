@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from .checkpoint import atomic_write
 from .data import PREFETCH, StepRows, batch_loader
 from .plan import Plan
-from .runtime.launch import backend_for, spawn_tasks
+from .runtime.launch import backend_for, spawn_tasks, torch_threads
 from .runtime.worker import Job, RankRuntime, progress_bar
 
 # Transfer sizes for the communication fits (bytes), and timed repeats of each: collectives of
@@ -311,10 +311,7 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
     solo = dataclasses.replace(job, strategy="baseline", plan=Plan([list(range(n))], [1]), steps=calls + 1,
                                teacher=copy.deepcopy(job.teacher), student=copy.deepcopy(job.student),
                                progress=False, start={}, resume_state={}, checkpoint_dir=None)
-    threads = torch.get_num_threads()
-    if job.threads is not None:
-        torch.set_num_threads(job.threads)
-    try:
+    with torch_threads(job.threads):
         rt = RankRuntime(solo, 0, 1, None)
         sync = (lambda: torch.cuda.synchronize(rt.device)) if rt.device.type == "cuda" else (lambda: None)
         timer = functools.partial(_median_time, warmup=warmup, repeats=repeats, sync=sync)
@@ -344,8 +341,6 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
                 todo.update()
             student.append(times)
         todo.close()
-    finally:
-        torch.set_num_threads(threads)
     act_bytes = [_nbytes(job.boundary[i]) + (_nbytes(job.labels) if job.labels is not None and i > 0 else 0)
                  for i in range(n + 1)]
     grad_bytes = [sum(p.numel() * p.element_size() for p in job.student[i].parameters() if p.requires_grad)

@@ -147,3 +147,18 @@ def test_report_and_trace(tmp_path):
     teacher_spans = [e for e in spans if e["cat"] == "teacher"]
     assert len(teacher_spans) == 8 * 1 + 2 * 8 * 3  # rank 0: block 0; ranks 1 and 2: blocks 1-3
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+
+
+def test_a_fit_in_the_callers_process_leaves_its_thread_count():
+    from test_codistill import dataset, initial_models
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        teacher, student = mlp_pair(num_blocks=2)
+        pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=4, steps=2, threads=1)
+        assert torch.get_num_threads() == 3
+        pipebd.Codistillation(initial_models(2), backend="torch", device="cpu").fit(dataset(), batch_size=4,
+                                                                                   steps=2, threads=1)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -9,6 +9,7 @@ with its exit code. Nothing waits forever.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing as mp
 import multiprocessing.connection
@@ -20,7 +21,7 @@ import sys
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import cloudpickle
 import torch
@@ -66,12 +67,28 @@ def stage_group(plan: Plan, rank: int, timeout_s: float) -> Any:
     return mine
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the body with ``threads`` torch threads (None: as many as now), then restore the
+    count: a fit in the caller's process (or a torchrun rank) leaves its setting as it was."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_rank(job: Job, rank: int, world_size: int) -> list[RankResult]:
     """Run ``job`` as ``rank`` and return every rank's result (gathered with
     ``all_gather_object``, so under torchrun each rank gets the full result). With
     ``world_size > 1`` the default process group must exist."""
-    if job.threads is not None:
-        torch.set_num_threads(job.threads)
+    with torch_threads(job.threads):
+        return _run_rank(job, rank, world_size)
+
+
+def _run_rank(job: Job, rank: int, world_size: int) -> list[RankResult]:
     distributed = world_size > 1
     group = stage_group(job.plan, rank, job.timeout) if distributed else None
     rt = RankRuntime(job, rank, world_size, group)
