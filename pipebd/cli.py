@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 
 import torch
@@ -16,6 +17,7 @@ from . import checkpoint, datasets
 from .api import Distiller
 from .report import Report
 from .codistill import Codistillation, CodistillReport
+from .checks import check_device
 from .config import CodistillConfig, RunConfig, dump_config, load_config
 from .data import check_workers
 from .runtime.launch import check_timeout
@@ -34,6 +36,11 @@ def build(config: RunConfig) -> tuple[Distiller, TensorDataset]:
     if config.final_loss is not None and config.final_loss.alpha > 0:
         raise ValueError(f"final_loss.alpha={config.final_loss.alpha:g} mixes in a cross-entropy on labels, but "
                          f"synthetic data has none; use alpha 0 here (the Python API takes (x, y) items)")
+    device = check_device(config.device)
+    if (config.final_loss is not None and config.final_loss.backend == "triton" and not device.startswith("cuda")
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise ValueError(f"final_loss.backend=triton runs on CUDA (device is {device}); on a CPU use auto or torch, "
+                         f"or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter")
     check_timeout(config.timeout)
     pair = PAIRS[config.model.pair]
     teacher, student = pair.build(**config.model.args, seed=config.seed)

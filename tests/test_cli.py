@@ -199,6 +199,16 @@ def test_cli_codistill_is_the_api_call_it_describes(tmp_path, capsys):
         assert accuracy == expected_accuracy and loss == pytest.approx(expected_loss, rel=2e-3)   # 4 digits printed
 
 
+def test_check_refuses_triton_on_a_cpu_without_the_interpreter(monkeypatch, capsys):
+    # The kernels would raise a RuntimeError deep in the shape probe; the CLI says it up front.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["check", "--set", "final_loss.backend=triton", "--set", "device=cpu"]) == 2
+    assert "final_loss.backend=triton runs on CUDA (device is cpu)" in capsys.readouterr().err
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["check", "--set", "final_loss.backend=triton", "--set", "device=cpu",
+                 "--set", "model={pair: mlp}"]) == 0
+
+
 def test_cli_codistill_checks_and_refuses_bad_configs(capsys):
     shipped = str(Path(__file__).parents[1] / "configs" / "codistill.yaml")
     assert main(["codistill", shipped, "--check", "--set", "mode=online", "--set", "n=3", "--set", "world_size=3"]) == 0
