@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shlex
@@ -17,6 +18,18 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     return (f"{platform.system()} {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, "
             f"torch {torch.__version__}, pipebd {pipebd.__version__}")
+
+
+def cnn_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a timed run of the CNN pair: world size, batch, steps, repeats, model size, threads."""
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--expand", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
 
 
 def cell(text: str) -> str:

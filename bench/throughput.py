@@ -18,7 +18,7 @@ from datetime import date
 import torch
 
 import pipebd
-from common import cell, machine
+from common import cell, cnn_run_arguments, machine
 from pipebd.models import cnn_input_shape, cnn_pair
 
 
@@ -33,14 +33,7 @@ def run(strategy: str, plan: pipebd.Plan | None, args: argparse.Namespace, data:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world-size", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--depth", type=int, default=3)
-    parser.add_argument("--expand", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    cnn_run_arguments(parser)
     parser.add_argument("--plan", action="append", default=[], type=pipebd.Plan.parse, metavar="PLAN",
                         help='also run pipebd with this plan, e.g. "0|1-3" or "[0-1]x1 | [2-3]x2"')
     parser.add_argument("--append", metavar="PATH", help="append the result as markdown to PATH")
