@@ -160,7 +160,7 @@ class Distiller:
         """Check the checkpoint options and ``directory``; on resume, check every saved state
         (``checkpoint.check``), then load the saved student weights into the blocks and give
         the job each block's step and optimizer state. A fresh run saves every block at step 0."""
-        directory = checkpoint.options(directory, every, resume)
+        directory, every = checkpoint.options(directory, every, resume)
         spmd = torchrun_env() is not None and directory is not None
         if spmd:
             import torch.distributed as dist
@@ -207,6 +207,7 @@ class Distiller:
             raise TypeError(f"comm must be a bool, got {comm!r}")
         if not isinstance(sync_batchnorm, bool):
             raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
+        world_size = check_int("world_size", world_size, 1)
         # Without comm, a one-rank job: this device may be the only one.
         job = self._job(dataset, batch_size, 1, world_size if comm else 1, "pipebd", None, 0, 1, threads, False,
                         timeout)

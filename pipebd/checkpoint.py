@@ -87,15 +87,17 @@ class CodistillKey:
     kind = "codistill"
 
 
-def options(directory: str | os.PathLike | None, every: int | None, resume: bool) -> str | None:
-    """Check a fit's checkpoint arguments; returns ``directory`` as an absolute path (or None)."""
+def options(directory: str | os.PathLike | None, every: int | None,
+            resume: bool) -> tuple[str | None, int | None]:
+    """Check a fit's checkpoint arguments; returns ``directory`` as an absolute path (or None)
+    and ``every`` as an int (or None)."""
     if every is not None:
-        check_int("checkpoint_every", every, 1)
+        every = check_int("checkpoint_every", every, 1)
     if every is not None and directory is None:
         raise ValueError("checkpoint_every needs checkpoint_dir: where to write the checkpoints")
     if not isinstance(resume, bool):
         raise TypeError(f"resume must be True or False, got {resume!r}")
-    return None if directory is None else os.path.abspath(os.fspath(directory))
+    return None if directory is None else os.path.abspath(os.fspath(directory)), every
 
 
 def due(done: int, steps: int, directory: str | None, every: int | None) -> bool:

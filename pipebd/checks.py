@@ -1,4 +1,4 @@
-"""Argument checks that every entry point shares, so that one kind of bad value gets one message."""
+"""Argument checks shared by the entry points (fit, profile, codistillation, plans, lr rules)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 def integer(value: Any) -> int | None:
     """``value`` as a Python int when it is an integer (numpy integers and one-element integer
     tensors too), else None: for bools and floats as well, which are never truncated."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         return None
     try:
         return operator.index(value)
@@ -32,7 +32,6 @@ def check_device(device: str | None) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(device)
+        return str(torch.device(device))
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device {device!r} is not a torch device: {err}") from None
-    return str(device)

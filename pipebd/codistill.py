@@ -34,13 +34,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
 
 from . import checkpoint
 from .checks import check_device, check_int
 from .api import _device_of
 from .batchnorm import local_batchnorm, sync_batchnorm
-from .data import BatchOrder, StepRows, check_workers, dataset_length, feed, probe_item
+from .data import BatchOrder, StepRows, _tensors, check_workers, dataset_length, feed, probe_item
 from .losses import _BACKENDS, soft_target_loss
 from .rng import check_seed, derived_seed, stream
 from .runtime.exchange import PeerLogits, Transfer, WeightExchange, packed_sizes, pack, unpack
@@ -281,7 +280,7 @@ class Codistillation:
         """Check the checkpoint options and ``directory``; on resume, check every model's saved
         state, load the weights into the models and give the job the rest. A fresh run saves
         step 0 first."""
-        directory = checkpoint.options(directory, every, resume)
+        directory, every = checkpoint.options(directory, every, resume)
         spmd = torchrun_env() is not None and directory is not None
         if spmd:
             init_spmd(self.device, job.timeout)
@@ -345,11 +344,12 @@ class Codistillation:
             if not (isinstance(eval_data, (tuple, list)) and len(eval_data) == 2):
                 raise TypeError("eval_data must be an (inputs, labels) pair of tensors")
             evaluation = (torch.as_tensor(eval_data[0]), torch.as_tensor(eval_data[1]))
-            if evaluation[0].dim() == 0 or len(evaluation[0]) != len(evaluation[1]):
-                raise ValueError(f"eval_data has {len(evaluation[0]) if evaluation[0].dim() else 0} inputs but "
-                                 f"{len(evaluation[1]) if evaluation[1].dim() else 0} labels")
+            x, y = evaluation
+            if x.dim() == 0 or y.dim() == 0 or len(x) != len(y):
+                raise ValueError(f"eval_data needs inputs and labels with one row per sample, got shapes "
+                                 f"{tuple(x.shape)} and {tuple(y.shape)}")
         x, y = probe_item(dataset)
-        if type(dataset) is TensorDataset and len(dataset.tensors) > 1:
+        if _tensors(dataset) and not isinstance(dataset, Tensor) and len(dataset.tensors) > 1:
             y = dataset.tensors[1]   # every label is at hand: check them all
         self._probe(models, (x, y), "dataset")
         if evaluation is not None:
@@ -408,15 +408,15 @@ class Codistillation:
                 raise ValueError(f"model {i} returns logits of shape {tuple(out.shape[1:])} per sample, so labels "
                                  f"need shape {tuple(out.shape[1:-1])}, but {source} labels have "
                                  f"{tuple(y.shape[1:])}")
-            classes = out.shape[-1]
-            bad = (y != self.ignore_index) & ((y < 0) | (y >= classes))
-            if bad.any():
-                raise ValueError(f"{source} labels must be in [0, {classes}) (the models' classes) or "
-                                 f"ignore_index={self.ignore_index}, got {y[bad][:4].tolist()}")
         if len(shapes) > 1:
             raise ValueError(f"the models' logits differ in shape per sample: {sorted(shapes)}")
         if len(dtypes) > 1:   # the ranks exchange logits and checkpoints in buffers of one dtype
             raise ValueError(f"the models' logits differ in dtype: {sorted(dtypes)}")
+        classes = shapes.pop()[-1]
+        bad = (y != self.ignore_index) & ((y < 0) | (y >= classes))
+        if bad.any():
+            raise ValueError(f"{source} labels must be in [0, {classes}) (the models' classes) or "
+                             f"ignore_index={self.ignore_index}, got {y[bad][:4].tolist()}")
 
 
 def _check_snapshot(directory: str, packed: dict | None, model: nn.Module, j: int, step: int) -> None:

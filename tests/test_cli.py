@@ -32,19 +32,21 @@ def test_defaults_file_and_overrides(tmp_path):
 
 
 def test_the_readme_cli_lines_pass_check(capsys):
-    # Every `pipebd run|profile|check` line of the README's CLI section, checked as `run` would.
+    # Every `pipebd run|profile|check|codistill` line of the README's CLI section, checked as it would run.
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     block = readme.split("## CLI", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
     lines = [shlex.split(re.sub(r"\s#.*$", "", line)) for line in block.splitlines() if line.startswith("pipebd ")]
     checked = 0
     for words in lines:
-        if words[1] not in ("run", "profile", "check"):
+        if words[1] not in ("run", "profile", "check", "codistill"):
             continue
-        args = [w for w in words[2:] if w != "--resume"] + (["--set", "resume=true"] if "--resume" in words else [])
+        args = [w for w in words[2:] if w not in ("--resume", "--check")]
+        args += ["--set", "resume=true"] if "--resume" in words else []
         args = [str(Path(__file__).parents[1] / a) if a.endswith(".yaml") else a for a in args]
-        assert main(["check", *args]) == 0, (words, capsys.readouterr().err)
+        command = ["codistill", *args, "--check"] if words[1] == "codistill" else ["check", *args]
+        assert main(command) == 0, (words, capsys.readouterr().err)
         checked += 1
-    assert checked >= 9
+    assert checked >= 13
 
 
 def test_check_refuses_what_run_would_refuse(capsys):

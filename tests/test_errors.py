@@ -94,6 +94,9 @@ def test_other_bad_arguments(no_spawn):
                         ("threads", "2"), ("threads", 1.5), ("threads", 0)):
         with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got {value!r}"):
             d.fit(DATA, **{"batch_size": 4, "steps": 1, "world_size": 2, name: value})
+    for comm in (True, False):
+        with pytest.raises(ValueError, match="world_size must be an integer >= 1, got 1.5"):
+            d.profile(DATA, 4, 1.5, comm=comm)
     with pytest.raises(ValueError, match="a plan's replica count must be an integer, got 1.5"):
         pipebd.Plan([[0, 1], [2, 3]], [1, 1.5])
     with pytest.raises(ValueError, match="device 'tpu' is not a torch device"):

@@ -116,6 +116,13 @@ def test_cuda_sends_are_drained_on_the_host():
     sends = [Send(3), Send(0)]
     _drain(sends, torch.device("cuda"), timeout=5)
     assert all(s.waited for s in sends) and sends[0].polls < 0
+
+    class Failed(Send):
+        def wait(self):   # as NCCL's: a completed send that failed raises when waited for
+            if self.polls is not None and self.polls < 0:
+                raise RuntimeError("send failed")
+    with pytest.raises(RuntimeError, match="send failed"):
+        _drain([Failed(1)], torch.device("cuda"), timeout=5)
     with pytest.raises(TimeoutError, match="did not complete within 0.05 s"):
         _drain([Send(None)], torch.device("cuda"), timeout=0.05)
     idle = Send(None)

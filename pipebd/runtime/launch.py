@@ -15,6 +15,7 @@ import multiprocessing as mp
 import multiprocessing.connection
 import numbers
 import os
+import re
 import signal
 import socket
 import sys
@@ -36,9 +37,11 @@ LOOPS = {"pipebd": run_relay, "baseline": run_baseline}
 
 # After the first failure, how long to collect the errors of ranks that fail in its wake.
 _GRACE_S = 1.0
-# A rank that dies without a word is noticed about when its peers report losing it: it is taken
-# to have died this much earlier than it was noticed, so that it comes first as the cause.
-_SILENT_DEATH_S = 1.0
+# An error that only says a peer went away is a reaction: it is taken to have happened this much
+# later than reported, so that a rank that died without a word about then (noticed only when its
+# process ended) comes first as the cause. Any other traceback keeps its time.
+_REACTION_S = 1.0
+_LOST_PEER = re.compile(r"connection (closed|reset) by peer|broken pipe|remote process exited", re.IGNORECASE)
 
 
 class WorkerError(RuntimeError):
@@ -279,7 +282,7 @@ def _collect(procs: list, conns: dict) -> tuple[Any, list]:
                 if rank not in started:
                     text = (f"rank {rank} {how} before it started; its output above says why. A script "
                             f"that starts ranks when it is imported needs `if __name__ == \"__main__\":`\n")
-                msg = ("error", time.time() - _SILENT_DEATH_S, text, False)
+                msg = ("error", time.time(), text, False)
             if msg[0] == "started":
                 started.add(rank)
                 continue
@@ -317,7 +320,12 @@ def _end(p: Any, kill: bool) -> None:
 
 def _worker_error(errors: list, role: Callable[[int], str]) -> WorkerError:
     """The first error (by the time it happened), with the last line of each later one."""
-    errors.sort(key=lambda e: (e[0], e[3]))
+    def happened(error: tuple) -> tuple[float, int]:
+        when, text, _, rank = error
+        lines = text.strip().splitlines()
+        return when + (_REACTION_S if lines and _LOST_PEER.search(lines[-1]) else 0.0), rank
+
+    errors.sort(key=happened)
     _, tb, non_finite, rank = errors[0]
     message = f"rank {rank}{role(rank)} failed:\n{tb.rstrip()}"
     others = [f"rank {r}: {t.strip().splitlines()[-1]}" for _, t, _, r in errors[1:]]

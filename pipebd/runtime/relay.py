@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -31,7 +31,10 @@ def _post(op, tensors: tuple[Tensor, ...], links: list[tuple[int, slice]]) -> li
     return [op(t[rows], peer, tag=tag) for peer, rows in links for tag, t in enumerate(tensors)]
 
 
-def _drain(handles: list, device: Any, timeout: float) -> None:
+_POLL_S = 50e-6   # between checks of the sends on the host: a small share of a step
+
+
+def _drain(handles: list, device: torch.device, timeout: float) -> None:
     """Wait for the sends ``handles`` to complete, on the host as well: with NCCL ``wait`` only
     orders the CUDA streams, and a host that ran on would hold ever more activations in flight."""
     for h in handles:
@@ -42,7 +45,9 @@ def _drain(handles: list, device: Any, timeout: float) -> None:
     while not all(h.is_completed() for h in handles):
         if time.monotonic() > deadline:
             raise TimeoutError(f"a send of activations did not complete within {timeout:g} s")
-        time.sleep(50e-6)
+        time.sleep(_POLL_S)
+    for h in handles:
+        h.wait()   # a send that completed by failing raises here
 
 
 def run_relay(rt: RankRuntime) -> None:
