@@ -128,12 +128,8 @@ class Distiller:
         if env is not None and env[1] != world_size:
             raise ValueError(f"fit(world_size={world_size}) but torchrun started WORLD_SIZE={env[1]} processes")
         job = self._job(dataset, batch_size, steps, world_size, strategy, plan, seed, max_inflight,
-                        threads, progress, timeout)
+                        threads, progress, timeout, sync_batchnorm, num_workers)
         batch_size, steps, world_size = job.batch_size, job.steps, int(world_size)   # checked: plain ints
-        if not isinstance(sync_batchnorm, bool):
-            raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
-        job.sync_batchnorm = sync_batchnorm
-        job.num_workers = check_workers(num_workers)
         self._checkpoints(job, checkpoint_dir, checkpoint_every, resume)
         prediction = None
         if plan == "auto" and world_size > 1:
@@ -205,14 +201,10 @@ class Distiller:
         stage's critical path (the loading is measured in this process either way)."""
         if not isinstance(comm, bool):
             raise TypeError(f"comm must be a bool, got {comm!r}")
-        if not isinstance(sync_batchnorm, bool):
-            raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
         world_size = check_int("world_size", world_size, 1)
         # Without comm, a one-rank job: this device may be the only one.
         job = self._job(dataset, batch_size, 1, world_size if comm else 1, "pipebd", None, 0, 1, threads, False,
-                        timeout)
-        job.sync_batchnorm = sync_batchnorm
-        job.num_workers = check_workers(num_workers)
+                        timeout, sync_batchnorm, num_workers)
         if not comm:
             return profile_job(job, world_size, warmup=warmup, repeats=repeats, cache=False, comm=lambda: ([], []))
         return self._profile(job, world_size, timeout, warmup=warmup, repeats=repeats, cache=cache)
@@ -235,8 +227,13 @@ class Distiller:
 
     def _job(self, dataset: Any, batch_size: int, steps: int, world_size: int, strategy: str,
              plan: Plan | str | None, seed: int, max_inflight: int, threads: int | None,
-             progress: bool | None, timeout: float = 600.0) -> Job:
-        """Validate everything that can be checked in the caller and build the job."""
+             progress: bool | None, timeout: float = 600.0, sync_batchnorm: bool = False,
+             num_workers: int = 0) -> Job:
+        """Validate everything that can be checked in the caller and build the job (the
+        checkpoint options apart: ``checkpoint.options``). ``pipebd check`` runs this alone."""
+        if not isinstance(sync_batchnorm, bool):
+            raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
+        num_workers = check_workers(num_workers)
         seed = check_seed(seed)
         timeout = check_timeout(timeout)
         if strategy not in STRATEGIES:
@@ -264,7 +261,8 @@ class Distiller:
                    dataset=dataset, dataset_len=length, batch_size=batch_size, steps=steps, seed=seed,
                    boundary=boundary, labels=labels, device=self.device, max_inflight=max_inflight,
                    threads=threads, progress=sys.stderr.isatty() if progress is None else progress,
-                   scheduler=self.scheduler, timeout=timeout)
+                   scheduler=self.scheduler, timeout=timeout, sync_batchnorm=sync_batchnorm,
+                   num_workers=num_workers)
 
     def _resolve_plan(self, plan: Plan | str | None, strategy: str, world_size: int) -> Plan:
         n = self.num_blocks

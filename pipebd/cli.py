@@ -19,7 +19,6 @@ from .report import Report
 from .codistill import Codistillation, CodistillReport
 from .checks import check_device
 from .config import CodistillConfig, RunConfig, dump_config, load_config
-from .data import check_workers
 from .runtime.launch import check_timeout
 
 
@@ -57,8 +56,8 @@ def check(config: RunConfig) -> None:
     fit's own checks of them (plan against world size, batch against replicas, shapes)."""
     distiller, dataset = build(config)
     distiller._job(dataset, config.batch_size, config.steps, config.world_size, config.strategy, config.fit_plan(),
-                   config.seed, config.max_inflight, None, False, config.timeout)
-    check_workers(config.num_workers)
+                   config.seed, config.max_inflight, None, False, config.timeout, config.sync_batchnorm,
+                   config.num_workers)
     checkpoint.options(config.checkpoint_dir, config.checkpoint_every, config.resume)
 
 
@@ -138,8 +137,7 @@ def check_codistill(config: CodistillConfig) -> None:
     """``check`` for a codistill config: its values, then ``Codistillation.fit``'s checks of them."""
     cd, train, test = build_codistill(config)
     cd._job(train, config.batch_size, config.steps, config.world_size, config.seed, test, config.eval_every,
-            False, None, False, config.timeout)
-    check_workers(config.num_workers)
+            False, None, False, config.timeout, config.sync_batchnorm, config.num_workers)
     checkpoint.options(config.checkpoint_dir, config.checkpoint_every, config.resume)
 
 

@@ -252,12 +252,8 @@ class Codistillation:
         if env is not None and env[1] != world_size:
             raise ValueError(f"fit(world_size={world_size}) but torchrun started WORLD_SIZE={env[1]} processes")
         job = self._job(dataset, batch_size, steps, world_size, seed, eval_data, eval_every, keep_checkpoints,
-                        threads, progress, timeout)
+                        threads, progress, timeout, sync_batchnorm, num_workers)
         world_size = int(world_size)   # checked: an integer
-        if not isinstance(sync_batchnorm, bool):
-            raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
-        job.sync_batchnorm = sync_batchnorm
-        job.num_workers = check_workers(num_workers)
         self._checkpoints(job, checkpoint_dir, checkpoint_every, resume)
         log.info("pipebd: %s of %d models on %d rank(s)", self.mode, self.n, world_size)
         if env is not None:
@@ -315,7 +311,12 @@ class Codistillation:
 
     def _job(self, dataset: Any, batch_size: int, steps: int, world_size: int, seed: int,
              eval_data: Any, eval_every: int | None, keep_checkpoints: bool, threads: int | None,
-             progress: bool | None, timeout: float) -> _Job:
+             progress: bool | None, timeout: float, sync_batchnorm: bool = False, num_workers: int = 0) -> _Job:
+        """Validate everything that can be checked in the caller and build the job (the
+        checkpoint options apart: ``checkpoint.options``). ``pipebd codistill --check`` runs this alone."""
+        if not isinstance(sync_batchnorm, bool):
+            raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
+        num_workers = check_workers(num_workers)
         seed = check_seed(seed)
         timeout = check_timeout(timeout)
         batch_size, steps, world_size = (check_int(name, value, 1) for name, value in (
@@ -362,7 +363,8 @@ class Codistillation:
                     dataset=dataset, shards=parts, batch_size=batch_size, steps=steps, seed=seed,
                     device=self.device, eval_data=evaluation, eval_every=eval_every,
                     keep_checkpoints=keep_checkpoints, threads=threads,
-                    progress=sys.stderr.isatty() if progress is None else progress, timeout=timeout)
+                    progress=sys.stderr.isatty() if progress is None else progress, timeout=timeout,
+                    sync_batchnorm=sync_batchnorm, num_workers=num_workers)
 
     def _build(self, seed: int) -> list[nn.Module]:
         if self.model_fn is not None:
