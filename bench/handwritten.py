@@ -42,6 +42,7 @@ import pipebd
 from common import cell, cnn_run_arguments, machine, publish
 from pipebd.data import BatchOrder
 from pipebd.models import cnn_input_shape, cnn_pair
+from pipebd.runtime.launch import torch_threads
 
 LR, MOMENTUM, SEED = 0.01, 0.9, 0
 
@@ -96,17 +97,13 @@ LOOPS: dict[str, Callable[..., None]] = {"together": train_together, "in turn": 
 
 
 def one_process(loop: str, args: argparse.Namespace, data: torch.Tensor) -> tuple[float, list[dict]]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         teacher, student = build(args)
         for m in teacher:
             m.eval().requires_grad_(False)
         start = time.perf_counter()
         LOOPS[loop](teacher, student, data, args, 0, args.batch_size)
         elapsed = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
     return elapsed, [s.state_dict() for s in student]
 
 

@@ -123,6 +123,13 @@ def local_batchnorm(module: nn.Module) -> nn.Module:
     return _converted(module, None, nn.SyncBatchNorm)
 
 
+def replica_batchnorm(module: nn.Module, group: Any, sync: bool) -> nn.Module:
+    """``module`` as a replica of a data-parallel ``group`` (None: no replicas) trains it: with
+    ``sync``, every BatchNorm over the group (``sync_batchnorm``); otherwise per rank, torch's
+    SyncBatchNorm included (``local_batchnorm``)."""
+    return sync_batchnorm(module, group) if sync and group is not None else local_batchnorm(module)
+
+
 def _converted(module: nn.Module, group: Any, kind: type) -> nn.Module:
     if not any(isinstance(m, kind) for m in module.modules()):
         return module

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from . import checkpoint
 from .checks import check_device, check_int
 from .api import _device_of
-from .batchnorm import local_batchnorm, sync_batchnorm
+from .batchnorm import replica_batchnorm
 from .data import BatchOrder, StepRows, _tensors, check_workers, dataset_length, feed, probe_item
 from .losses import _BACKENDS, soft_target_loss
 from .rng import check_seed, derived_seed, stream
@@ -462,9 +462,8 @@ class _Rank:
                     mine[i] = group
         self.groups: list[Any] = list(mine.values())   # the process groups this rank belongs to
         # Copies with the same parameters, buffers and state-dict keys, where they hold BatchNorm.
-        self.models = {i: job.models[i].to(self.device).train() for i in self.own}
-        self.models = {i: sync_batchnorm(m, mine[i]) if job.sync_batchnorm and i in mine else local_batchnorm(m)
-                       for i, m in self.models.items()}
+        self.models = {i: replica_batchnorm(job.models[i].to(self.device).train(), mine.get(i), job.sync_batchnorm)
+                       for i in self.own}
         self.trained = dict(self.models)    # what forward calls: the DDP wrappers in groups
         if mine:
             from torch.nn.parallel import DistributedDataParallel

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import checkpoint
-from ..batchnorm import local_batchnorm, sync_batchnorm
+from ..batchnorm import replica_batchnorm
 from ..rng import derived_seed, stream
 from ..data import BatchOrder, StepRows, feed
 from ..plan import Plan
@@ -150,10 +150,7 @@ class RankRuntime:
         self.teacher = {i: job.teacher[i].to(self.device).eval().requires_grad_(False) for i in self.blocks}
         self.student = {i: job.student[i].to(self.device).train() for i in self.blocks}
         # Copies with the same parameters, buffers and state-dict keys, where they hold BatchNorm.
-        if job.sync_batchnorm and group is not None:
-            self.student = {i: sync_batchnorm(m, group) for i, m in self.student.items()}
-        else:
-            self.student = {i: local_batchnorm(m) for i, m in self.student.items()}
+        self.student = {i: replica_batchnorm(m, group, job.sync_batchnorm) for i, m in self.student.items()}
         self.buckets = {i: GradBucket(self.student[i]) for i in self.blocks}
         self.optimizers = {i: job.optimizer(self.student[i].parameters()) for i in self.blocks}
         self.schedulers = {i: job.scheduler(self.optimizers[i]) for i in self.blocks} if job.scheduler else {}
