@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything the open issues need from a GPU, in one device call (a session has 30 minutes of
-# device time; a machine's start costs minutes, so batch): the CUDA tests, the kernel benchmark
+# Everything the open issues need from a GPU, in one device call (a session has 15 minutes of
+# device time, start included, so batch): the CUDA tests, the kernel benchmark
 # against torch eager, torch.compile and Liger-Kernel, the six-block CNN pair's measured block
 # costs for the planner benchmark, and the environment they ran in.
 #
