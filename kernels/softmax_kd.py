@@ -24,9 +24,12 @@ fp16), and only scaled by the incoming gradient in backward, so the only rows x 
 gradient itself (plus the scaled copy when the incoming gradient is not exactly 1). On a GPU the
 temperature and loss weights are fp32 kernel arguments (Triton's float arguments), so fp64 inputs
 are accurate to about 1e-8 relative there; the interpreter keeps them in full precision.
-The teacher's gradient, for mutual learning, costs a third sweep and is off by default.
+The teacher's gradient, for mutual learning, costs a third sweep and is off by default. Since
+the saved gradients carry no graph, the loss has no second derivative: backward with
+``create_graph=True`` raises (the torch reference has one).
 
-``softmax``/``log_softmax`` are the plain row kernels (with temperature), forward and backward.
+``softmax``/``log_softmax`` are the plain row kernels (with temperature), forward and backward;
+under ``create_graph=True`` their backward is the same formula in torch ops, differentiable again.
 Triton runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` is set before this
 module is imported.
 """
@@ -34,13 +37,13 @@ module is imported.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK_ELEMENTS = 4096     # logits per column block (all teacher sets together), per program
@@ -200,7 +203,8 @@ def _soft_target_kernel(
         if TEACHER_GRAD:
             qg += q * g[None, :]
         if STUDENT_GRAD:
-            ds = (p_s - p_t) * soft_w * inv_t
+            # alpha = 1: no soft term, even where the teacher is inf or nan.
+            ds = tl.where(soft_w == 0, 0.0, (p_s - p_t) * soft_w * inv_t)
             if HARD:
                 p1 = tl.exp(s - s_top - s_log_z1)
                 ds += tl.where(labelled, hard_w * (p1 - tl.where(cols == label, 1.0, 0.0)), 0.0)
@@ -273,15 +277,19 @@ class SoftmaxWithTemperature(torch.autograd.Function):
                 _softmax_fwd_kernel[(rows.shape[0],)](rows, y, rows.stride(0), y.stride(0), rows.shape[1],
                                                       1.0 / temperature, LOG=log, BLOCK=block,
                                                       ACC=_accumulator(x), num_warps=warps)
-        ctx.save_for_backward(y)
-        ctx.temperature, ctx.log, ctx.block_size, ctx.shape = temperature, log, block_size, x.shape
-        return y.view(x.shape)
+        out = y.view(x.shape)
+        ctx.save_for_backward(out)          # the output itself, so that a second derivative reaches it
+        ctx.temperature, ctx.log, ctx.block_size = temperature, log, block_size
+        return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None, None]:
-        (y,) = ctx.saved_tensors
-        dy = _rows(dy)
+        (out,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the same formula in torch ops, which autograd can differentiate
+            # again (through out, this function's output).
+            return _softmax_backward_graph(out, dy, ctx.temperature, ctx.log), None, None, None
+        y, dy = _rows(out), _rows(dy)
         dx = torch.empty_like(y)
         if y.numel():
             block, warps = _launch_config(y.shape[1], block_size=ctx.block_size)
@@ -289,7 +297,7 @@ class SoftmaxWithTemperature(torch.autograd.Function):
                 _softmax_bwd_kernel[(y.shape[0],)](y, dy, dx, y.stride(0), dy.stride(0), dx.stride(0), y.shape[1],
                                                    1.0 / ctx.temperature, LOG=ctx.log, BLOCK=block,
                                                    ACC=_accumulator(y, dy), num_warps=warps)
-        return dx.view(ctx.shape), None, None, None
+        return dx.view(out.shape), None, None, None
 
 
 def _check_softmax_input(x: Tensor, temperature: float) -> None:
@@ -297,8 +305,19 @@ def _check_softmax_input(x: Tensor, temperature: float) -> None:
         raise TypeError(f"softmax needs floating-point input, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("softmax needs at least one dimension")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
+
+
+def _softmax_backward_graph(y: Tensor, dy: Tensor, temperature: float, log: bool) -> Tensor:
+    """The softmax kernels' gradient wrt x, differentiable (for a second derivative)."""
+    acc = torch.promote_types(y.dtype, torch.float32)
+    y, grad = y.to(acc), dy.to(acc)
+    if log:
+        dx = grad - y.exp() * grad.sum(-1, keepdim=True)
+    else:
+        dx = y * (grad - (grad * y).sum(-1, keepdim=True))
+    return (dx / temperature).to(dy.dtype)
 
 
 def softmax(x: Tensor, temperature: float = 1.0, *, block_size: int | None = None) -> Tensor:
@@ -351,8 +370,12 @@ class SoftTargetFunction(torch.autograd.Function):
         return losses if reduction == "none" else losses.sum()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss: Tensor) -> tuple:
+        if torch.is_grad_enabled():
+            # The saved gradients carry no graph, so a second derivative through them would
+            # silently lack this loss's share.
+            raise RuntimeError("the Triton soft-target loss has no second derivative (backward with "
+                               "create_graph=True); use backend='torch' for it")
         if ctx.reduction == "none":
             scale = grad_loss.reshape(-1, 1)
         else:

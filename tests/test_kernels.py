@@ -184,9 +184,15 @@ def test_teacher_gradient_where_every_set_is_masked(backend):
 def test_alpha_one_is_cross_entropy_alone(backend):
     s, t = logits(3, 10, dtype=torch.float64)
     s[0, 4] = -INF                      # the teacher's mass there would make KL infinite
+    t[1] = -INF                         # a teacher row of no use: all -inf,
+    t[2, 3] = INF                       # or overflowed
+    s.requires_grad_()
     labels = torch.tensor([1, 2, -100])
     loss = pipebd.soft_target_loss(s, t, 2.0, "sum", labels=labels, alpha=1.0, backend=backend)
-    assert_close(loss, F.cross_entropy(s, labels, reduction="sum"), 1e-12, "loss")
+    want = F.cross_entropy(s, labels, reduction="sum")
+    assert_close(loss, want, 1e-12, "loss")
+    loss.backward()
+    assert_close(s.grad, torch.autograd.grad(want, s)[0], 1e-12, "d/ds")
 
 
 def test_strided_labels_and_empty_softmax():
@@ -210,6 +216,21 @@ def test_gradcheck_small_shapes():
     assert torch.autograd.gradcheck(loss, (s, t), fast_mode=True)
     assert torch.autograd.gradcheck(lambda x: K.softmax(x, 0.7), (s,), fast_mode=True)
     assert torch.autograd.gradcheck(lambda x: K.log_softmax(x, 0.7, block_size=2), (s,), fast_mode=True)
+
+
+def test_second_derivatives():
+    # The softmax kernels' backward is differentiable; the loss's (saved gradients, no graph)
+    # refuses create_graph rather than drop its share of a second derivative.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: K.softmax(x, 0.7), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: K.log_softmax(x, 0.7, block_size=2), (x,))
+    t = torch.randn(3, 5, dtype=torch.float64, generator=g)
+    (ds,) = torch.autograd.grad(pipebd.soft_target_loss(x, t, 2.0, backend="torch"), x, create_graph=True)
+    assert ds.requires_grad
+    loss = pipebd.soft_target_loss(x, t, 2.0, backend="triton")
+    with pytest.raises(RuntimeError, match="no second derivative.*backend='torch'"):
+        torch.autograd.grad(loss, x, create_graph=True)
 
 
 def test_masked_vocabulary_and_infinite_losses():
@@ -352,6 +373,10 @@ def test_bad_input_gets_a_clear_error(backend):
         loss(reduction="mean")
     with pytest.raises(ValueError, match="backend must be one of"):
         pipebd.soft_target_loss(s, t, 2.0, backend="cuda")
+    for T in (0.0, INF, math.nan):
+        for fn in (K.softmax, K.log_softmax):
+            with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
+                fn(s, T)
 
 
 def test_triton_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
