@@ -3,11 +3,13 @@ blocks and trains each student block to reproduce its teacher block (blockwise d
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import logging
 import os
 import sys
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -93,10 +95,11 @@ class Distiller:
         ``plan``: None (one contiguous block range per rank), a ``Plan``, or ``"auto"``: profile
         the blocks (or read the cached profile), choose the optimal plan, log it with its
         prediction, and put the prediction in the report (``report.prediction``,
-        ``report.simulation``). With ``world_size=1`` there is nothing to choose.
+        ``report.simulation``). With ``world_size=1`` there is nothing to choose, nor for the
+        baseline, whose layout is fixed: it takes None or ``"auto"``.
         ``world_size > 1`` spawns local workers unless the process runs under torchrun, where every
-        rank calls ``fit``. A stage runs at most ``max_inflight + 1`` batches ahead of the
-        next; ``threads`` sets torch threads per spawned worker (default: cores / world_size);
+        rank calls ``fit``. A stage sends batch t only once the next stage has received batch
+        t - ``max_inflight``; ``threads`` sets torch threads per spawned worker (default: cores / world_size);
         ``timeout`` (seconds) bounds every collective and point-to-point wait, and the wait for
         each batch from loader processes.
 
@@ -132,18 +135,17 @@ class Distiller:
         batch_size, steps, world_size = job.batch_size, job.steps, int(world_size)   # checked: plain ints
         self._checkpoints(job, checkpoint_dir, checkpoint_every, resume)
         prediction = None
-        if plan == "auto" and world_size > 1:
+        if plan == "auto" and strategy == "pipebd" and world_size > 1:
             profile = self._profile(job, world_size, timeout, progress=job.progress)
             prediction = auto_plan(profile, world_size)
             job.plan = prediction.plan
             log.info("pipebd: auto %s", prediction)
         log.info("pipebd: strategy %s, plan %s on %d rank(s)", strategy, job.plan.describe(), world_size)
-        if env is not None:
-            results = run_spmd(job, timeout)
-        elif world_size == 1:
-            results = run_rank(job, 0, 1)
-        else:
+        if env is None and world_size > 1:
             results = spawn(job, world_size, timeout)
+        else:
+            with _kept_as_given(self.teacher + self.student):
+                results = run_spmd(job, timeout) if env is not None else run_rank(job, 0, 1)
         self._load_states(results)
         report = build_report(strategy, world_size, job.plan, batch_size, steps, self.num_blocks, results,
                               [job.start_of(i) for i in range(self.num_blocks)])
@@ -267,7 +269,7 @@ class Distiller:
     def _resolve_plan(self, plan: Plan | str | None, strategy: str, world_size: int) -> Plan:
         n = self.num_blocks
         if strategy == "baseline":
-            if plan is not None:
+            if plan is not None and not (isinstance(plan, str) and plan == "auto"):   # "auto": nothing to choose
                 raise ValueError("the baseline trains all blocks data parallel over all ranks; "
                                  "plan applies to strategy='pipebd' only")
             return Plan([list(range(n))], [world_size])
@@ -330,6 +332,26 @@ class Distiller:
         for r in results:
             for block, state in r.state.items():
                 self.student[block].load_state_dict(state)
+
+
+@contextlib.contextmanager
+def _kept_as_given(modules: list[nn.Module]) -> Iterator[None]:
+    """Leave ``modules`` in the train/eval mode, ``requires_grad`` and device they came in with,
+    as when spawned workers train copies of them. A fit in the caller's process (one rank, or
+    torchrun) trains the caller's own blocks, and the rank runtime freezes the teacher and moves
+    blocks to the fit's device; the trained weights stay."""
+    kept = [(m, [(sub, sub.training) for sub in m.modules()], [(p, p.requires_grad) for p in m.parameters()],
+             {t.device for t in itertools.chain(m.parameters(), m.buffers())}) for m in modules]
+    try:
+        yield
+    finally:
+        for m, modes, flags, devices in kept:
+            if len(devices) == 1:
+                m.to(*devices)
+            for sub, training in modes:
+                sub.training = training
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
 
 def _device_of(module: nn.Module) -> torch.device:

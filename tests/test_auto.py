@@ -18,12 +18,13 @@ from pipebd.plan import default_plan
 BATCH, STEPS, WORLD = 32, 24, 4
 
 
-def fit(world=WORLD, plan="auto"):
+def fit(world=WORLD, plan="auto", strategy="pipebd"):
     teacher, student = emulated_pair("unbalanced", scale=0.5, seed=0)
     distiller = pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
                                  device="cpu")
     data = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
-    report = distiller.fit(data, batch_size=BATCH, steps=STEPS, world_size=world, plan=plan, seed=3, timeout=120)
+    report = distiller.fit(data, batch_size=BATCH, steps=STEPS, world_size=world, plan=plan, seed=3, timeout=120,
+                           strategy=strategy)
     return [p.detach().clone() for p in distiller.student_model().parameters()], report
 
 
@@ -51,3 +52,11 @@ def test_auto_on_one_rank_needs_no_profile(monkeypatch):
     monkeypatch.setattr(profiler, "_measure_compute", lambda *a: pytest.fail("nothing to choose on one rank"))
     _, report = fit(world=1)
     assert report.prediction is None and report.plan.replicas == (1,)
+
+
+def test_auto_for_the_baseline_is_its_one_layout(monkeypatch):
+    monkeypatch.setattr(profiler, "_measure_compute", lambda *a: pytest.fail("the baseline has nothing to choose"))
+    weights, report = fit(world=2, strategy="baseline")
+    reference, _ = fit(world=1, plan=None)
+    assert max((a - b).abs().max().item() for a, b in zip(weights, reference)) <= 1e-5
+    assert report.prediction is None and report.plan.replicas == (2,)

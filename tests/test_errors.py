@@ -77,8 +77,6 @@ def test_other_bad_arguments(no_spawn):
     for seed in (1.5, "1", True):
         with pytest.raises(TypeError, match="seed must be an integer"):
             d.fit(DATA, batch_size=4, steps=1, world_size=2, seed=seed)
-    with pytest.raises(ValueError, match="plan applies to strategy='pipebd' only"):
-        d.fit(DATA, batch_size=4, steps=1, world_size=2, strategy="baseline", plan="auto")
     for timeout in (0, -1, 1e-4, 2_147_484, float("inf"), float("nan")):
         with pytest.raises(ValueError, match=r"timeout must be between 0.001 and 2147483 seconds \(about 24 days\)"):
             d.fit(DATA, batch_size=4, steps=1, world_size=2, timeout=timeout)

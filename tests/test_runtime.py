@@ -169,3 +169,21 @@ def test_a_fit_in_the_callers_process_leaves_its_thread_count():
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_fit_in_the_callers_process_gives_the_blocks_back_as_they_came():
+    # As with spawned workers, which train copies: one rank (and torchrun, test_torchrun.py)
+    # trains the caller's own blocks, then restores their modes and requires_grad.
+    teacher, student = mlp_pair(num_blocks=2)
+    teacher[1].requires_grad_(False)
+    student[0].eval()
+    student[1][0].weight.requires_grad_(False)
+
+    def modes():
+        return [(m.training, p.requires_grad) for b in teacher + student for m in b.modules()
+                for p in m.parameters(recurse=False)]
+
+    given, weights = modes(), [p.clone() for p in student[0].parameters()]
+    pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=4, steps=2)
+    assert modes() == given
+    assert not all(torch.equal(a, b) for a, b in zip(weights, student[0].parameters()))   # trained, in place

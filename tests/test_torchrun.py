@@ -50,6 +50,7 @@ def test_torchrun_matches_reference(tmp_path, plan, num_workers):
         got = torch.load(f"{out}.{rank}")
         plans.add(got["plan"])
         assert got["teacher_block_runs"] == [20 * 7] * 5
+        assert got["modes_kept"]          # fit trains the rank's own blocks, then gives them back as they came
         assert max((a - b).abs().max().item() for a, b in zip(got["weights"], reference)) <= 1e-5
     assert len(plans) == 1 and (plan == "auto" or plans == {plan})
 
