@@ -3,13 +3,11 @@ blocks and trains each student block to reproduce its teacher block (blockwise d
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import itertools
 import logging
 import os
 import sys
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +21,8 @@ from .planner import auto_plan
 from .rng import check_seed
 from .profiler import COMM_REPEATS, Profile, comm_task, profile_job
 from .report import Report, build_report
-from .runtime.launch import LOOPS, check_timeout, init_spmd, pin_device, run_rank, run_spmd, spawn, torchrun_env
+from .runtime.launch import (LOOPS, check_timeout, init_spmd, kept_as_given, pin_device, run_rank, run_spmd, spawn,
+                             torchrun_env)
 from .runtime.worker import Job, TensorSpec
 from .simulator import simulate
 
@@ -144,7 +143,7 @@ class Distiller:
         if env is None and world_size > 1:
             results = spawn(job, world_size, timeout)
         else:
-            with _kept_as_given(self.teacher + self.student):
+            with kept_as_given(self.teacher + self.student):
                 results = run_spmd(job, timeout) if env is not None else run_rank(job, 0, 1)
         self._load_states(results)
         report = build_report(strategy, world_size, job.plan, batch_size, steps, self.num_blocks, results,
@@ -332,26 +331,6 @@ class Distiller:
         for r in results:
             for block, state in r.state.items():
                 self.student[block].load_state_dict(state)
-
-
-@contextlib.contextmanager
-def _kept_as_given(modules: list[nn.Module]) -> Iterator[None]:
-    """Leave ``modules`` in the train/eval mode, ``requires_grad`` and device they came in with,
-    as when spawned workers train copies of them. A fit in the caller's process (one rank, or
-    torchrun) trains the caller's own blocks, and the rank runtime freezes the teacher and moves
-    blocks to the fit's device; the trained weights stay."""
-    kept = [(m, [(sub, sub.training) for sub in m.modules()], [(p, p.requires_grad) for p in m.parameters()],
-             {t.device for t in itertools.chain(m.parameters(), m.buffers())}) for m in modules]
-    try:
-        yield
-    finally:
-        for m, modes, flags, devices in kept:
-            if len(devices) == 1:
-                m.to(*devices)
-            for sub, training in modes:
-                sub.training = training
-            for p, flag in flags:
-                p.requires_grad_(flag)
 
 
 def _device_of(module: nn.Module) -> torch.device:

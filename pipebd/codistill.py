@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -43,8 +44,8 @@ from .data import BatchOrder, StepRows, _tensors, check_workers, dataset_length,
 from .losses import _BACKENDS, soft_target_loss
 from .rng import check_seed, derived_seed, stream
 from .runtime.exchange import PeerLogits, Transfer, WeightExchange, packed_sizes, pack, unpack
-from .runtime.launch import (_broadcast_from_rank0, backend_for, check_timeout, init_spmd, spawn_tasks, torch_threads,
-                             torchrun_env)
+from .runtime.launch import (_broadcast_from_rank0, backend_for, check_timeout, init_spmd, kept_as_given, spawn_tasks,
+                             torch_threads, torchrun_env)
 from .runtime.redistribute import slices
 from .runtime.worker import NonFiniteLoss, progress_bar
 from .trace import Recorder, Span, busy_time, write_chrome_trace
@@ -188,8 +189,8 @@ class Codistillation:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
         burn_in, exchange_every = check_int("burn_in", burn_in, 0), check_int("exchange_every", exchange_every, 1)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -259,9 +260,11 @@ class Codistillation:
         if env is not None:
             init_spmd(self.device, timeout)
             _broadcast_from_rank0(job.models, _rank_device(self.device, dist.get_rank(), world_size))
-            results = _run(job, dist.get_rank(), world_size)
+            with kept_as_given(self.models):
+                results = _run(job, dist.get_rank(), world_size)
         elif world_size == 1:
-            results = _run(job, 0, 1)
+            with kept_as_given(self.models):
+                results = _run(job, 0, 1)
         else:
             tasks = [functools.partial(_run, job) for _ in range(world_size)]
             g = world_size // self.n

@@ -272,6 +272,7 @@ def test_an_exchange_that_fails_surfaces_as_a_clear_error(how):
     (dict(mode="dml"), {}, "mode must be one of"),
     (dict(alpha=-1), {}, "alpha must be >= 0"),
     (dict(temperature=0), {}, "temperature must be > 0"),
+    (dict(temperature=float("inf")), {}, "temperature must be > 0 and finite, got inf"),
     (dict(exchange_every=0), {}, "exchange_every must be an integer >= 1"),
     (dict(backend="cuda"), {}, "backend must be one of"),
     ({}, dict(world_size=3), "world_size 3 must be 1 or a multiple of n=2"),

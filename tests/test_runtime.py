@@ -187,3 +187,11 @@ def test_a_fit_in_the_callers_process_gives_the_blocks_back_as_they_came():
     pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=4, steps=2)
     assert modes() == given
     assert not all(torch.equal(a, b) for a, b in zip(weights, student[0].parameters()))   # trained, in place
+
+    from test_codistill import dataset, initial_models
+    models = initial_models(2)
+    models[1].eval()
+    weights = [p.clone() for p in models[1].parameters()]
+    pipebd.Codistillation(models, backend="torch", device="cpu").fit(dataset(), batch_size=4, steps=2)
+    assert all(m.training for m in models[0].modules()) and not any(m.training for m in models[1].modules())
+    assert not all(torch.equal(a, b) for a, b in zip(weights, models[1].parameters()))
