@@ -185,6 +185,77 @@ def test_a_script_without_a_main_guard_is_told_why(tmp_path):
     assert 'needs `if __name__ == "__main__":`' in proc.stderr
 
 
+ORPHAN_SCRIPT = """
+import os, sys, time
+import torch, pipebd
+from torch import nn
+from pipebd.models import mlp_pair
+
+def mark(kind):
+    open(os.path.join(sys.argv[1], f"{kind}-{os.getpid()}"), "w").close()
+
+class Data(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+    def __getitem__(self, i):
+        mark("loader")
+        return torch.zeros(16)
+
+class Slow(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+    def forward(self, x):
+        mark("rank")
+        time.sleep(0.02)
+        return self.inner(x)
+
+if __name__ == "__main__":
+    teacher, student = mlp_pair(num_blocks=2)
+    pipebd.Distiller(teacher, [Slow(b) for b in student], device="cpu").fit(
+        Data(), batch_size=4, steps=100_000, world_size=2, num_workers=1, timeout=60, progress=False)
+"""
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"     # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ranks_end_when_the_caller_is_killed(tmp_path):
+    # SIGKILL (or SIGTERM) of the caller skips its cleanup; the ranks and their loader processes
+    # must not train on without it.
+    (tmp_path / "orphan.py").write_text(ORPHAN_SCRIPT)
+    caller = subprocess.Popen([sys.executable, str(tmp_path / "orphan.py"), str(tmp_path)])
+    pids = set()
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            names = [p.name for p in tmp_path.iterdir() if "-" in p.name]
+            if sum(n.startswith("rank-") for n in names) >= 2 and any(n.startswith("loader-") for n in names):
+                break
+            assert caller.poll() is None, "the run ended early"
+            time.sleep(0.2)
+        else:
+            pytest.fail("the ranks did not start")
+        caller.kill()
+        caller.wait()
+        pids = {int(p.name.split("-")[1]) for p in tmp_path.iterdir() if "-" in p.name} - {caller.pid}
+        deadline = time.monotonic() + 15
+        while any(map(_running, pids)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in pids if _running(pid)]
+    finally:
+        caller.kill()
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, 9)
+
+
 def test_a_stalled_replica_times_out_its_peers_allreduce():
     # The stage's data-parallel group must use fit's timeout, not torch's 30-minute default.
     teacher, student = mlp_pair(num_blocks=4, seed=0)

@@ -20,6 +20,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -204,9 +205,10 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, payload: bytes, backend: str, timeout_s: float,
-            report: mp.connection.Connection) -> None:
+            report: mp.connection.Connection, lifeline: mp.connection.Connection) -> None:
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)   # a process group of its own, with its loader processes: _stop ends them all
+    threading.Thread(target=_end_with_caller, args=(lifeline,), name="pipebd-lifeline", daemon=True).start()
     report.send(("started",))
     try:
         task = cloudpickle.loads(payload)
@@ -218,6 +220,20 @@ def _worker(rank: int, world_size: int, port: int, payload: bytes, backend: str,
     except BaseException as err:
         report.send(("error", time.time(), traceback.format_exc(), isinstance(err, NonFiniteLoss)))
         sys.exit(1)
+
+
+def _end_with_caller(lifeline: mp.connection.Connection) -> None:
+    """A rank's watch on the caller, which holds the other end of ``lifeline`` until the ranks
+    have ended: end of file means that the caller died without ending them (SIGKILL, or a
+    SIGTERM, which skips its cleanup). The rank then ends itself and its loader processes
+    rather than train on unobserved, writing checkpoints that a resumed run would race."""
+    try:
+        lifeline.recv()      # nothing is ever sent
+    except (EOFError, OSError):
+        pass
+    if hasattr(os, "killpg") and os.getpgid(0) == os.getpid():
+        os.killpg(0, signal.SIGKILL)   # the group this rank leads: itself and its loader processes
+    os._exit(1)
 
 
 def _fit_task(job: Job, rank: int, world_size: int) -> list[RankResult]:
@@ -258,11 +274,15 @@ def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s:
     try:
         for r, task in enumerate(tasks):
             recv_end, send_end = ctx.Pipe(duplex=False)
+            watch_end, hold_end = ctx.Pipe(duplex=False)
+            ends.append(hold_end)   # held until the ranks have ended; the caller's death closes it
             # Not daemonic: a rank may start DataLoader workers. _stop ends every rank.
             p = ctx.Process(target=_worker, name=f"pipebd-rank{r}", daemon=False,
-                            args=(r, world_size, port, cloudpickle.dumps(task), backend, timeout_s, send_end))
+                            args=(r, world_size, port, cloudpickle.dumps(task), backend, timeout_s, send_end,
+                                  watch_end))
             p.start()
             send_end.close()  # the child holds the only write end: its exit means EOF here
+            watch_end.close()
             procs.append(p)
             conns[recv_end] = r
             ends.append(recv_end)
