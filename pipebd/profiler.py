@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import statistics
@@ -41,6 +42,8 @@ from .data import PREFETCH, StepRows, batch_loader
 from .plan import Plan
 from .runtime.launch import backend_for, spawn_tasks, torch_threads
 from .runtime.worker import Job, RankRuntime, progress_bar
+
+log = logging.getLogger("pipebd")
 
 # Transfer sizes for the communication fits (bytes), and timed repeats of each: collectives of
 # many ranks sharing few cores vary more from call to call than block computations do.
@@ -254,8 +257,12 @@ def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5,
         p2p, allreduce = comm()
         profile = dataclasses.replace(profile, p2p=p2p, allreduce=allreduce)   # refits the comm models
     if cache:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        profile.save(path)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            profile.save(path)
+        except OSError as err:   # a cache that cannot be written costs a measurement next time, not this run
+            log.warning("pipebd: the profile was not cached (%s; set PIPEBD_CACHE_DIR to a writable "
+                        "directory): %s", path, err)
     return dataclasses.replace(profile, **_job_options(job))
 
 

@@ -78,6 +78,15 @@ def test_cache_hit_miss_and_corrupt_file(monkeypatch):
     assert len(calls) == 3
 
 
+def test_a_cache_that_cannot_be_written_is_warned_about(monkeypatch, tmp_path, caplog):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("PIPEBD_CACHE_DIR", str(tmp_path / "file"))      # not a directory
+    with caplog.at_level("WARNING", logger="pipebd"):
+        got = profiler.profile_job(job(emulated()), 3, warmup=0, repeats=1, comm=lambda: NO_COMM)
+    assert got.num_blocks == 2
+    assert any("profile was not cached" in r.message and "PIPEBD_CACHE_DIR" in r.message for r in caplog.records)
+
+
 def test_block_cost_is_part_of_the_cache_key():
     cheap, dear = emulated(), emulated()
     dear.teacher[0] = EmulatedBlock(4, 2 * A, B_ROW)
