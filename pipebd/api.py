@@ -156,7 +156,8 @@ class Distiller:
     def _checkpoints(self, job: Job, directory: str | os.PathLike | None, every: int | None, resume: bool) -> None:
         """Check the checkpoint options and ``directory``; on resume, check every saved state
         (``checkpoint.check``), then load the saved student weights into the blocks and give
-        the job each block's step and optimizer state. A fresh run saves every block at step 0."""
+        the job each block's step and optimizer state. A fresh run saves every block at step 0,
+        then records the run (``checkpoint.start``)."""
         directory, every = checkpoint.options(directory, every, resume)
         spmd = torchrun_env() is not None and directory is not None
         if spmd:
@@ -181,12 +182,12 @@ class Distiller:
         if spmd:
             dist.barrier()   # every rank has read the directory before rank 0 writes to it
         if not spmd or dist.get_rank() == 0:
-            checkpoint.start(directory, key)
-            for block in range(self.num_blocks):
-                if block not in states:
+            if not states:   # every step-0 file before run.json, so a run killed in between leaves no run
+                for block in range(self.num_blocks):
                     optimizer = self.optimizer(self.student[block].parameters())
                     scheduler = self.scheduler(optimizer) if self.scheduler is not None else None
                     checkpoint.save_block(directory, block, 0, self.student[block], optimizer, scheduler)
+            checkpoint.start(directory, key)
         job.checkpoint_dir, job.checkpoint_every = directory, every
 
     def profile(self, dataset: Any, batch_size: int, world_size: int, *, threads: int | None = None,

@@ -18,11 +18,15 @@ Nor do the plan, strategy or world size of the resumed run have to match the int
                    "scheduler", "scheduler_type"}, tensors on the CPU
 
 A fresh run saves every block at step 0 before it starts, so a resume never depends on how the
-caller rebuilt the student. Each file is written to a temporary file in the same directory and
+caller rebuilt the student, and only then records ``run.json``: a directory with ``run.json``
+has every block's file, and a resume refuses one that lacks a file rather than restart that
+block from step 0. Each file is written to a temporary file in the same directory and
 renamed over the old one (``os.replace``, atomic on POSIX), so a crash or a kill mid-write leaves
 the previous checkpoint whole; a block whose weights are no longer finite is not saved. A resume
 first checks every saved state against a fresh optimizer and scheduler, before anything is
-loaded or started. Blocks with randomness in training (dropout) resume with fresh random state,
+loaded or started; settings of the optimizer (per parameter group) or the scheduler that differ
+from this run's are restored from the checkpoint, as torch's ``load_state_dict`` does, and named
+in one warning. Blocks with randomness in training (dropout) resume with fresh random state,
 so only deterministic blocks resume bit for bit. The teacher is not saved: pass the same teacher.
 
 Codistillation (``Codistillation.fit``) couples its models through the checkpoints they
@@ -42,6 +46,7 @@ the last two exchange steps, which are what the others distill from next (the st
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -189,6 +194,10 @@ def _read_run(directory: str | None, key: RunKey | CodistillKey, resume: bool) -
             saved = json.load(f)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read {run_file}: {err}") from err
+    if not isinstance(saved, dict):
+        shown = json.dumps(saved)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise ValueError(f"cannot read {run_file}: it holds {shown}, not the JSON object that records a pipebd run")
     kinds = {"distill": "a Distiller", "codistill": "a Codistillation"}
     if "kind" not in saved:    # format 1 recorded no kind and saved the weights under another key
         raise ValueError(f"the checkpoint in {directory} was written by an older pipebd (checkpoint format 1) "
@@ -214,17 +223,18 @@ def _load(path: str, what: str, field: str, value: int) -> dict:
 
 
 def read(directory: str | None, key: RunKey, steps: int, resume: bool) -> dict[int, dict]:
-    """Check ``directory`` against this run and return the saved state of each block found
+    """Check ``directory`` against this run and return the saved state of every block
     (block -> the file's dict), or {} for a fresh start. Raises ValueError when the directory
-    belongs to another run, holds a checkpoint that ``resume=False`` would overwrite, or a block
-    has already trained beyond ``steps``."""
+    belongs to another run, holds a checkpoint that ``resume=False`` would overwrite, lacks a
+    block's file, or a block has already trained beyond ``steps``."""
     if _read_run(directory, key, resume) is None:
         return {}
     states = {}
     for block in range(key.num_blocks):
         path = block_path(directory, block)
-        if not os.path.exists(path):
-            continue
+        if not os.path.exists(path):   # run.json is written after every block's step-0 file
+            raise ValueError(f"the checkpoint in {directory} has no file for block {block} ({path}); restore "
+                             f"it, or start the run afresh in an empty directory")
         state = _load(path, f"block {block}", "block", block)
         if state["step"] > steps:
             raise ValueError(f"block {block} of the checkpoint in {directory} has trained {state['step']} "
@@ -309,7 +319,13 @@ def check(states: dict[int, dict], modules: dict[int, nn.Module] | list[nn.Modul
           optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable[..., Any] | None,
           what: str = "student block") -> None:
     """Refuse, naming the block (or model: ``what``), any saved state that does not fit its
-    module or a fresh optimizer and scheduler from this run's factories. Nothing is loaded."""
+    module or a fresh optimizer and scheduler from this run's factories. Nothing is loaded.
+
+    Loading the state restores the saved optimizer hyperparameters and scheduler settings over
+    the factories' (torch's ``load_state_dict``), which keeps a resumed run equal to an
+    uninterrupted one; so that a changed setting is not ignored silently, one warning names
+    every setting that differs (those of ``_compared_keys`` and the scheduler's ``_flatten``)."""
+    changed: dict[tuple[str, str, str], list[int]] = {}
     for index, state in states.items():
         module = modules[index]
         have = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -319,7 +335,72 @@ def check(states: dict[int, dict], modules: dict[int, nn.Module] | list[nn.Modul
             raise ValueError(f"the checkpoint of {what} {index} does not fit the {what}: "
                              f"{', '.join(f'{k} saved {saved.get(k)} vs {have.get(k)}' for k in diff[:4])}")
         probe = optimizer(module.parameters())     # built, never stepped: the weights stay as they are
-        load_training(f"{what} {index}", probe, scheduler(probe) if scheduler is not None else None, state)
+        declared = [set(group) - {"params"} for group in probe.param_groups]
+        probe_scheduler = scheduler(probe) if scheduler is not None else None
+        schedule = _flatten(probe_scheduler.state_dict(), "scheduler") if probe_scheduler is not None else None
+        keys = _compared_keys(declared, probe.param_groups, schedule)
+        fresh = _hyperparameters(probe.param_groups, keys) | (schedule or {})
+        load_training(f"{what} {index}", probe, probe_scheduler, state)
+        kept = _hyperparameters(state["optimizer"]["param_groups"], keys)
+        if state["scheduler"] is not None:
+            kept.update(_flatten(state["scheduler"], "scheduler"))
+        for name in fresh.keys() & kept.keys():
+            if fresh[name] != kept[name]:
+                changed.setdefault((name, repr(kept[name]), repr(fresh[name])), []).append(index)
+    if changed:
+        log.warning("pipebd: this run's optimizer or scheduler settings differ from the checkpoint's; the "
+                    "checkpoint's values are kept (start afresh to change them): %s",
+                    "; ".join(f"{what} {', '.join(map(str, sorted(indices)))}: {name} saved {old}, this run {new}"
+                              for (name, old, new), indices in sorted(changed.items())))
+
+
+# Scheduler state that changes with the steps taken (base_lrs: the optimizer's initial_lr).
+_SCHEDULE_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step",
+                      "base_lrs"}
+
+
+def _compared_keys(declared: list[set[str]], groups: list[dict], schedule: dict[str, Any] | None) -> list[set[str]]:
+    """The hyperparameters of each param group that a checkpoint's must equal: those the
+    optimizer factory set (``declared``), less those a scheduler (``schedule``: its settings)
+    rewrites every step: ``lr``, whose start is compared instead (``initial_lr``), and with
+    ``cycle_momentum`` (torch's CyclicLR, OneCycleLR) momentum or Adam's betas. The keys a
+    scheduler adds to a group (OneCycleLR's ``max_lr``) are its own and not compared."""
+    if schedule is None:
+        return declared
+    cyclic = any(name.endswith(".cycle_momentum") and value for name, value in schedule.items())
+    scheduled = {"lr", "momentum", "betas"} if cyclic else {"lr"}
+    return [(keys - scheduled) | ({"initial_lr"} & group.keys()) for keys, group in zip(declared, groups)]
+
+
+def _hyperparameters(groups: list[dict], keys: list[set[str]]) -> dict[str, Any]:
+    """Name -> value of the hyperparameters ``keys`` of each param group: "optimizer.momentum",
+    or "optimizer.param_groups[1].momentum" with several groups."""
+    settings = {}
+    for g, (group, names) in enumerate(zip(groups, keys)):
+        prefix = "optimizer." if len(groups) == 1 else f"optimizer.param_groups[{g}]."
+        settings.update({prefix + k: _plain(group[k]) for k in names if k in group})
+    return settings
+
+
+def _flatten(value: Any, name: str) -> dict[str, Any]:
+    """Name -> value of every entry of a scheduler's state but its progress, nested ones named
+    by their path ("scheduler._schedulers[0].total_iters")."""
+    if isinstance(value, dict):
+        return {n: v for k, item in value.items() if k not in _SCHEDULE_PROGRESS
+                for n, v in _flatten(item, f"{name}.{k}").items()}
+    if isinstance(value, (list, tuple)):
+        return {n: v for i, item in enumerate(value) for n, v in _flatten(item, f"{name}[{i}]").items()}
+    return {name: _plain(value)}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` comparable with ``==`` and shown by ``repr``: tensors (a capturable lr) as
+    numbers or lists, tuples (Adam's betas) as lists."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def load_training(name: str, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict) -> None:
@@ -332,8 +413,8 @@ def load_training(name: str, optimizer: torch.optim.Optimizer, scheduler: Any, s
                              f"{have}; resume with the same {what}")
     try:
         optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
+        if scheduler is not None:   # a copy: CyclicLR's load_state_dict pops from the dict it is given
+            scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"the checkpoint's optimizer or scheduler state of {name} does not fit: "
                          f"{err!r}") from err

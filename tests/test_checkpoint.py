@@ -4,7 +4,9 @@ tolerance of the exactness tests: replicated stages sum in another order); files
 atomically; bad resumes are refused before any process starts."""
 
 import json
+import logging
 import os
+import re
 
 import pytest
 import torch
@@ -166,6 +168,102 @@ def test_a_checkpoint_that_does_not_fit_is_named_before_anything_is_loaded(saved
         f.write(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read the checkpoint of block 2"):
         distiller().fit(DATA, BATCH, 20, checkpoint_dir=saved, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("record", ['"kind"', "5", "null", "[1, 2]"])
+def test_a_run_json_that_is_not_an_object_is_refused(tmp_path, record):
+    # Before the fix: an AttributeError, a TypeError, or (for a list) "an older pipebd".
+    (tmp_path / "run.json").write_text(record)
+    with pytest.raises(ValueError, match=rf"cannot read {re.escape(str(tmp_path / 'run.json'))}: it holds "
+                                         rf"{re.escape(record)}, not the JSON object that records a pipebd run"):
+        distiller().fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_a_missing_block_file_is_refused(saved):
+    # Before the fix block 2 restarted from step 0: "blocks had completed steps [10, 10, 0, 10, 10]".
+    os.unlink(checkpoint.block_path(saved, 2))
+    d = distiller()
+    before = {k: v.clone() for k, v in weights(d).items()}
+    path = re.escape(checkpoint.block_path(str(saved), 2))
+    with pytest.raises(ValueError, match=rf"checkpoint in .* has no file for block 2 \({path}\); restore it"):
+        d.fit(DATA, BATCH, STEPS, checkpoint_dir=saved, resume=True, progress=False)
+    assert max_diff(weights(d), before) == 0.0
+    assert saved_steps(saved) == [10, 10, 0, 10, 10]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_run_killed_while_saving_step_0_leaves_no_run_to_resume(tmp_path, monkeypatch, reference):
+    # run.json is written after every block's step-0 file: a kill in between leaves a directory
+    # that a resume starts afresh, not one whose missing files it refuses.
+    save_block = checkpoint.save_block
+
+    def killed_at_block_2(directory, block, *args):
+        if block == 2:
+            raise Killed
+        save_block(directory, block, *args)
+
+    monkeypatch.setattr(checkpoint, "save_block", killed_at_block_2)
+    with pytest.raises(Killed):
+        distiller().fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["block0.pt", "block1.pt"]
+    d = distiller()
+    report = d.fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert report.start == [0] * BLOCKS and max_diff(weights(d), reference) == 0.0
+
+
+def pipebd_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "pipebd" and r.levelno >= logging.WARNING]
+
+
+def sgd(lr=0.05, momentum=0.9):
+    return lambda p: torch.optim.SGD(p, lr=lr, momentum=momentum)
+
+
+def warmup_3_then_cosine(optimizer):
+    return pipebd.lr.warmup(optimizer, 3, then=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, STEPS))
+
+
+@pytest.mark.parametrize("optimizer, scheduler, warned", [
+    (sgd(), warmup_then_cosine, None),
+    (sgd(lr=0.001), warmup_then_cosine, "optimizer.initial_lr saved 0.05, this run 0.001"),
+    (sgd(momentum=0.5), warmup_then_cosine, "optimizer.momentum saved 0.9, this run 0.5"),
+    (sgd(), warmup_3_then_cosine, "scheduler._schedulers[0].total_iters saved 5, this run 3"),
+], ids=["same", "lr", "momentum", "warmup"])
+def test_changed_optimizer_or_scheduler_settings_are_kept_and_named_once(saved, reference, caplog, optimizer,
+                                                                         scheduler, warned):
+    # The checkpoint's settings are restored (torch's load_state_dict), so the resumed run still
+    # ends with the uninterrupted run's weights; before the fix nothing told the caller.
+    d = distiller(scheduler=scheduler)
+    d.optimizer = optimizer
+    with caplog.at_level(logging.WARNING, logger="pipebd"):
+        d.fit(DATA, BATCH, STEPS, checkpoint_dir=saved, resume=True, progress=False)
+    assert max_diff(weights(d), reference) < 1e-5
+    if warned is None:
+        assert pipebd_warnings(caplog) == []
+    else:
+        [message] = pipebd_warnings(caplog)
+        assert f"student block 0, 1, 2, 3, 4: {warned}" in message
+        assert "the checkpoint's values are kept" in message
+
+
+def test_a_cyclic_schedule_resumes_to_the_uninterrupted_weights_without_a_warning(tmp_path, caplog):
+    # CyclicLR's load_state_dict popped a key from the saved state when the resume checked it,
+    # so the run's own load then failed (KeyError); it cycles the momentum, which is no change.
+    def cyclic(optimizer):
+        return torch.optim.lr_scheduler.CyclicLR(optimizer, 0.01, 0.05, step_size_up=3)
+
+    once = distiller(scheduler=cyclic)
+    once.fit(DATA, BATCH, STEPS, progress=False)
+    distiller(scheduler=cyclic).fit(DATA, BATCH, 10, checkpoint_dir=tmp_path, progress=False)
+    d = distiller(scheduler=cyclic)
+    with caplog.at_level(logging.WARNING, logger="pipebd"):
+        d.fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert max_diff(weights(d), weights(once)) < 1e-5
+    assert pipebd_warnings(caplog) == []
 
 
 class NanGradient(torch.autograd.Function):

@@ -5,6 +5,7 @@ weights; a checkpoint step counts only once every model saved it; bad resumes ar
 before anything is loaded."""
 
 import json
+import logging
 import os
 import shutil
 
@@ -20,10 +21,11 @@ from test_codistill import BATCH, FEATURES, K, STEPS, dataset, initial_models, s
 EVERY, TOL = 6, 1e-5
 
 
-def codistillation(mode="codistill", crash_model=None, crash_at=None, alpha=0.7, optimizer=sgd, exchange_every=K):
+def codistillation(mode="codistill", crash_model=None, crash_at=None, alpha=0.7, optimizer=sgd, exchange_every=K,
+                   scheduler=None):
     models = [crash_after(m, crash_at if i == crash_model else None) for i, m in enumerate(initial_models(2))]
-    return pipebd.Codistillation(models, optimizer=optimizer, alpha=alpha, temperature=2.0, burn_in=3,
-                                 exchange_every=exchange_every, mode=mode, backend="torch", device="cpu")
+    return pipebd.Codistillation(models, optimizer=optimizer, scheduler=scheduler, alpha=alpha, temperature=2.0,
+                                 burn_in=3, exchange_every=exchange_every, mode=mode, backend="torch", device="cpu")
 
 
 def fit(cd, steps=STEPS, world_size=1, **options):
@@ -154,6 +156,38 @@ def test_a_missing_model_file_or_snapshot_is_refused(saved, tmp_path_factory):
     os.unlink(saved / "step12" / "model1.pt")
     with pytest.raises(ValueError, match="of step 12 has no file for model 1"):
         fit(codistillation(), checkpoint_dir=saved, resume=True)
+
+
+def warmup(steps):
+    return lambda optimizer: pipebd.lr.warmup(optimizer, steps)
+
+
+@pytest.mark.parametrize("resumed, warned", [(8, None), (12, "model 0, 1: scheduler.total_iters saved 8, this run 12")],
+                         ids=["same", "longer-warmup"])
+def test_a_changed_schedule_is_kept_and_named_once(tmp_path, caplog, resumed, warned):
+    # Saved in the middle of the warmup: the resumed run keeps the checkpoint's warmup of 8
+    # steps (torch's load_state_dict restores it), so it ends with the uninterrupted run's
+    # weights; before the fix nothing told the caller that the 12 passed was not used.
+    reference = codistillation(scheduler=warmup(8))
+    fit(reference)
+    fit(codistillation(scheduler=warmup(8)), steps=6, checkpoint_dir=tmp_path)
+    cd = codistillation(scheduler=warmup(resumed))
+    with caplog.at_level(logging.WARNING, logger="pipebd"):
+        fit(cd, checkpoint_dir=tmp_path, resume=True)
+    assert max_diff(weights(cd), weights(reference)) <= TOL
+    messages = [r.getMessage() for r in caplog.records if r.name == "pipebd" and r.levelno >= logging.WARNING]
+    if warned is None:
+        assert messages == []
+    else:
+        [message] = messages
+        assert warned in message and "the checkpoint's values are kept" in message
+
+
+def test_a_run_json_that_is_not_an_object_is_refused(tmp_path):
+    # Before the fix a list read as a run of checkpoint format 1 ("an older pipebd").
+    (tmp_path / "run.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"run.json: it holds \[1, 2\], not the JSON object that records a pipebd run"):
+        fit(codistillation(), checkpoint_dir=tmp_path, resume=True)
 
 
 def test_distiller_and_codistillation_checkpoints_are_told_apart(saved, tmp_path_factory):
