@@ -170,6 +170,11 @@ class Distiller:
             raise ValueError(f"every block of the checkpoint in {directory} has completed steps={job.steps}; "
                              f"pass a larger steps to train further")
         checkpoint.check(states, self.student, self.optimizer, self.scheduler)
+        fingerprint = None
+        if directory is not None:
+            fingerprint = checkpoint.teacher_fingerprint(self.teacher, job.boundary[0].shape, job.boundary[0].dtype)
+            if states:
+                checkpoint.check_teacher(directory, fingerprint)
         for block, state in states.items():
             self.student[block].load_state_dict(state["weights"])
         job.start = {block: state["step"] for block, state in states.items()}
@@ -187,7 +192,7 @@ class Distiller:
                     optimizer = self.optimizer(self.student[block].parameters())
                     scheduler = self.scheduler(optimizer) if self.scheduler is not None else None
                     checkpoint.save_block(directory, block, 0, self.student[block], optimizer, scheduler)
-            checkpoint.start(directory, key)
+            checkpoint.start(directory, key, teacher=fingerprint)
         job.checkpoint_dir, job.checkpoint_every = directory, every
 
     def profile(self, dataset: Any, batch_size: int, world_size: int, *, threads: int | None = None,

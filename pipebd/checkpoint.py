@@ -49,6 +49,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -220,6 +221,46 @@ def _load(path: str, what: str, field: str, value: int) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT or state.get(field) != value:
         raise ValueError(f"{path} is not a pipebd checkpoint of {what} (format {FORMAT})")
     return state
+
+
+def teacher_fingerprint(teacher: list[nn.Module], shape: tuple[int, ...], dtype: torch.dtype) -> list[float]:
+    """Numbers that tell teachers apart, recorded with a run since the teacher is not saved: the
+    last teacher block's output, in eval mode, on a fixed input of the first block's per-sample
+    ``shape`` and ``dtype`` (zeros for an integer input), as its mean, its mean absolute value
+    and eight of its entries."""
+    numel = math.prod(shape)
+    x = torch.sin(torch.arange(numel, dtype=torch.float64) * 0.7) if dtype.is_floating_point else torch.zeros(numel)
+    modes = [(m, m.training) for block in teacher for m in block.modules()]
+    try:
+        with torch.no_grad():
+            a = x.to(dtype).reshape(1, *shape)
+            for block in teacher:
+                param = next(block.parameters(), None)
+                a = block.eval()(a.to(param.device) if param is not None else a)
+    finally:
+        for m, training in modes:
+            m.training = training
+    out = a.detach().double().flatten().cpu()
+    picks = out[torch.linspace(0, out.numel() - 1, 8).long()] if out.numel() else out
+    return [out.mean().item(), out.abs().mean().item(), *picks.tolist()]
+
+
+def check_teacher(directory: str, fingerprint: list[float]) -> None:
+    """Warn when this run's teacher gives other outputs than the one ``directory``'s run was
+    trained with (its ``teacher_fingerprint``; runs recorded by earlier versions have none). A
+    tolerance of 1% of the outputs' scale admits other devices and summation orders."""
+    with open(os.path.join(directory, RUN_FILE)) as f:
+        saved = json.load(f).get("teacher")
+    if saved is None:
+        return
+    before, now = torch.tensor(saved, dtype=torch.float64), torch.tensor(fingerprint, dtype=torch.float64)
+    scale = before.nan_to_num(0.0, 0.0, 0.0).abs().max().item() if before.numel() else 0.0
+    if before.shape == now.shape and torch.allclose(now, before, rtol=1e-2, atol=1e-2 * scale + 1e-12, equal_nan=True):
+        return
+    log.warning("pipebd: the teacher gives other outputs than the one the checkpoint in %s was trained with "
+                "(on a fixed input: %s, then %s). The teacher is not saved: resume with the same teacher, or "
+                "the run will not end as an uninterrupted one would", directory,
+                [f"{v:.4g}" for v in saved[:4]], [f"{v:.4g}" for v in fingerprint[:4]])
 
 
 def read(directory: str | None, key: RunKey, steps: int, resume: bool) -> dict[int, dict]:

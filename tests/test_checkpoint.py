@@ -104,8 +104,9 @@ def test_resume_from_an_empty_directory_starts_at_step_0(tmp_path, reference):
     report = d.fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path / "new", resume=True, progress=False)
     assert max_diff(weights(d), reference) == 0.0
     assert report.start == [0] * BLOCKS
-    assert json.loads((tmp_path / "new" / "run.json").read_text()) == {
-        "kind": "distill", "num_blocks": BLOCKS, "batch_size": BATCH, "seed": 0, "dataset_len": len(DATA)}
+    record = json.loads((tmp_path / "new" / "run.json").read_text())
+    assert record == {"kind": "distill", "num_blocks": BLOCKS, "batch_size": BATCH, "seed": 0, "dataset_len": len(DATA),
+                      "teacher": checkpoint.teacher_fingerprint(d.teacher, (D,), torch.float32)}
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -335,3 +336,18 @@ def test_cli_resumes_a_run(tmp_path, capsys):
     assert "already holds a pipebd run" in capsys.readouterr().err
     assert main(common + ["--set", "steps=6", "--resume"]) == 0
     assert "resumed: blocks had completed steps [4, 4, 4, 4]" in capsys.readouterr().out
+
+
+def test_a_resume_with_another_teacher_is_warned_about(saved, caplog):
+    # The teacher is not saved; run.json records its outputs on a fixed input instead.
+    d = distiller()
+    with torch.no_grad():
+        d.teacher[2][0].weight.mul_(1.5)
+    modes = [m.training for b in d.teacher for m in b.modules()]
+    with caplog.at_level(logging.WARNING, logger="pipebd"):
+        d.fit(DATA, BATCH, 12, checkpoint_dir=saved, resume=True, progress=False)
+    [message] = pipebd_warnings(caplog)
+    assert "the teacher gives other outputs than the one the checkpoint" in message
+    assert [m.training for b in d.teacher for m in b.modules()] == modes
+    assert json.loads((saved / "run.json").read_text())["teacher"] == checkpoint.teacher_fingerprint(
+        d.teacher, (D,), torch.float32)             # the record follows the teacher of the last run
