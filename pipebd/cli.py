@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import logging
 import os
 import sys
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -19,15 +21,12 @@ from .report import Report
 from .codistill import Codistillation, CodistillReport
 from .checks import check_device
 from .config import CodistillConfig, RunConfig, dump_config, load_config
-from .runtime.launch import check_timeout
+from .runtime.launch import WorkerError, check_timeout
+from .runtime.worker import NonFiniteLoss
 
 
 def build(config: RunConfig) -> tuple[Distiller, TensorDataset]:
     """The Distiller and dataset a config describes."""
-    from pipebd.models import PAIRS
-
-    if config.model.pair not in PAIRS:
-        raise ValueError(f"model.pair must be one of {sorted(PAIRS)}, got {config.model.pair!r}")
     if config.data.kind != "synthetic":
         raise ValueError(f"data.kind must be 'synthetic', got {config.data.kind!r}")
     if config.data.samples < 1:
@@ -35,20 +34,71 @@ def build(config: RunConfig) -> tuple[Distiller, TensorDataset]:
     if config.final_loss is not None and config.final_loss.alpha > 0:
         raise ValueError(f"final_loss.alpha={config.final_loss.alpha:g} mixes in a cross-entropy on labels, but "
                          f"synthetic data has none; use alpha 0 here (the Python API takes (x, y) items)")
-    device = check_device(config.device)
-    if (config.final_loss is not None and config.final_loss.backend == "triton" and not device.startswith("cuda")
-            and os.environ.get("TRITON_INTERPRET") != "1"):
-        raise ValueError(f"final_loss.backend=triton runs on CUDA (device is {device}); on a CPU use auto or torch, "
-                         f"or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter")
+    if config.final_loss is not None:
+        check_backend("final_loss.backend", config.final_loss.backend, config.device)
     check_timeout(config.timeout)
-    pair = PAIRS[config.model.pair]
-    teacher, student = pair.build(**config.model.args, seed=config.seed)
-    shape = pair.input_shape(**config.model.args)
+    teacher, student, shape = build_pair(config)
     gen = torch.Generator().manual_seed(config.data.seed)
     dataset = TensorDataset(torch.randn(config.data.samples, *shape, generator=gen))
     distiller = Distiller(teacher, student, optimizer=config.optimizer.build(), block_loss=config.block_loss,
                           final_loss=config.build_final_loss(), device=config.device)
     return distiller, dataset
+
+
+def check_backend(key: str, backend: str, device: str | None) -> None:
+    """Refuse the Triton kernels on a device they cannot run on, up front: otherwise the first
+    loss call fails, deep in a shape probe or a worker after the burn-in."""
+    device = check_device(device)
+    if backend == "triton" and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{key}=triton runs on CUDA (device is {device}); on a CPU use auto or torch, "
+                         f"or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter")
+
+
+def build_pair(config: RunConfig) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
+    """Teacher, student and per-sample input shape of ``model.pair`` built with ``model.args``.
+    Whatever the pair function raises comes from those args (a negative width is a RuntimeError
+    deep in torch), so it becomes a ValueError that names them; the warnings of a build that
+    fails (zero-element tensors, say) are dropped as noise before its error."""
+    from pipebd.models import PAIRS
+
+    name, args = config.model.pair, config.model.args
+    if name not in PAIRS:
+        raise ValueError(f"model.pair must be one of {sorted(PAIRS)}, got {name!r}")
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            teacher, student = PAIRS[name].build(**args, seed=config.seed)
+            shape = PAIRS[name].input_shape(**args)
+        except Exception as err:
+            raise ValueError(f"model.args {args} do not build model.pair {name!r}: {err}") from err
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return teacher, student, shape
+
+
+def check_outputs(config: RunConfig | CodistillConfig) -> None:
+    """Refuse, before any training, an output that could not be written after it (the run's time
+    would be lost with it): a path that is a directory, a directory that cannot be created or
+    written in, a plot without matplotlib. Creates nothing; ``write_outputs`` makes the folders."""
+    for key in ("trace", "plot"):
+        path = getattr(config, key)
+        if not path:
+            continue
+        target = os.path.abspath(path)
+        folder = os.path.dirname(target)
+        while not os.path.exists(folder):      # the nearest folder that exists must take the new ones
+            folder = os.path.dirname(folder)
+        writable = target if os.path.exists(target) else folder
+        if os.path.isdir(target):
+            reason = "it is a directory"
+        elif not os.path.isdir(folder):
+            reason = f"{folder} is not a directory"
+        elif not os.access(writable, os.W_OK):
+            reason = f"no permission to write {writable}"
+        else:
+            continue
+        raise ValueError(f"config key '{key}': cannot write {path!r}: {reason}")
+    if config.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("config key 'plot': plotting needs matplotlib: pip install 'pipebd[plot]'")
 
 
 def check(config: RunConfig) -> None:
@@ -59,10 +109,12 @@ def check(config: RunConfig) -> None:
                    config.seed, config.max_inflight, None, False, config.timeout, config.sync_batchnorm,
                    config.num_workers)
     checkpoint.options(config.checkpoint_dir, config.checkpoint_every, config.resume)
+    check_outputs(config)
 
 
 def run(config: RunConfig) -> None:
     distiller, dataset = build(config)
+    check_outputs(config)
     report = distiller.fit(dataset, batch_size=config.batch_size, steps=config.steps,
                            world_size=config.world_size, strategy=config.strategy, plan=config.fit_plan(),
                            seed=config.seed, max_inflight=config.max_inflight,
@@ -70,7 +122,7 @@ def run(config: RunConfig) -> None:
                            resume=config.resume, sync_batchnorm=config.sync_batchnorm,
                            num_workers=config.num_workers, timeout=config.timeout)
     print(report)
-    write_outputs(report, config.trace, config.plot)
+    write_outputs(report, config)
 
 
 def profile(config: RunConfig) -> None:
@@ -105,6 +157,7 @@ def build_codistill(config: CodistillConfig) -> tuple[Codistillation, TensorData
         raise ValueError(f"data.test_fraction must be between 0 and 1, got {d.test_fraction}")
     if config.warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+    check_backend("backend", config.backend, config.device)
     check_timeout(config.timeout)
     x, y = datasets.synthetic(d.samples, d.features, d.classes, d.seed) if d.kind == "synthetic" else datasets.digits()
     train, test = datasets.split(x, y, test_rows=max(1, round(len(x) * d.test_fraction)))
@@ -139,10 +192,12 @@ def check_codistill(config: CodistillConfig) -> None:
     cd._job(train, config.batch_size, config.steps, config.world_size, config.seed, test, config.eval_every,
             False, None, False, config.timeout, config.sync_batchnorm, config.num_workers)
     checkpoint.options(config.checkpoint_dir, config.checkpoint_every, config.resume)
+    check_outputs(config)
 
 
 def codistill(config: CodistillConfig) -> None:
     cd, train, test = build_codistill(config)
+    check_outputs(config)
     report = cd.fit(train, batch_size=config.batch_size, steps=config.steps, world_size=config.world_size,
                     seed=config.seed, eval_data=test, eval_every=config.eval_every,
                     checkpoint_dir=config.checkpoint_dir, checkpoint_every=config.checkpoint_every,
@@ -150,16 +205,20 @@ def codistill(config: CodistillConfig) -> None:
                     timeout=config.timeout)
     print(f"{len(train)} training rows, accuracy on {len(test[1])} held-out rows")
     print(report)
-    write_outputs(report, config.trace, config.plot)
+    write_outputs(report, config)
 
 
-def write_outputs(report: Report | CodistillReport, trace: str | None, plot: str | None) -> None:
-    if trace:
-        report.save_trace(trace)
-        print(f"trace written to {trace} (open in https://ui.perfetto.dev or chrome://tracing)")
-    if plot:
-        report.plot(plot)
-        print(f"plot written to {plot}")
+def write_outputs(report: Report | CodistillReport, config: RunConfig | CodistillConfig) -> None:
+    """Write the trace and plot the config asks for (checked by ``check_outputs`` before training),
+    creating missing folders."""
+    if config.trace:
+        os.makedirs(os.path.dirname(os.path.abspath(config.trace)), exist_ok=True)
+        report.save_trace(config.trace)
+        print(f"trace written to {config.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    if config.plot:
+        os.makedirs(os.path.dirname(os.path.abspath(config.plot)), exist_ok=True)
+        report.plot(config.plot)
+        print(f"plot written to {config.plot}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, NotImplementedError, OSError, ImportError) as err:
         print(f"pipebd: error: {err}", file=sys.stderr)
         return 2
+    except (WorkerError, NonFiniteLoss) as err:
+        # A failed run, not a bad config (hence 1): the message names the rank and step and holds
+        # the worker's traceback; the parent's own would only show the call of fit.
+        print(f"pipebd: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pipebd: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

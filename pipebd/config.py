@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import re
 import types
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -151,6 +153,24 @@ class CodistillConfig:
     resume: bool = False
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, which PyYAML lets the
+    last one win silently (a second ``lr:`` in a long config file would quietly replace the first).
+    Keys brought in by a merge (``<<: *base``) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in lines:
+                raise ValueError(f"duplicate key {key!r} on line {line} (first on line {lines[key]})")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | None = None, overrides: list[str] = (), kind: type = RunConfig) -> Any:
     """Read ``path`` (or start from the defaults) and apply ``key.path=value`` overrides, whose
     values are parsed as YAML (``steps=10``, ``plan=auto``, ``final_loss.temperature=2``), or
@@ -160,9 +180,11 @@ def load_config(path: str | None = None, overrides: list[str] = (), kind: type =
     if path is not None:
         with open(path) as f:
             try:
-                raw = yaml.safe_load(f) or {}
+                raw = yaml.load(f, _Loader) or {}
             except yaml.YAMLError as err:
                 raise ValueError(f"{path} is not valid YAML: {err}") from None
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the top level must be a mapping of keys to values")
     for item in overrides:
@@ -178,9 +200,11 @@ def load_config(path: str | None = None, overrides: list[str] = (), kind: type =
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p!r} is not a section")
         try:
-            node[leaf] = yaml.safe_load(value)
+            node[leaf] = yaml.load(value, _Loader)
         except yaml.YAMLError:
             node[leaf] = value      # not YAML (e.g. plan=[0]x1 | [1-3]x2): the plain string
+        except ValueError as err:
+            raise ValueError(f"override {item!r}: {err}") from None
     return _build(kind, raw, "")
 
 
@@ -200,6 +224,12 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return cls(**values)
 
 
+# A decimal number. PyYAML reads YAML 1.1, whose floats need a dot and a signed exponent, so
+# 1e-3, 5E-2 and 1.5e3 arrive as strings; float keys take them. Not nan or inf: those are
+# .nan and .inf in YAML, as before.
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _convert(hint: Any, value: Any, path: str) -> Any:
     options = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
     if value is None:
@@ -211,6 +241,8 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
             return _build(option, value, path)
         base = get_origin(option) or option
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is float and isinstance(value, str) and _DECIMAL.fullmatch(value):
             return float(value)
         if base in (int, str, dict, list, bool) and isinstance(value, base) and not (base is int and isinstance(value, bool)):
             return value

@@ -2,6 +2,7 @@ import re
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 import pipebd
 from pipebd import Plan
 from pipebd.cli import main
-from pipebd.config import load_config
+from pipebd.config import CodistillConfig, load_config
 
 
 def test_defaults_file_and_overrides(tmp_path):
@@ -73,6 +74,9 @@ def test_check_refuses_what_run_would_refuse(capsys):
     ("optimizer: {lr: true}\n", "config key 'optimizer.lr' must be float, got True"),
     ("- 1\n", "the top level must be a mapping"),
     ("steps: [1\n", "bad.yaml is not valid YAML"),
+    # PyYAML lets the last of two equal keys win silently.
+    ("optimizer:\n  lr: 0.1\n  momentum: 0\n  lr: 0.2\n", "bad.yaml: duplicate key 'lr' on line 4 (first on line 2)"),
+    ("steps: 1\noptimizer: {lr: 1}\nsteps: 2\n", "bad.yaml: duplicate key 'steps' on line 3 (first on line 1)"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -80,6 +84,37 @@ def test_config_errors_name_the_key(tmp_path, text, message):
     with pytest.raises(ValueError) as info:
         load_config(str(path))
     assert message in str(info.value)
+
+
+def test_duplicate_keys_are_refused_in_overrides_too_but_merges_may_override(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"override 'optimizer=\{lr: 1, lr: 2\}': duplicate key 'lr'"):
+        load_config(None, ["optimizer={lr: 1, lr: 2}"])
+    assert main(["codistill", "--check", "--set", "data={seed: 1, seed: 2}"]) == 2
+    assert "pipebd: error: override 'data={seed: 1, seed: 2}': duplicate key 'seed'" in capsys.readouterr().err
+    # A key brought in by a merge is meant to be overridden.
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {pair: mlp, args: {<<: {num_blocks: 2, width: 8}, width: 16}}\n")
+    assert load_config(str(path)).model.args == {"num_blocks": 2, "width": 16}
+
+
+def test_float_keys_take_scientific_notation(tmp_path, capsys):
+    # YAML 1.1 (PyYAML) reads 1e-3, 5E-2 and 1.5e3 as strings; float keys take them as numbers.
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {pair: mlp}\noptimizer: {lr: 5E-2, weight_decay: 1e-4}\nfinal_loss: {temperature: 1.5e1}\n")
+    config = load_config(str(path), ["timeout=1e3", "optimizer.momentum=-2.5e-4"])
+    assert (config.optimizer.lr, config.optimizer.weight_decay, config.optimizer.momentum) == (0.05, 1e-4, -2.5e-4)
+    assert config.final_loss.temperature == 15.0 and config.timeout == 1000.0
+    assert load_config(None, ["optimizer.weight_decay=1e-4"], CodistillConfig).optimizer.weight_decay == 1e-4
+    assert main(["check", str(path), "--set", "optimizer.lr=1e-3"]) == 0
+    assert "  lr: 0.001\n" in capsys.readouterr().out
+    # Only decimal numbers: other strings, and nan and inf spelt so (YAML's are .nan and .inf), stay refused.
+    for value in ("abc", "1e", "e3", "nan", "inf", "1e-3x"):
+        with pytest.raises(ValueError, match=f"config key 'optimizer.lr' must be float, got '{value}'"):
+            load_config(None, [f"optimizer.lr={value}"])
+    assert load_config(None, ["optimizer.lr=.inf"]).optimizer.lr == float("inf")
+    # Integer keys are unchanged: 1e3 is not an int.
+    with pytest.raises(ValueError, match="config key 'steps' must be int, got '1e3'"):
+        load_config(None, ["steps=1e3"])
 
 
 def test_cli_runs_a_config_and_writes_a_trace_and_a_plot(tmp_path, capsys):
@@ -91,6 +126,37 @@ def test_cli_runs_a_config_and_writes_a_trace_and_a_plot(tmp_path, capsys):
     assert code == 0
     assert "throughput" in out and "teacher block runs: [40, 40, 40, 40]" in out
     assert trace.exists() and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+TINY = ["--set", "model={pair: mlp}", "--set", "steps=2", "--set", "batch_size=8", "--set", "data.samples=16",
+        "--set", "world_size=1", "--set", "device=cpu"]
+
+
+def test_cli_makes_output_folders_and_refuses_unwritable_outputs_before_training(tmp_path, monkeypatch, capsys):
+    # The trace and plot are written after training: a path that cannot be written must be
+    # refused before it (check too), and missing folders made, not found missing after the run.
+    trace, plot = tmp_path / "new" / "sub" / "t.json", tmp_path / "other" / "p.png"
+    assert main(["check", *TINY, "--set", f"trace={trace}", "--set", f"plot={plot}"]) == 0
+    assert not trace.parent.parent.exists()        # check creates nothing
+    assert main(["run", *TINY, "--set", f"trace={trace}", "--set", f"plot={plot}"]) == 0
+    assert trace.stat().st_size > 0 and plot.read_bytes()[:4] == b"\x89PNG"
+
+    fits = []
+    monkeypatch.setattr(pipebd.Distiller, "fit", lambda self, *a, **k: fits.append(k))
+    monkeypatch.setattr(pipebd.Codistillation, "fit", lambda self, *a, **k: fits.append(k))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    under_a_file = blocker / "sub" / "t.json"
+    for override, message in ((f"trace={under_a_file}", f"config key 'trace': cannot write '{under_a_file}': "
+                                                         f"{blocker} is not a directory"),
+                              (f"plot={tmp_path}", f"config key 'plot': cannot write '{tmp_path}': it is a directory")):
+        for command in (["check", *TINY[:2]], ["run", *TINY[:2]], ["codistill", "--check"], ["codistill"]):
+            assert main([*command, "--set", "steps=1", "--set", override]) == 2, (command, override)
+            assert f"pipebd: error: {message}" in capsys.readouterr().err, (command, override)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)    # as if not installed
+    assert main(["run", *TINY, "--set", f"plot={plot}"]) == 2
+    assert "pipebd: error: config key 'plot': plotting needs matplotlib" in capsys.readouterr().err
+    assert fits == []
 
 
 def test_cli_profile_prints_costs_plan_and_predictions(capsys):
@@ -126,6 +192,34 @@ def test_cli_passes_the_timeout_to_fit(monkeypatch):
         with pytest.raises(ZeroDivisionError):
             main([command, "--set", "timeout=45", "--set", "steps=1"])
     assert seen == [45.0, 45.0, 45.0] and load_config(None).timeout == 600.0
+
+
+def raising(error):
+    """A stand-in for ``fit`` that raises ``error``."""
+    def fit(self, *args, **kwargs):
+        raise error
+    return fit
+
+
+def test_cli_failed_runs_print_the_error_and_interrupts_one_line(monkeypatch, capsys):
+    # A student whose loss overflows, in this process (world_size 1): the NonFiniteLoss is the
+    # run's outcome, not a bug in the CLI, so no traceback of the parent; rc 1 (2 is a bad config).
+    assert main(["run", *TINY, "--set", "optimizer.lr=1.0e+30", "--set", "steps=3"]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"pipebd: error: non-finite loss \((inf|nan)\) at stage 0, block \d, step \d\n", err), err
+    # A rank's failure: its message already holds the rank's traceback, printed once as it is.
+    failure = pipebd.WorkerError(1, "rank 1 (stage 1, replica 0) failed:\nTraceback (most recent call last):\n"
+                                    "  ...\nValueError: boom")
+    monkeypatch.setattr(pipebd.Codistillation, "fit", raising(failure))
+    assert main(["codistill", "--set", "steps=1"]) == 1
+    assert capsys.readouterr().err == f"pipebd: error: {failure}\n"
+    monkeypatch.setattr(pipebd.Distiller, "fit", raising(KeyboardInterrupt))
+    assert main(["run", *TINY]) == 130
+    assert capsys.readouterr().err == "pipebd: interrupted\n"
+    # Anything else is a bug and keeps its traceback.
+    monkeypatch.setattr(pipebd.Distiller, "fit", raising(RuntimeError("bug")))
+    with pytest.raises(RuntimeError, match="bug"):
+        main(["run", *TINY])
 
 
 def test_help():
@@ -202,13 +296,36 @@ def test_cli_codistill_is_the_api_call_it_describes(tmp_path, capsys):
 
 
 def test_check_refuses_triton_on_a_cpu_without_the_interpreter(monkeypatch, capsys):
-    # The kernels would raise a RuntimeError deep in the shape probe; the CLI says it up front.
+    # The kernels would raise a RuntimeError deep in the shape probe (run) or in a worker after
+    # the burn-in (codistill); the CLI says it up front.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert main(["check", "--set", "final_loss.backend=triton", "--set", "device=cpu"]) == 2
     assert "final_loss.backend=triton runs on CUDA (device is cpu)" in capsys.readouterr().err
+    monkeypatch.setattr(pipebd.Codistillation, "fit", lambda self, *a, **k: pytest.fail("trained"))
+    for command in (["codistill", "--check"], ["codistill"]):
+        assert main([*command, "--set", "backend=triton", "--set", "device=cpu", "--set", "steps=1"]) == 2
+        assert "pipebd: error: backend=triton runs on CUDA (device is cpu)" in capsys.readouterr().err
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["check", "--set", "final_loss.backend=triton", "--set", "device=cpu",
                  "--set", "model={pair: mlp}"]) == 0
+    assert main(["codistill", "--check", "--set", "backend=triton", "--set", "device=cpu"]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    ("width=-4", "model.args {'width': -4} do not build model.pair 'cnn': Trying to create tensor with negative "
+                 "dimension -4"),
+    ("width=1.5", "model.args {'width': 1.5} do not build model.pair 'cnn': unsupported operand type(s) for <<"),
+    ("width=0", "model.args {'width': 0} do not build model.pair 'cnn': groups must be a positive integer"),
+    ("depht=3", "model.args {'depht': 3} do not build model.pair 'cnn': cnn_pair() got an unexpected keyword "
+                "argument 'depht'"),
+])
+def test_model_args_that_do_not_build_are_config_errors_naming_them(capsys, args, message):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["check", "--set", f"model.args.{args}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pipebd: error: {message}") and err.count("\n") == 1, err
+    assert [str(w.message) for w in caught] == []     # width=0's zero-element warnings: noise before the error
 
 
 def test_cli_codistill_checks_and_refuses_bad_configs(capsys):
