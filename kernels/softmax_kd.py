@@ -222,7 +222,7 @@ def _soft_target_kernel(
             cols, s, t = _load_block(s_row, t_rows, sets, start, V, BLOCK, ACC)
             log_ps, q, p_t, g = _probabilities(s, t, sets, s_top, s_log_z, t_top, t_log_z, inv_t, n_sets, NP)
             # Tensor first: scalar-only products would round to the fp32 of the scalar arguments.
-            dt = q * (g[None, :] - qg_row[:, None]) * soft_w * inv_t / n_sets
+            dt = tl.where(soft_w == 0, 0.0, q * (g[None, :] - qg_row[:, None]) * soft_w * inv_t / n_sets)
             tl.store(dt_rows + cols[None, :], dt.to(dt_ptr.dtype.element_ty),
                      mask=sets[:, None] & (cols < V)[None, :])
 

@@ -171,10 +171,10 @@ class Distiller:
                              f"pass a larger steps to train further")
         checkpoint.check(states, self.student, self.optimizer, self.scheduler)
         fingerprint = None
-        if directory is not None:
+        if directory is not None and (not spmd or dist.get_rank() == 0):   # the rank that records the run
             fingerprint = checkpoint.teacher_fingerprint(self.teacher, job.boundary[0].shape, job.boundary[0].dtype)
             if states:
-                checkpoint.check_teacher(directory, fingerprint)
+                fingerprint = checkpoint.check_teacher(directory, fingerprint)
         for block, state in states.items():
             self.student[block].load_state_dict(state["weights"])
         job.start = {block: state["step"] for block, state in states.items()}
@@ -299,38 +299,33 @@ class Distiller:
         if needs_labels and y is None:
             raise ValueError("final_loss needs labels but dataset items carry none (use (x, y) items)")
         labels = TensorSpec(tuple(torch.as_tensor(y).shape[1:]), torch.as_tensor(y).dtype) if needs_labels else None
-        modes = [m.training for m in self.teacher + self.student]
-        try:
+        with kept_as_given(self.teacher + self.student), torch.no_grad():
             for m in self.teacher + self.student:
                 m.eval()
-            with torch.no_grad():
-                a = x.to(_device_of(self.teacher[0]))
-                boundary = [TensorSpec(tuple(a.shape[1:]), a.dtype)]
-                for i, (t, s) in enumerate(zip(self.teacher, self.student)):
-                    out = _call_block(t, a, f"teacher block {i}")
-                    if not isinstance(out, Tensor):
-                        raise TypeError(f"teacher block {i} returned a {type(out).__name__}; "
-                                        f"blocks must return one tensor")
-                    s_out = _call_block(s, a.to(_device_of(s)), f"student block {i}")
-                    if not isinstance(s_out, Tensor) or s_out.shape != out.shape:
-                        got = tuple(s_out.shape[1:]) if isinstance(s_out, Tensor) else type(s_out).__name__
-                        raise ValueError(f"student block {i} outputs shape {got} per sample but "
-                                         f"teacher block {i} outputs {tuple(out.shape[1:])} "
-                                         f"(probed with one sample)")
-                    last = i == self.num_blocks - 1
-                    loss_fn = self.final_loss if last and self.final_loss is not None else self.block_loss
-                    target = out.to(s_out.device)
-                    loss_args = (s_out, target, torch.as_tensor(y).to(s_out.device)) if last and needs_labels \
-                        else (s_out, target)
-                    loss = loss_fn(*loss_args)
-                    if not isinstance(loss, Tensor) or loss.dim() != 0:
-                        raise ValueError(f"the loss of block {i} must return a scalar tensor, got "
-                                         f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
-                    a = out
-                    boundary.append(TensorSpec(tuple(a.shape[1:]), a.dtype))
-        finally:
-            for m, mode in zip(self.teacher + self.student, modes):
-                m.train(mode)
+            a = x.to(_device_of(self.teacher[0]))
+            boundary = [TensorSpec(tuple(a.shape[1:]), a.dtype)]
+            for i, (t, s) in enumerate(zip(self.teacher, self.student)):
+                out = _call_block(t, a, f"teacher block {i}")
+                if not isinstance(out, Tensor):
+                    raise TypeError(f"teacher block {i} returned a {type(out).__name__}; "
+                                    f"blocks must return one tensor")
+                s_out = _call_block(s, a.to(_device_of(s)), f"student block {i}")
+                if not isinstance(s_out, Tensor) or s_out.shape != out.shape:
+                    got = tuple(s_out.shape[1:]) if isinstance(s_out, Tensor) else type(s_out).__name__
+                    raise ValueError(f"student block {i} outputs shape {got} per sample but "
+                                     f"teacher block {i} outputs {tuple(out.shape[1:])} "
+                                     f"(probed with one sample)")
+                last = i == self.num_blocks - 1
+                loss_fn = self.final_loss if last and self.final_loss is not None else self.block_loss
+                target = out.to(s_out.device)
+                loss_args = (s_out, target, torch.as_tensor(y).to(s_out.device)) if last and needs_labels \
+                    else (s_out, target)
+                loss = loss_fn(*loss_args)
+                if not isinstance(loss, Tensor) or loss.dim() != 0:
+                    raise ValueError(f"the loss of block {i} must return a scalar tensor, got "
+                                     f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
+                a = out
+                boundary.append(TensorSpec(tuple(a.shape[1:]), a.dtype))
         return boundary, labels
 
     def _load_states(self, results: list) -> None:

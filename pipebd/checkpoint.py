@@ -228,39 +228,39 @@ def teacher_fingerprint(teacher: list[nn.Module], shape: tuple[int, ...], dtype:
     last teacher block's output, in eval mode, on a fixed input of the first block's per-sample
     ``shape`` and ``dtype`` (zeros for an integer input), as its mean, its mean absolute value
     and eight of its entries."""
+    from .runtime.launch import kept_as_given      # not at the top: the runtime imports this module
+
     numel = math.prod(shape)
     x = torch.sin(torch.arange(numel, dtype=torch.float64) * 0.7) if dtype.is_floating_point else torch.zeros(numel)
-    modes = [(m, m.training) for block in teacher for m in block.modules()]
-    try:
-        with torch.no_grad():
-            a = x.to(dtype).reshape(1, *shape)
-            for block in teacher:
-                param = next(block.parameters(), None)
-                a = block.eval()(a.to(param.device) if param is not None else a)
-    finally:
-        for m, training in modes:
-            m.training = training
+    with kept_as_given(teacher), torch.no_grad():
+        a = x.to(dtype).reshape(1, *shape)
+        for block in teacher:
+            param = next(block.parameters(), None)
+            a = block.eval()(a.to(param.device) if param is not None else a)
     out = a.detach().double().flatten().cpu()
     picks = out[torch.linspace(0, out.numel() - 1, 8).long()] if out.numel() else out
     return [out.mean().item(), out.abs().mean().item(), *picks.tolist()]
 
 
-def check_teacher(directory: str, fingerprint: list[float]) -> None:
+def check_teacher(directory: str, fingerprint: list[float]) -> list[float]:
     """Warn when this run's teacher gives other outputs than the one ``directory``'s run was
-    trained with (its ``teacher_fingerprint``; runs recorded by earlier versions have none). A
-    tolerance of 1% of the outputs' scale admits other devices and summation orders."""
+    trained with (its ``teacher_fingerprint``; runs recorded by earlier versions have none), and
+    return the fingerprint to record: the first run's, so that every later resume with another
+    teacher is warned about too. A tolerance of 1% of the outputs' mean absolute value admits
+    other devices and summation orders."""
     with open(os.path.join(directory, RUN_FILE)) as f:
         saved = json.load(f).get("teacher")
     if saved is None:
-        return
+        return fingerprint
     before, now = torch.tensor(saved, dtype=torch.float64), torch.tensor(fingerprint, dtype=torch.float64)
-    scale = before.nan_to_num(0.0, 0.0, 0.0).abs().max().item() if before.numel() else 0.0
+    scale = abs(saved[1]) if len(saved) > 1 and math.isfinite(saved[1]) else 0.0    # the mean absolute output
     if before.shape == now.shape and torch.allclose(now, before, rtol=1e-2, atol=1e-2 * scale + 1e-12, equal_nan=True):
-        return
+        return saved
     log.warning("pipebd: the teacher gives other outputs than the one the checkpoint in %s was trained with "
                 "(on a fixed input: %s, then %s). The teacher is not saved: resume with the same teacher, or "
                 "the run will not end as an uninterrupted one would", directory,
                 [f"{v:.4g}" for v in saved[:4]], [f"{v:.4g}" for v in fingerprint[:4]])
+    return saved
 
 
 def read(directory: str | None, key: RunKey, steps: int, resume: bool) -> dict[int, dict]:
@@ -395,9 +395,12 @@ def check(states: dict[int, dict], modules: dict[int, nn.Module] | list[nn.Modul
                               for (name, old, new), indices in sorted(changed.items())))
 
 
-# Scheduler state that changes with the steps taken (base_lrs: the optimizer's initial_lr).
+# Scheduler state that changes with the steps taken, in torch's schedulers (base_lrs: the
+# optimizer's initial_lr; T_cur, T_i: CosineAnnealingWarmRestarts; best, num_bad_epochs,
+# cooldown_counter: ReduceLROnPlateau). A scheduler of one's own with other counters has them
+# named in the warning.
 _SCHEDULE_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step",
-                      "base_lrs"}
+                      "base_lrs", "T_cur", "T_i", "best", "num_bad_epochs", "cooldown_counter"}
 
 
 def _compared_keys(declared: list[set[str]], groups: list[dict], schedule: dict[str, Any] | None) -> list[set[str]]:

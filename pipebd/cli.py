@@ -211,14 +211,13 @@ def codistill(config: CodistillConfig) -> None:
 def write_outputs(report: Report | CodistillReport, config: RunConfig | CodistillConfig) -> None:
     """Write the trace and plot the config asks for (checked by ``check_outputs`` before training),
     creating missing folders."""
-    if config.trace:
-        os.makedirs(os.path.dirname(os.path.abspath(config.trace)), exist_ok=True)
-        report.save_trace(config.trace)
-        print(f"trace written to {config.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
-    if config.plot:
-        os.makedirs(os.path.dirname(os.path.abspath(config.plot)), exist_ok=True)
-        report.plot(config.plot)
-        print(f"plot written to {config.plot}")
+    outputs = (("trace", config.trace, report.save_trace, " (open in https://ui.perfetto.dev or chrome://tracing)"),
+               ("plot", config.plot, report.plot, ""))
+    for what, path, write, note in outputs:
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            write(path)
+            print(f"{what} written to {path}{note}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -395,15 +395,12 @@ class Codistillation:
             raise TypeError(f"labels must be class indices (an integer tensor), got {y.dtype}")
         shapes, dtypes = set(), set()
         for i, m in enumerate(models):
-            mode = m.training
             try:
-                with torch.no_grad():
+                with kept_as_given([m]), torch.no_grad():
                     out = m.eval()(x.to(_device_of(m)))
             except Exception as err:
                 raise ValueError(f"model {i} failed on a {source} input of shape {tuple(x.shape[1:])} per "
                                  f"sample (probed with one sample): {err}") from err
-            finally:
-                m.train(mode)
             if not isinstance(out, Tensor) or out.dim() < 2:
                 raise ValueError(f"model {i} must return logits [batch, ..., classes], got "
                                  f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import re
 import types
 from collections.abc import Hashable
@@ -156,19 +157,27 @@ class CodistillConfig:
 class _Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping, which PyYAML lets the
     last one win silently (a second ``lr:`` in a long config file would quietly replace the first).
-    Keys brought in by a merge (``<<: *base``) may still be overridden."""
+    Keys brought in by a merge (``<<: *base``) may still be overridden. Each mapping is checked
+    as written, before a merge rewrites it in place (a merged node is flattened where it is
+    first merged, which may come before it is built)."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        lines: dict = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, Hashable) and key in lines:
-                raise ValueError(f"duplicate key {key!r} on line {line} (first on line {lines[key]})")
-            lines[key] = line
-        return super().construct_mapping(node, deep)
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            lines: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, Hashable) and key in lines:
+                    raise ValueError(f"duplicate key {key!r} on line {line} (first on line {lines[key]})")
+                lines[key] = line
+        super().flatten_mapping(node)
 
 
 def load_config(path: str | None = None, overrides: list[str] = (), kind: type = RunConfig) -> Any:
@@ -225,8 +234,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 
 
 # A decimal number. PyYAML reads YAML 1.1, whose floats need a dot and a signed exponent, so
-# 1e-3, 5E-2 and 1.5e3 arrive as strings; float keys take them. Not nan or inf: those are
-# .nan and .inf in YAML, as before.
+# 1e-3, 5E-2 and 1.5e3 arrive as strings; float keys take them. Not nan or inf (nor 1e999):
+# those are .nan and .inf in YAML, as before.
 _DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -242,7 +251,7 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         base = get_origin(option) or option
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if base is float and isinstance(value, str) and _DECIMAL.fullmatch(value):
+        if base is float and isinstance(value, str) and _DECIMAL.fullmatch(value) and math.isfinite(float(value)):
             return float(value)
         if base in (int, str, dict, list, bool) and isinstance(value, base) and not (base is int and isinstance(value, bool)):
             return value

@@ -251,12 +251,14 @@ def test_changed_optimizer_or_scheduler_settings_are_kept_and_named_once(saved, 
         assert "the checkpoint's values are kept" in message
 
 
-def test_a_cyclic_schedule_resumes_to_the_uninterrupted_weights_without_a_warning(tmp_path, caplog):
+@pytest.mark.parametrize("cyclic", [
+    lambda optimizer: torch.optim.lr_scheduler.CyclicLR(optimizer, 0.01, 0.05, step_size_up=3),
+    lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, 4, 2),
+], ids=["cyclic", "warm-restarts"])
+def test_a_cyclic_schedule_resumes_to_the_uninterrupted_weights_without_a_warning(tmp_path, caplog, cyclic):
     # CyclicLR's load_state_dict popped a key from the saved state when the resume checked it,
     # so the run's own load then failed (KeyError); it cycles the momentum, which is no change.
-    def cyclic(optimizer):
-        return torch.optim.lr_scheduler.CyclicLR(optimizer, 0.01, 0.05, step_size_up=3)
-
+    # Warm restarts keep their progress in T_cur and T_i, which is no change either.
     once = distiller(scheduler=cyclic)
     once.fit(DATA, BATCH, STEPS, progress=False)
     distiller(scheduler=cyclic).fit(DATA, BATCH, 10, checkpoint_dir=tmp_path, progress=False)
@@ -349,5 +351,6 @@ def test_a_resume_with_another_teacher_is_warned_about(saved, caplog):
     [message] = pipebd_warnings(caplog)
     assert "the teacher gives other outputs than the one the checkpoint" in message
     assert [m.training for b in d.teacher for m in b.modules()] == modes
+    # The record stays the first run's, so that the next resume with this teacher is warned about too.
     assert json.loads((saved / "run.json").read_text())["teacher"] == checkpoint.teacher_fingerprint(
-        d.teacher, (D,), torch.float32)             # the record follows the teacher of the last run
+        distiller().teacher, (D,), torch.float32)

@@ -6,9 +6,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 
 import pipebd
 from pipebd import Plan
+from pipebd import config as config_module
 from pipebd.cli import main
 from pipebd.config import CodistillConfig, load_config
 
@@ -95,6 +97,9 @@ def test_duplicate_keys_are_refused_in_overrides_too_but_merges_may_override(tmp
     path = tmp_path / "c.yaml"
     path.write_text("model: {pair: mlp, args: {<<: {num_blocks: 2, width: 8}, width: 16}}\n")
     assert load_config(str(path)).model.args == {"num_blocks": 2, "width": 16}
+    # ...also where a mapping with a merge is itself merged, which rewrites it in place.
+    text = "a: &A {lr: 1}\nx:\n  inner: &B\n    <<: *A\n    lr: 2\ny:\n  <<: *B\n"
+    assert yaml.load(text, config_module._Loader) == yaml.safe_load(text)
 
 
 def test_float_keys_take_scientific_notation(tmp_path, capsys):
@@ -108,7 +113,7 @@ def test_float_keys_take_scientific_notation(tmp_path, capsys):
     assert main(["check", str(path), "--set", "optimizer.lr=1e-3"]) == 0
     assert "  lr: 0.001\n" in capsys.readouterr().out
     # Only decimal numbers: other strings, and nan and inf spelt so (YAML's are .nan and .inf), stay refused.
-    for value in ("abc", "1e", "e3", "nan", "inf", "1e-3x"):
+    for value in ("abc", "1e", "e3", "nan", "inf", "1e-3x", "1e999"):
         with pytest.raises(ValueError, match=f"config key 'optimizer.lr' must be float, got '{value}'"):
             load_config(None, [f"optimizer.lr={value}"])
     assert load_config(None, ["optimizer.lr=.inf"]).optimizer.lr == float("inf")

@@ -187,12 +187,14 @@ def test_alpha_one_is_cross_entropy_alone(backend):
     t[1] = -INF                         # a teacher row of no use: all -inf,
     t[2, 3] = INF                       # or overflowed
     s.requires_grad_()
+    t.requires_grad_()
     labels = torch.tensor([1, 2, -100])
-    loss = pipebd.soft_target_loss(s, t, 2.0, "sum", labels=labels, alpha=1.0, backend=backend)
+    loss = pipebd.soft_target_loss(s, t, 2.0, "sum", labels=labels, alpha=1.0, teacher_grad=True, backend=backend)
     want = F.cross_entropy(s, labels, reduction="sum")
     assert_close(loss, want, 1e-12, "loss")
     loss.backward()
     assert_close(s.grad, torch.autograd.grad(want, s)[0], 1e-12, "d/ds")
+    assert t.grad is None or not t.grad.any()          # the teacher takes no part
 
 
 def test_strided_labels_and_empty_softmax():

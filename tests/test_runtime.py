@@ -176,12 +176,14 @@ def test_a_fit_in_the_callers_process_gives_the_blocks_back_as_they_came():
     # trains the caller's own blocks, then restores their modes and requires_grad.
     teacher, student = mlp_pair(num_blocks=2)
     teacher[1].requires_grad_(False)
+    teacher[0][1].eval()                   # a submodule in another mode than its block
     student[0].eval()
+    student[1][1].eval()
     student[1][0].weight.requires_grad_(False)
 
     def modes():
-        return [(m.training, p.requires_grad) for b in teacher + student for m in b.modules()
-                for p in m.parameters(recurse=False)]
+        return ([m.training for b in teacher + student for m in b.modules()],
+                [p.requires_grad for b in teacher + student for p in b.parameters()])
 
     given, weights = modes(), [p.clone() for p in student[0].parameters()]
     pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=4, steps=2)

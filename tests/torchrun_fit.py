@@ -21,8 +21,11 @@ if __name__ == "__main__":
     distiller = pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
                                  device="cpu")
     data = torch.randn(30, 16, generator=torch.Generator().manual_seed(1))
-    modes = [(m.training, p.requires_grad) for block in teacher + student for m in block.modules()
-             for p in m.parameters(recurse=False)]
+    def modes():
+        return [(m.training, [p.requires_grad for p in m.parameters(recurse=False)])
+                for block in teacher + student for m in block.modules()]
+
+    given = modes()
     checkpoints = {}
     if len(sys.argv) > 3:
         checkpoints = dict(checkpoint_dir=sys.argv[3], steps=int(sys.argv[4]), resume=sys.argv[5] == "resume")
@@ -30,6 +33,5 @@ if __name__ == "__main__":
                            num_workers=int(os.environ.get("NUM_WORKERS", "0")), **{"steps": 20, **checkpoints})
     torch.save({"weights": [p.detach() for p in distiller.student_model().parameters()],
                 "teacher_block_runs": report.teacher_block_runs, "plan": report.plan.describe(),
-                "modes_kept": modes == [(m.training, p.requires_grad) for block in teacher + student
-                                        for m in block.modules() for p in m.parameters(recurse=False)]},
+                "modes_kept": modes() == given},
                f"{out}.{rank}")

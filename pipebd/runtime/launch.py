@@ -87,22 +87,24 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def kept_as_given(modules: list[torch.nn.Module]) -> Iterator[None]:
-    """Leave ``modules`` in the train/eval mode, ``requires_grad`` and device they came in with,
-    as when spawned workers train copies of them. A fit in the caller's process (one rank, or
-    torchrun) trains the caller's own modules, which the rank runtime moves to the fit's device
-    and puts in train mode (the teacher: eval, frozen); the trained weights stay."""
+    """Leave ``modules`` (and each of their submodules) in the train/eval mode, ``requires_grad``
+    and device they came in with, as when spawned workers train copies of them. A fit in the
+    caller's process (one rank, or torchrun) trains the caller's own modules, which the rank
+    runtime moves to the fit's device and puts in train mode (the teacher: eval, frozen); the
+    trained weights stay. A module whose tensors were on several devices stays on the fit's."""
     kept = [(m, [(sub, sub.training) for sub in m.modules()], [(p, p.requires_grad) for p in m.parameters()],
              {t.device for t in itertools.chain(m.parameters(), m.buffers())}) for m in modules]
     try:
         yield
     finally:
-        for m, modes, flags, devices in kept:
-            if len(devices) == 1:
-                m.to(*devices)
+        for _, modes, flags, _ in kept:      # first what cannot fail
             for sub, training in modes:
                 sub.training = training
             for p, flag in flags:
                 p.requires_grad_(flag)
+        for m, _, _, devices in kept:
+            if len(devices) == 1:
+                m.to(*devices)
 
 
 def run_rank(job: Job, rank: int, world_size: int) -> list[RankResult]:
