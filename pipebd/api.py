@@ -169,7 +169,7 @@ class Distiller:
         if len(states) == self.num_blocks and all(st["step"] == job.steps for st in states.values()):
             raise ValueError(f"every block of the checkpoint in {directory} has completed steps={job.steps}; "
                              f"pass a larger steps to train further")
-        checkpoint.check(states, self.student, self.optimizer, self.scheduler)
+        checkpoint.check(states, self.student, self.optimizer, self.scheduler, warn=not spmd or dist.get_rank() == 0)
         fingerprint = None
         if directory is not None and (not spmd or dist.get_rank() == 0):   # the rank that records the run
             fingerprint = checkpoint.teacher_fingerprint(self.teacher, job.boundary[0].shape, job.boundary[0].dtype)

@@ -358,14 +358,15 @@ def read_codistill(directory: str | None, key: CodistillKey, steps: int, resume:
 
 def check(states: dict[int, dict], modules: dict[int, nn.Module] | list[nn.Module],
           optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable[..., Any] | None,
-          what: str = "student block") -> None:
+          what: str = "student block", warn: bool = True) -> None:
     """Refuse, naming the block (or model: ``what``), any saved state that does not fit its
     module or a fresh optimizer and scheduler from this run's factories. Nothing is loaded.
 
     Loading the state restores the saved optimizer hyperparameters and scheduler settings over
     the factories' (torch's ``load_state_dict``), which keeps a resumed run equal to an
     uninterrupted one; so that a changed setting is not ignored silently, one warning names
-    every setting that differs (those of ``_compared_keys`` and the scheduler's ``_flatten``)."""
+    every setting that differs (those of ``_compared_keys`` and the scheduler's ``_flatten``),
+    unless ``warn`` is false (torchrun ranks but the first)."""
     changed: dict[tuple[str, str, str], list[int]] = {}
     for index, state in states.items():
         module = modules[index]
@@ -388,7 +389,7 @@ def check(states: dict[int, dict], modules: dict[int, nn.Module] | list[nn.Modul
         for name in fresh.keys() & kept.keys():
             if fresh[name] != kept[name]:
                 changed.setdefault((name, repr(kept[name]), repr(fresh[name])), []).append(index)
-    if changed:
+    if changed and warn:
         log.warning("pipebd: this run's optimizer or scheduler settings differ from the checkpoint's; the "
                     "checkpoint's values are kept (start afresh to change them): %s",
                     "; ".join(f"{what} {', '.join(map(str, sorted(indices)))}: {name} saved {old}, this run {new}"

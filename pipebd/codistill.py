@@ -287,7 +287,8 @@ class Codistillation:
         key = checkpoint.CodistillKey(job.n, job.mode, job.batch_size, job.seed, dataset_length(job.dataset),
                                       job.exchange_every)
         start, states = checkpoint.read_codistill(directory, key, job.steps, resume)
-        checkpoint.check(states, job.models, job.optimizer, job.scheduler, what="model")
+        checkpoint.check(states, job.models, job.optimizer, job.scheduler, what="model",
+                         warn=not spmd or dist.get_rank() == 0)
         job.start = start
         if states and job.exchanges:
             for step in job.restored_exchanges():

@@ -19,13 +19,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun_fit(out, plan, *extra, num_workers=0):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUM_WORKERS": str(num_workers)}
+def torchrun_fit(out, plan, *extra, num_workers=0, lr=0.1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUM_WORKERS": str(num_workers), "LR": str(lr)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(Path(__file__).with_name("torchrun_fit.py")), str(out), plan,
            *map(str, extra)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def reference_weights():
@@ -57,10 +58,14 @@ def test_torchrun_matches_reference(tmp_path, plan, num_workers):
 
 def test_torchrun_resumes_from_a_checkpoint(tmp_path):
     """Every rank checks the directory before rank 0 claims it; the resumed ranks load the saved
-    state and end with the uninterrupted run's weights."""
+    state and end with the uninterrupted run's weights. The changed learning rate is kept from
+    the checkpoint and named once, by rank 0."""
     out, saved = tmp_path / "result", tmp_path / "checkpoint"
     torchrun_fit(out, "[0-1]x1 | [2-4]x2", saved, 10, "new")
-    torchrun_fit(out, "[0-2]x2 | [3-4]x1", saved, 20, "resume")
+    resumed = torchrun_fit(out, "[0-2]x2 | [3-4]x1", saved, 20, "resume", lr=0.2)
+    assert resumed.stderr.count("settings differ from the checkpoint's") == 1, resumed.stderr[-3000:]
+    assert "optimizer.lr saved 0.1, this run 0.2" in resumed.stderr
+    assert "teacher gives other outputs" not in resumed.stderr      # rank 0's is the same; the others' differ
     reference = reference_weights()
     for rank in range(3):
         got = torch.load(f"{out}.{rank}")

@@ -3,7 +3,7 @@
 Each rank builds its models from a different seed on purpose: fit must start all ranks from
 rank 0's weights, as DDP does. ``argv[2]`` is "auto" or a plan in ``Plan.parse`` form; optional
 ``argv[3:6]``: a checkpoint directory, the steps, and "resume" or "new". ``NUM_WORKERS`` in the
-environment: loader processes per loading rank.
+environment: loader processes per loading rank; ``LR``: the learning rate.
 """
 
 import os
@@ -18,7 +18,8 @@ if __name__ == "__main__":
     out, plan = sys.argv[1], sys.argv[2] if sys.argv[2] == "auto" else pipebd.Plan.parse(sys.argv[2])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     teacher, student = mlp_pair(num_blocks=5, seed=rank)
-    distiller = pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lr = float(os.environ["LR"])
+    distiller = pipebd.Distiller(teacher, student, optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9),
                                  device="cpu")
     data = torch.randn(30, 16, generator=torch.Generator().manual_seed(1))
     def modes():
