@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if min(args.world_size) < 1:
         parser.error(f"--world-size must be >= 1, got {min(args.world_size)}")
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    for name, value in (("--batch-size", args.batch_size), ("--steps", args.steps), ("--repeats", args.repeats)):
+        if value is not None and value < 1:
+            parser.error(f"{name} must be >= 1, got {value}")
     labels = [file_label(p) for p in args.profile_file]
     if len(set(labels)) < len(labels) or set(labels) & set(PROFILES):
         parser.error("each --profile-file needs a file name of its own (it labels the rows)")

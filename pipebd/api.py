@@ -210,7 +210,7 @@ class Distiller:
             raise TypeError(f"comm must be a bool, got {comm!r}")
         world_size = check_int("world_size", world_size, 1)
         # Without comm, a one-rank job: this device may be the only one.
-        job = self._job(dataset, batch_size, 1, world_size if comm else 1, "pipebd", None, 0, 1, threads, False,
+        job = self._job(dataset, batch_size, 1, world_size if comm else 1, "pipebd", "auto", 0, 1, threads, False,
                         timeout, sync_batchnorm, num_workers)
         if not comm:
             return profile_job(job, world_size, warmup=warmup, repeats=repeats, cache=False, comm=lambda: ([], []))
@@ -256,7 +256,7 @@ class Distiller:
                              f"{torch.cuda.device_count()} are visible")
         resolved = self._resolve_plan(plan, strategy, world_size)   # "auto": the default until profiled
         widest = max(resolved.replicas)
-        if batch_size < widest:
+        if batch_size < widest and not (isinstance(plan, str) and plan == "auto"):   # auto plans fit the batch
             raise ValueError(f"batch_size {batch_size} is smaller than the widest stage's replica "
                              f"count ({widest}); every replica needs at least one row")
         boundary, labels = self._probe(dataset)

@@ -19,7 +19,7 @@ from . import checkpoint, datasets
 from .api import Distiller
 from .report import Report
 from .codistill import Codistillation, CodistillReport
-from .checks import check_device
+from .checks import check_device, check_int
 from .config import CodistillConfig, RunConfig, dump_config, load_config
 from .runtime.launch import WorkerError, check_timeout
 from .runtime.worker import NonFiniteLoss
@@ -133,15 +133,19 @@ def profile(config: RunConfig) -> None:
     from .simulator import simulate, simulate_baseline
 
     distiller, dataset = build(config)
+    steps, max_inflight = check_int("steps", config.steps, 1), check_int("max_inflight", config.max_inflight, 1)
     prof = distiller.profile(dataset, config.batch_size, config.world_size, sync_batchnorm=config.sync_batchnorm,
                              num_workers=config.num_workers, timeout=config.timeout)
     print(prof)
     best = auto_plan(prof, config.world_size)
     print(f"auto: {best}")
-    for sim in (simulate(prof, best.plan, config.steps, config.max_inflight),
-                simulate(prof, default_plan(distiller.num_blocks, config.world_size), config.steps, config.max_inflight),
-                simulate_baseline(prof, config.world_size, config.steps)):
-        print(sim)
+    print(simulate(prof, best.plan, steps, max_inflight))
+    one_range = default_plan(distiller.num_blocks, config.world_size)
+    # The others only where every replica gets a row of the batch, as fit would require.
+    if max(one_range.replicas) <= config.batch_size:
+        print(simulate(prof, one_range, steps, max_inflight))
+    if config.world_size <= config.batch_size:
+        print(simulate_baseline(prof, config.world_size, steps))
 
 
 def build_codistill(config: CodistillConfig) -> tuple[Codistillation, TensorDataset, tuple[Tensor, Tensor]]:

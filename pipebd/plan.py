@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 from .checks import integer
 
-_STAGE = re.compile(r"\[?\s*(\d+)\s*(?:-\s*(\d+))?\s*\]?\s*(?:x\s*(\d+))?")
+_RANGE = r"([0-9]+)\s*(?:-\s*([0-9]+))?"     # ASCII digits only: int() would take others too
+_STAGE = re.compile(rf"(?:\[\s*{_RANGE}\s*\]|{_RANGE})\s*(?:x\s*([0-9]+))?")
 
 
 def _integer(value: Any, what: str) -> int:
@@ -97,13 +98,17 @@ class Plan:
     def parse(cls, text: str) -> "Plan":
         """Read the form ``describe`` writes: ``"[0-1]x1 | [2-5]x3"``; brackets and ``x1`` may be
         left out (``"0-1|2-5x3"``)."""
+        if not isinstance(text, str):
+            raise TypeError(f"a plan to parse is a string like '[0-1]x1 | [2-5]x3', got {type(text).__name__}")
         stages, replicas = [], []
         for part in text.split("|"):
             m = _STAGE.fullmatch(part.strip())
             if m is None:
                 raise ValueError(f"cannot read stage {part.strip()!r} of plan {text!r}; "
                                  f"use the form '[0-1]x1 | [2-5]x3'")
-            first, last, width = m.groups()
+            first, last, width = m.group(1) or m.group(3), m.group(2) or m.group(4), m.group(5)
+            if last is not None and int(last) < int(first):
+                raise ValueError(f"stage {part.strip()!r} of plan {text!r} counts down; write blocks first-last")
             stages.append(list(range(int(first), int(last or first) + 1)))
             replicas.append(int(width or 1))
         return cls(stages, replicas)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import check_int
 from .plan import Plan
 from .profiler import Profile
 
@@ -185,6 +186,6 @@ def best_plan(table: np.ndarray, world_size: int) -> tuple[Plan, float]:
 def auto_plan(profile: Profile, world_size: int | None = None) -> Prediction:
     """The best plan for ``profile`` on ``world_size`` ranks (default: the profiled world size)
     with its predicted throughput and utilization."""
-    world_size = world_size or profile.world_size
+    world_size = profile.world_size if world_size is None else check_int("world_size", world_size, 1)
     plan, _ = best_plan(cost_table(profile, world_size), world_size)
     return predict(profile, plan)

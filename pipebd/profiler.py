@@ -38,6 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Dataset
 
 from .checkpoint import atomic_write
+from .checks import check_int, integer
 from .data import PREFETCH, StepRows, batch_loader
 from .plan import Plan
 from .runtime.launch import backend_for, spawn_tasks, torch_threads
@@ -96,11 +97,44 @@ class Profile:
     loader_start: float = 0.0
 
     def __post_init__(self) -> None:
+        self._check()
         self.p2p = [tuple(m) for m in self.p2p]              # type: ignore[misc]
         self.allreduce = [tuple(m) for m in self.allreduce]  # type: ignore[misc]
         self.p2p_fit = _least_squares([(1.0, n) for n, _ in self.p2p], [t for _, t in self.p2p])
         self.allreduce_fit = _least_squares([(2.0 * (k - 1), 2.0 * (k - 1) / k * n) for k, n, _ in self.allreduce],
                                             [t for _, _, t in self.allreduce])
+
+    def _check(self) -> None:
+        """ValueError, naming the field, unless the figures have the shapes and ranges the
+        planner reads: a profile from a file or the cache may have been edited, cut or written
+        by another version, and a NaN in it would make every plan look impossible."""
+        n = self.num_blocks
+        for name in ("num_blocks", "batch_size", "world_size"):
+            if integer(getattr(self, name)) is None or getattr(self, name) < 1:
+                raise ValueError(f"profile field {name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if integer(self.num_workers) is None or self.num_workers < 0:
+            raise ValueError(f"profile field num_workers must be an integer >= 0, got {self.num_workers!r}")
+        rows = self.rows
+        if not rows or any(integer(r) is None or r < 1 for r in rows) or list(rows) != sorted(set(rows)):
+            raise ValueError(f"profile field rows must be ascending batch sizes >= 1, got {rows!r}")
+        curves = {"load": [self.load]} | ({"receive": [self.receive]} if self.receive else {})
+        curves |= {"teacher": self.teacher, "student": self.student}
+        for name, lists in curves.items():
+            if name in ("teacher", "student") and len(lists) != n:
+                raise ValueError(f"profile field {name} has {len(lists)} blocks, not num_blocks={n}")
+            for times in lists:
+                if len(times) != len(rows) or not all(_seconds(t) for t in times):
+                    raise ValueError(f"profile field {name} needs {len(rows)} finite seconds >= 0 (one per "
+                                     f"row count), got {times!r}")
+        if not _seconds(self.loader_start):
+            raise ValueError(f"profile field loader_start must be finite seconds >= 0, got {self.loader_start!r}")
+        for name, values, least in (("act_bytes", self.act_bytes, n), ("grad_bytes", self.grad_bytes, n)):
+            if len(values) < least or any(integer(v) is None or v < 0 for v in values):
+                raise ValueError(f"profile field {name} needs {least} byte counts >= 0, got {values!r}")
+        if not all(len(m) == 2 and _seconds(m[1]) for m in self.p2p) or \
+                not all(len(m) == 3 and _seconds(m[2]) for m in self.allreduce):
+            raise ValueError("profile fields p2p and allreduce need (bytes, seconds) and (ranks, bytes, seconds) "
+                             "measurements with finite seconds >= 0")
 
     # Costs at any batch size: measured values, linear between them and beyond them.
     def teacher_time(self, block: int, rows: Any) -> Any:
@@ -159,6 +193,14 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Profile":
+        if not isinstance(data, dict):
+            raise ValueError(f"a profile is a JSON object, got {type(data).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(data.keys() - fields), sorted(f.name for f in dataclasses.fields(cls)
+                                                               if f.name not in data and f.default is dataclasses.MISSING
+                                                               and f.default_factory is dataclasses.MISSING)
+        if unknown or missing:
+            raise ValueError(f"not a profile of this pipebd version: unknown fields {unknown}, missing {missing}")
         return cls(**data)
 
     def save(self, path: str) -> None:
@@ -166,8 +208,12 @@ class Profile:
 
     @classmethod
     def load_file(cls, path: str) -> "Profile":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """The profile ``save`` wrote to ``path``; ValueError naming the file if it is not one."""
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
 
     def __str__(self) -> str:
         how = f"median of {self.repeats} after {self.warmup} warm-up" if self.repeats > 1 else "one run"
@@ -229,6 +275,10 @@ def _interp(xs: list[int], ys: list[float], x: Any) -> Any:
     return float(out) if out.ndim == 0 else out
 
 
+def _seconds(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
+
+
 def replica_rows(batch_size: int, world_size: int) -> list[int]:
     """The per-replica batch sizes a plan can produce, ascending: ``ceil(B / k)`` for each
     replica count ``k`` (the largest slice of a stage sets its pace)."""
@@ -241,8 +291,7 @@ def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5,
     ranks, or read the cached profile. ``comm`` returns ``(p2p, allreduce)`` measurements
     (default: ``measure_comm`` on spawned local ranks). The profile's ``sync_batchnorm`` and
     ``num_workers`` are the job's."""
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    warmup, repeats = check_int("warmup", warmup, 0), check_int("repeats", repeats, 1)
     key = _cache_key(job, world_size, warmup, repeats)   # num_workers included: it changes what is measured
     path = os.path.join(cache_dir(), f"profile-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json")
     if cache and os.path.exists(path):

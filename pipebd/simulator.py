@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .checks import check_int
 from .data import PREFETCH
 from .plan import Plan
 from .planner import stage_cost
@@ -55,8 +56,9 @@ class Simulation:
 
 def simulate(profile: Profile, plan: Plan, steps: int, max_inflight: int = 2) -> Simulation:
     """Simulate ``steps`` batches of Pipe-BD teacher relaying under ``plan``."""
-    _check(steps, max_inflight)
+    steps, max_inflight = _check(steps, max_inflight)
     plan.validate(profile.num_blocks, plan.ranks_used)
+    _check_rows(profile, max(plan.replicas))
     costs = [stage_cost(profile, st[0], st[-1] + 1, k) for st, k in zip(plan.stages, plan.replicas)]
     n = len(costs)
     free = [0.0] * n                                    # when stage s finished its last step
@@ -97,7 +99,9 @@ def simulate(profile: Profile, plan: Plan, steps: int, max_inflight: int = 2) ->
 def simulate_baseline(profile: Profile, world_size: int, steps: int) -> Simulation:
     """Simulate the DNA-style baseline: blocks one after another, data parallel on
     ``world_size`` ranks, the teacher re-run from the input for every block."""
-    _check(steps, 1)
+    steps, _ = _check(steps, 1)
+    world_size = check_int("world_size", world_size, 1)
+    _check_rows(profile, world_size)
     n = profile.num_blocks
     rows = math.ceil(profile.batch_size / world_size)
     feed = _feed(profile, world_size)
@@ -149,9 +153,15 @@ def _feed(profile: Profile, replicas: int) -> _Feed | None:
     return _Feed(float(profile.load_time(rows)), profile.num_workers, profile.loader_start)
 
 
-def _check(steps: int, max_inflight: int) -> None:
-    if steps < 1 or max_inflight < 1:
-        raise ValueError(f"need steps >= 1 and max_inflight >= 1, got {steps}, {max_inflight}")
+def _check(steps: int, max_inflight: int) -> tuple[int, int]:
+    return check_int("steps", steps, 1), check_int("max_inflight", max_inflight, 1)
+
+
+def _check_rows(profile: Profile, replicas: int) -> None:
+    """As the runtime refuses it: every replica needs a row of the batch."""
+    if replicas > profile.batch_size:
+        raise ValueError(f"batch_size {profile.batch_size} is smaller than the widest stage's replica count "
+                         f"({replicas}); every replica needs at least one row")
 
 
 def _frac(values: list[float], wall: float) -> list[float]:

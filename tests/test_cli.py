@@ -179,6 +179,22 @@ def test_cli_profile_prints_costs_plan_and_predictions(capsys):
     assert rate[0] >= 0.9 * rate[1] and min(rate[:2]) > 1.5 * rate[2], (auto, sims)
 
 
+def test_cli_profile_checks_steps_before_measuring(monkeypatch, capsys):
+    monkeypatch.setattr(pipebd.Distiller, "profile", lambda *a, **k: pytest.fail("measured"))
+    for override, message in (("steps=0", "steps must be an integer >= 1"),
+                              ("max_inflight=0", "max_inflight must be an integer >= 1")):
+        assert main(["profile", "--set", "model={pair: mlp}", "--set", override]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_auto_plans_need_not_give_every_rank_a_row(capsys):
+    # 6 ranks for 4 blocks: one block range per rank has a stage of 2 replicas, which a batch of
+    # 1 cannot feed; the planner plans for the batch, so "auto" (fit, profile, check) takes it.
+    assert main(["check", "--set", "world_size=6", "--set", "batch_size=1"]) == 2
+    assert "batch_size 1 is smaller than the widest stage's replica count (2)" in capsys.readouterr().err
+    assert main(["check", "--set", "world_size=6", "--set", "batch_size=1", "--set", "plan=auto"]) == 0
+
+
 def test_cli_reports_errors_without_a_traceback(capsys):
     for command in ("check", "run"):   # check refuses what fit would
         assert main([command, "--set", "model={pair: mlp}", "--set", "strategy=dna"]) == 2

@@ -66,7 +66,14 @@ def test_parse_reads_what_describe_writes(text, stages, replicas):
     assert Plan.parse(plan.describe()) == plan
 
 
-@pytest.mark.parametrize("text", ["a-b", "0-1|", "0x", ""])
+@pytest.mark.parametrize("text", ["a-b", "0-1|", "0x", "", "[0-1x2 | 2]x1", "0-1]x2", "\uff11-\uff12"])
 def test_parse_rejects_malformed_plans(text):
     with pytest.raises(ValueError, match="cannot read stage"):
         Plan.parse(text)
+
+
+def test_parse_rejects_ranges_that_count_down_and_non_strings():
+    with pytest.raises(ValueError, match="counts down"):
+        Plan.parse("[2-0]x1")
+    with pytest.raises(TypeError, match="a plan to parse is a string"):
+        Plan.parse(None)

@@ -16,7 +16,7 @@ import pytest
 from pipebd.plan import Plan
 from pipebd.planner import auto_plan, best_plan, cost_table, predict, stage_cost
 from pipebd.profiler import Profile, replica_rows
-from pipebd.simulator import simulate_baseline
+from pipebd.simulator import simulate, simulate_baseline
 
 
 def random_profile(rng, n, world, batch, ints=False, costly_small=False, comm=True, sync_bn=False, workers=0):
@@ -160,3 +160,23 @@ def test_large_world_is_fast():
     prediction = auto_plan(profile, 256)
     assert time.perf_counter() - start < 30
     prediction.plan.validate(16, 256)
+
+
+def test_bad_world_sizes_steps_and_batches_are_refused():
+    profile = random_profile(random.Random(0), 3, 4, 2)
+    for world in (0, -1, 2.0, True):
+        with pytest.raises((ValueError, TypeError), match="world_size must be an integer >= 1"):
+            auto_plan(profile, world)
+        with pytest.raises((ValueError, TypeError), match="world_size must be an integer >= 1"):
+            simulate_baseline(profile, world, 10)
+    for steps in (0, 2.5, True):
+        with pytest.raises((ValueError, TypeError), match="steps must be an integer >= 1"):
+            simulate(profile, Plan([[0, 1, 2]]), steps)
+    with pytest.raises((ValueError, TypeError), match="max_inflight must be an integer >= 1"):
+        simulate(profile, Plan([[0, 1, 2]]), 10, max_inflight=1.5)
+    # As fit: a replica without a row of the batch (2 here) is refused, where the planner never plans one.
+    with pytest.raises(ValueError, match=r"batch_size 2 is smaller than the widest stage's replica count \(3\)"):
+        simulate(profile, Plan([[0], [1, 2]], [1, 3]), 10)
+    with pytest.raises(ValueError, match="batch_size 2 is smaller"):
+        simulate_baseline(profile, 4, 10)
+    assert max(auto_plan(profile, 4).plan.replicas) <= 2

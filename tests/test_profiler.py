@@ -74,8 +74,18 @@ def test_cache_hit_miss_and_corrupt_file(monkeypatch):
             f.write("{not json")
     profiler.profile_job(job(distiller), 3, warmup=0, repeats=1, comm=lambda: NO_COMM)
     assert len(calls) == 2                                    # unreadable cache: measured again
+    for path in __import__("glob").glob(profiler.cache_dir() + "/profile-*.json"):
+        try:
+            data = json.loads(open(path).read())
+        except ValueError:
+            continue                                          # the batch-6 entry, still cut
+        data["teacher"][0][0] = float("nan")
+        with open(path, "w") as f:
+            f.write(json.dumps(data))
+    profiler.profile_job(job(distiller), 3, warmup=0, repeats=1, comm=lambda: NO_COMM)
+    assert len(calls) == 3                                    # readable but not a profile: measured again
     profiler.profile_job(job(distiller), 3, warmup=0, repeats=1, comm=lambda: NO_COMM, cache=False)
-    assert len(calls) == 3
+    assert len(calls) == 4
 
 
 def test_a_cache_that_cannot_be_written_is_warned_about(monkeypatch, tmp_path, caplog):
@@ -103,6 +113,27 @@ def test_measure_comm_on_two_gloo_ranks():
 def fake(p2p=(), allreduce=()):
     return Profile(1, 8, 4, "cpu", "gloo", [2, 8], [[1.0, 4.0]], [[0.5, 2.0]], [0.0, 0.0], [4, 4], [400],
                    list(p2p), list(allreduce))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("teacher", [[float("nan"), 4.0]], "teacher needs 2 finite seconds"),
+    ("student", [[-0.5, 2.0]], "student needs 2 finite seconds"),
+    ("student", [[0.5, 2.0], [0.5, 2.0]], "student has 2 blocks, not num_blocks=1"),
+    ("rows", [8, 2], "rows must be ascending"),
+    ("num_workers", -2, "num_workers must be an integer >= 0"),
+    ("world_size", 0, "world_size must be an integer >= 1"),
+    ("grad_bytes", [], "grad_bytes needs 1 byte counts"),
+    ("format", 3, r"not a profile of this pipebd version: unknown fields \['format'\]"),
+])
+def test_a_profile_file_that_does_not_hold_up_is_refused(tmp_path, field, value, message):
+    # An edited, cut or foreign file; from the cache it is measured again (test_cache_...).
+    path = tmp_path / "profile.json"
+    fake().save(str(path))
+    data = json.loads(path.read_text())
+    data[field] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"{path}: .*{message}"):
+        Profile.load_file(str(path))
 
 
 def test_comm_fits_recover_latency_and_bandwidth():
