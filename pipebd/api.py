@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sys
 from typing import Any, Callable, Iterable, Sequence
@@ -164,15 +165,16 @@ class Distiller:
             import torch.distributed as dist
             init_spmd(job.device, job.timeout)
             pin_device(job, int(os.environ.get("LOCAL_RANK", dist.get_rank())))   # before NCCL's barrier
+        first_rank = not spmd or dist.get_rank() == 0    # the rank that writes the directory and warns
         key = checkpoint.RunKey(self.num_blocks, job.batch_size, job.seed, job.dataset_len)
         states = checkpoint.read(directory, key, job.steps, resume)
         if len(states) == self.num_blocks and all(st["step"] == job.steps for st in states.values()):
             raise ValueError(f"every block of the checkpoint in {directory} has completed steps={job.steps}; "
                              f"pass a larger steps to train further")
-        checkpoint.check(states, self.student, self.optimizer, self.scheduler, warn=not spmd or dist.get_rank() == 0)
+        checkpoint.check(states, self.student, self.optimizer, self.scheduler, warn=first_rank)
         fingerprint = None
-        if directory is not None and (not spmd or dist.get_rank() == 0):   # the rank that records the run
-            fingerprint = checkpoint.teacher_fingerprint(self.teacher, job.boundary[0].shape, job.boundary[0].dtype)
+        if directory is not None and first_rank:
+            fingerprint = teacher_fingerprint(self.teacher, job.boundary[0].shape, job.boundary[0].dtype)
             if states:
                 fingerprint = checkpoint.check_teacher(directory, fingerprint)
         for block, state in states.items():
@@ -186,7 +188,7 @@ class Distiller:
             return
         if spmd:
             dist.barrier()   # every rank has read the directory before rank 0 writes to it
-        if not spmd or dist.get_rank() == 0:
+        if first_rank:
             if not states:   # every step-0 file before run.json, so a run killed in between leaves no run
                 for block in range(self.num_blocks):
                     optimizer = self.optimizer(self.student[block].parameters())
@@ -332,6 +334,22 @@ class Distiller:
         for r in results:
             for block, state in r.state.items():
                 self.student[block].load_state_dict(state)
+
+
+def teacher_fingerprint(teacher: list[nn.Module], shape: tuple[int, ...], dtype: torch.dtype) -> list[float]:
+    """Numbers that tell teachers apart, recorded with a checkpoint since the teacher is not saved
+    (``checkpoint.check_teacher``): the last teacher block's output, in eval mode, on a fixed
+    input of the first block's per-sample ``shape`` and ``dtype`` (zeros for an integer input),
+    as its mean, its mean absolute value and eight of its entries."""
+    numel = math.prod(shape)
+    x = torch.sin(torch.arange(numel, dtype=torch.float64) * 0.7) if dtype.is_floating_point else torch.zeros(numel)
+    with kept_as_given(teacher), torch.no_grad():
+        a = x.to(dtype).reshape(1, *shape)
+        for block in teacher:
+            a = block.eval()(a.to(_device_of(block)))
+    out = a.detach().double().flatten().cpu()
+    picks = out[torch.linspace(0, out.numel() - 1, 8).long()] if out.numel() else out
+    return [out.mean().item(), out.abs().mean().item(), *picks.tolist()]
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -223,28 +223,9 @@ def _load(path: str, what: str, field: str, value: int) -> dict:
     return state
 
 
-def teacher_fingerprint(teacher: list[nn.Module], shape: tuple[int, ...], dtype: torch.dtype) -> list[float]:
-    """Numbers that tell teachers apart, recorded with a run since the teacher is not saved: the
-    last teacher block's output, in eval mode, on a fixed input of the first block's per-sample
-    ``shape`` and ``dtype`` (zeros for an integer input), as its mean, its mean absolute value
-    and eight of its entries."""
-    from .runtime.launch import kept_as_given      # not at the top: the runtime imports this module
-
-    numel = math.prod(shape)
-    x = torch.sin(torch.arange(numel, dtype=torch.float64) * 0.7) if dtype.is_floating_point else torch.zeros(numel)
-    with kept_as_given(teacher), torch.no_grad():
-        a = x.to(dtype).reshape(1, *shape)
-        for block in teacher:
-            param = next(block.parameters(), None)
-            a = block.eval()(a.to(param.device) if param is not None else a)
-    out = a.detach().double().flatten().cpu()
-    picks = out[torch.linspace(0, out.numel() - 1, 8).long()] if out.numel() else out
-    return [out.mean().item(), out.abs().mean().item(), *picks.tolist()]
-
-
 def check_teacher(directory: str, fingerprint: list[float]) -> list[float]:
     """Warn when this run's teacher gives other outputs than the one ``directory``'s run was
-    trained with (its ``teacher_fingerprint``; runs recorded by earlier versions have none), and
+    trained with (its ``pipebd.api.teacher_fingerprint``; runs recorded by earlier versions have none), and
     return the fingerprint to record: the first run's, so that every later resume with another
     teacher is warned about too. A tolerance of 1% of the outputs' mean absolute value admits
     other devices and summation orders."""

@@ -284,11 +284,11 @@ class Codistillation:
         if spmd:
             init_spmd(self.device, job.timeout)
             _rank_device(self.device, dist.get_rank(), dist.get_world_size())   # before NCCL's barrier
+        first_rank = not spmd or dist.get_rank() == 0    # the rank that writes the directory and warns
         key = checkpoint.CodistillKey(job.n, job.mode, job.batch_size, job.seed, dataset_length(job.dataset),
                                       job.exchange_every)
         start, states = checkpoint.read_codistill(directory, key, job.steps, resume)
-        checkpoint.check(states, job.models, job.optimizer, job.scheduler, what="model",
-                         warn=not spmd or dist.get_rank() == 0)
+        checkpoint.check(states, job.models, job.optimizer, job.scheduler, what="model", warn=first_rank)
         job.start = start
         if states and job.exchanges:
             for step in job.restored_exchanges():
@@ -304,7 +304,7 @@ class Codistillation:
             return
         if spmd:
             dist.barrier()   # every rank has read the directory before rank 0 writes to it
-        if not spmd or dist.get_rank() == 0:
+        if first_rank:
             if not states:   # a fresh run saves its initial state, so a resume never rebuilds it
                 for i, model in enumerate(job.models):
                     optimizer = job.optimizer(model.parameters())

@@ -117,15 +117,15 @@ class Profile:
         rows = self.rows
         if not rows or any(integer(r) is None or r < 1 for r in rows) or list(rows) != sorted(set(rows)):
             raise ValueError(f"profile field rows must be ascending batch sizes >= 1, got {rows!r}")
-        curves = {"load": [self.load]} | ({"receive": [self.receive]} if self.receive else {})
-        curves |= {"teacher": self.teacher, "student": self.student}
-        for name, lists in curves.items():
-            if name in ("teacher", "student") and len(lists) != n:
-                raise ValueError(f"profile field {name} has {len(lists)} blocks, not num_blocks={n}")
-            for times in lists:
-                if len(times) != len(rows) or not all(_seconds(t) for t in times):
-                    raise ValueError(f"profile field {name} needs {len(rows)} finite seconds >= 0 (one per "
-                                     f"row count), got {times!r}")
+        for name, per_block in (("teacher", self.teacher), ("student", self.student)):
+            if len(per_block) != n:
+                raise ValueError(f"profile field {name} has {len(per_block)} blocks, not num_blocks={n}")
+        curves = [("load", self.load)] + ([("receive", self.receive)] if self.receive else [])
+        curves += [(name, times) for name in ("teacher", "student") for times in getattr(self, name)]
+        for name, times in curves:
+            if len(times) != len(rows) or not all(_seconds(t) for t in times):
+                raise ValueError(f"profile field {name} needs {len(rows)} finite seconds >= 0 (one per "
+                                 f"row count), got {times!r}")
         if not _seconds(self.loader_start):
             raise ValueError(f"profile field loader_start must be finite seconds >= 0, got {self.loader_start!r}")
         for name, values, least in (("act_bytes", self.act_bytes, n), ("grad_bytes", self.grad_bytes, n)):
@@ -195,10 +195,9 @@ class Profile:
     def from_dict(cls, data: dict) -> "Profile":
         if not isinstance(data, dict):
             raise ValueError(f"a profile is a JSON object, got {type(data).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(data.keys() - fields), sorted(f.name for f in dataclasses.fields(cls)
-                                                               if f.name not in data and f.default is dataclasses.MISSING
-                                                               and f.default_factory is dataclasses.MISSING)
+        fields = dataclasses.fields(cls)
+        required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        unknown, missing = sorted(data.keys() - {f.name for f in fields}), sorted(required - data.keys())
         if unknown or missing:
             raise ValueError(f"not a profile of this pipebd version: unknown fields {unknown}, missing {missing}")
         return cls(**data)

@@ -15,6 +15,7 @@ from torch import nn
 import pipebd
 from crash import crash_after
 from pipebd import checkpoint
+from pipebd.api import teacher_fingerprint
 from pipebd.cli import main
 
 D, BLOCKS, BATCH, STEPS = 6, 5, 7, 20
@@ -106,7 +107,7 @@ def test_resume_from_an_empty_directory_starts_at_step_0(tmp_path, reference):
     assert report.start == [0] * BLOCKS
     record = json.loads((tmp_path / "new" / "run.json").read_text())
     assert record == {"kind": "distill", "num_blocks": BLOCKS, "batch_size": BATCH, "seed": 0, "dataset_len": len(DATA),
-                      "teacher": checkpoint.teacher_fingerprint(d.teacher, (D,), torch.float32)}
+                      "teacher": teacher_fingerprint(d.teacher, (D,), torch.float32)}
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -352,5 +353,5 @@ def test_a_resume_with_another_teacher_is_warned_about(saved, caplog):
     assert "the teacher gives other outputs than the one the checkpoint" in message
     assert [m.training for b in d.teacher for m in b.modules()] == modes
     # The record stays the first run's, so that the next resume with this teacher is warned about too.
-    assert json.loads((saved / "run.json").read_text())["teacher"] == checkpoint.teacher_fingerprint(
+    assert json.loads((saved / "run.json").read_text())["teacher"] == teacher_fingerprint(
         distiller().teacher, (D,), torch.float32)
