@@ -20,7 +20,10 @@ possible slowest-stage time for blocks ``i..N-1`` on at most ``r`` ranks, is
 ``min over stop, k <= r of max(T(i, stop, k), f(stop, r - k))``. Among the plans that reach the
 optimum a second pass picks the one with the smallest sum of squared stage times: balanced
 stages, and spare ranks spent where they shorten a stage rather than left idle (or added where
-they only add allreduce time). Both passes take O(N^2 W^2) time, vectorized over ranks.
+they only add allreduce time). Both passes try, for each stage, only the replica counts that make
+it faster than any fewer do (``useful_replicas``): O(N^2 W P) time, vectorized over ranks, where P
+is at most W and, when allreduce time does not fall with more ranks, at most the number of distinct
+slices ``ceil(B/k)``, about ``2 sqrt(B)``.
 Pipe-BD's own search enumerates plans for 1 or 4 GPUs only.
 """
 
@@ -140,22 +143,41 @@ def cost_table(profile: Profile, world_size: int) -> np.ndarray:
     return table
 
 
+def useful_replicas(times: np.ndarray) -> np.ndarray:
+    """The replica counts ``k`` (from 1) at which a stage with per-``k`` times ``times[k - 1]``
+    is faster than with any fewer replicas. The others never need be tried: fewer replicas are as
+    fast and leave more ranks to the later stages, and both passes of ``best_plan`` pick, among
+    equal candidates, the one with the fewest replicas."""
+    fastest_before = np.minimum.accumulate(np.concatenate([[np.inf], times[:-1]]))
+    return np.flatnonzero(times < fastest_before) + 1
+
+
 def best_plan(table: np.ndarray, world_size: int) -> tuple[Plan, float]:
     """The exact optimum over all plans on at most ``world_size`` ranks for a cost table
     ``table[first, stop, k]`` (see ``cost_table``): the plan and its slowest stage's time."""
     n = table.shape[0] - 1
     w = world_size
-    r_idx, k_idx = np.meshgrid(np.arange(w + 1), np.arange(w + 1), indexing="ij")
-    valid = (k_idx >= 1) & (k_idx <= r_idx)
-    rest = np.where(valid, r_idx - k_idx, 0)
+    ranks = np.arange(w + 1)[:, None]
+    # For each stage, the replica counts worth trying and their times.
+    options = {}
+    for i in range(n):
+        for stop in range(i + 1, n + 1):
+            ks = useful_replicas(table[i, stop, 1:w + 1])
+            if len(ks):
+                options[i, stop] = ks, table[i, stop, ks]
+
+    def left(ks):
+        """Out of r = 0..w ranks, those left to the later stages with each of ``ks``, and whether any are."""
+        rest = ranks - ks
+        return np.maximum(rest, 0), rest >= 0
 
     # Pass 1: f[i, r] = least slowest-stage time for blocks i.. on at most r ranks.
     f = np.full((n + 1, w + 1), np.inf)
     f[n, :] = 0.0
-    for i in range(n - 1, -1, -1):
-        for stop in range(i + 1, n + 1):
-            cand = np.where(valid, np.maximum(table[i, stop, :w + 1][k_idx], f[stop][rest]), np.inf)
-            f[i] = np.minimum(f[i], cand.min(axis=1))
+    for (i, stop), (ks, t) in sorted(options.items(), reverse=True):
+        rest, fits = left(ks)
+        cand = np.where(fits, np.maximum(t, f[stop][rest]), np.inf)
+        f[i] = np.minimum(f[i], cand.min(axis=1))
     best = f[0, w]
     if not np.isfinite(best):
         raise ValueError(f"no plan fits {n} blocks on {world_size} ranks")
@@ -164,16 +186,14 @@ def best_plan(table: np.ndarray, world_size: int) -> tuple[Plan, float]:
     g = np.full((n + 1, w + 1), np.inf)
     g[n, :] = 0.0
     choice = np.zeros((n + 1, w + 1, 2), dtype=np.int64)
-    for i in range(n - 1, -1, -1):
-        for stop in range(i + 1, n + 1):
-            t = table[i, stop, :w + 1]
-            ok = valid & (t[k_idx] <= best)
-            cand = np.where(ok, np.square(t[k_idx]) + g[stop][rest], np.inf)
-            k_best = cand.argmin(axis=1)
-            value = cand[np.arange(w + 1), k_best]
-            better = value < g[i]
-            g[i] = np.where(better, value, g[i])
-            choice[i][better] = np.stack([np.full(better.sum(), stop), k_best[better]], axis=1)
+    for (i, stop), (ks, t) in sorted(options.items(), key=lambda item: (-item[0][0], item[0][1])):
+        rest, fits = left(ks)
+        cand = np.where(fits & (t <= best), np.square(t) + g[stop][rest], np.inf)
+        pick = cand.argmin(axis=1)
+        value = cand[np.arange(w + 1), pick]
+        better = value < g[i]
+        g[i] = np.where(better, value, g[i])
+        choice[i][better] = np.stack([np.full(better.sum(), stop), ks[pick[better]]], axis=1)
     stages, replicas, i, r = [], [], 0, w
     while i < n:
         stop, k = (int(v) for v in choice[i, r])

@@ -7,14 +7,16 @@ of 1e-9 (the DP adds costs with prefix sums, the reference block by block).
 """
 
 import dataclasses
+import functools
 import itertools
 import math
 import random
 
+import numpy as np
 import pytest
 
 from pipebd.plan import Plan
-from pipebd.planner import auto_plan, best_plan, cost_table, predict, stage_cost
+from pipebd.planner import auto_plan, best_plan, cost_table, predict, stage_cost, useful_replicas
 from pipebd.profiler import Profile, replica_rows
 from pipebd.simulator import simulate, simulate_baseline
 
@@ -151,15 +153,64 @@ def test_loader_workers_take_loading_off_stage_zero():
     assert auto_plan(dataclasses.replace(inline, num_workers=2)).bottleneck_s == pytest.approx(3.0)
 
 
+def every_count_dp(table, world):
+    """(slowest stage, least sum of squared stage times among plans that reach it), trying every
+    replica count of every stage: the reference for the planner's pruned search."""
+    n = table.shape[0] - 1
+
+    @functools.cache
+    def slowest(i, r):
+        if i == n:
+            return 0.0
+        return min((max(table[i, stop, k], slowest(stop, r - k))
+                    for stop in range(i + 1, n + 1) for k in range(1, r + 1)), default=math.inf)
+
+    best = slowest(0, world)
+
+    @functools.cache
+    def squares(i, r):
+        if i == n:
+            return 0.0
+        return min((table[i, stop, k] ** 2 + squares(stop, r - k)
+                    for stop in range(i + 1, n + 1) for k in range(1, r + 1) if table[i, stop, k] <= best),
+                   default=math.inf)
+
+    return best, squares(0, world)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_pruned_search_equals_every_replica_count_at_larger_worlds(seed):
+    """Beyond brute force's reach: worlds of 9 to 40 ranks, batches smaller and larger than the
+    world, ties (integer tables), stages that slow down with more replicas."""
+    rng = random.Random(seed)
+    n, world = rng.randint(2, 7), rng.randint(9, 40)
+    batch = rng.choice([world // 2, world, 24, 64, 100])
+    profile = random_profile(rng, n, min(world, 8), batch, ints=seed % 2 == 1, costly_small=seed % 3 == 0)
+    table = cost_table(profile, world)
+    plan, bottleneck = best_plan(table, world)
+    plan.validate(n, world)
+    best, best_sq = every_count_dp(table, world)
+    got = predict(profile, plan).stage_times
+    assert bottleneck == pytest.approx(best, rel=1e-9)
+    assert max(got) == pytest.approx(best, rel=1e-9)
+    assert sum(t * t for t in got) == pytest.approx(best_sq, rel=1e-9)
+
+
+def test_useful_replicas_are_the_strict_prefix_minima():
+    times = np.array([5.0, 3.0, 3.0, 4.0, 2.0, np.inf, 2.0, 1.0])
+    assert useful_replicas(times).tolist() == [1, 2, 5, 8]
+    assert useful_replicas(np.array([np.inf, np.inf])).tolist() == []
+
+
 def test_large_world_is_fast():
-    """Exact planning for 16 blocks on 256 ranks takes well under a minute."""
+    """Exact planning for 64 blocks on 1024 ranks takes seconds (about 2 s here)."""
     import time
     rng = random.Random(5)
-    profile = random_profile(rng, 16, 8, 512)
+    profile = random_profile(rng, 64, 8, 512)
     start = time.perf_counter()
-    prediction = auto_plan(profile, 256)
+    prediction = auto_plan(profile, 1024)
     assert time.perf_counter() - start < 30
-    prediction.plan.validate(16, 256)
+    prediction.plan.validate(64, 1024)
 
 
 def test_bad_world_sizes_steps_and_batches_are_refused():
