@@ -543,7 +543,8 @@ class _Rank:
         if self.job.keep_checkpoints and self.leader:
             for i in self.own:
                 self.published[(i, step)] = {d: f.cpu() for d, f in pack(self.models[i]).items()}
-        return self.exchange.publish(index, step, self.models)
+        with self.recorder.span("exchange", step):
+            return self.exchange.publish(index, step, self.models)
 
     def targets(self, step: int, source: int | None, xs: dict[int, Tensor],
                 logits: dict[int, Tensor]) -> dict[int, Tensor | None]:
@@ -552,7 +553,8 @@ class _Rank:
         if source is None:
             return dict.fromkeys(self.own)
         if job.mode == "online":
-            everyone = self.peers.gather(step, {i: out.detach() for i, out in logits.items()})
+            with self.recorder.span("exchange", step):
+                everyone = self.peers.gather(step, {i: out.detach() for i, out in logits.items()})
             return {i: torch.stack([everyone[j] for j in range(job.n) if j != i]) for i in self.own}
         with self.recorder.span("teacher", step), torch.no_grad():
             return {i: torch.stack([self.stale[j](xs[i]) for j in range(job.n) if j != i]) for i in self.own}
@@ -630,7 +632,7 @@ class _Rank:
         state = {i: {k: v.detach().cpu() for k, v in self.models[i].state_dict().items()} for i in self.own} \
             if self.leader else {}
         losses = self.losses.cpu()
-        return _RankResult(self.rank, self.own, self.recorder.now(), self.recorder.spans,
+        return _RankResult(self.rank, self.own, self.recorder.elapsed, self.recorder.spans,
                            {i: losses[:, i].tolist() for i in self.own}, self.sources, self.eval_steps,
                            self.eval_probs if self.leader else {}, state, self.exchanged_bytes,
                            self.published, self.installed)
@@ -647,6 +649,8 @@ def _train(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
     if world_size > 1:
         dist.barrier()
     rt.recorder.restart()
+    if world_size > 1:
+        rt.recorder.align()
     k = job.exchange_every
     pending: Transfer | None = None
     installed_step: int | None = None   # the step of the others' checkpoint in rt.stale
@@ -697,11 +701,12 @@ def _train(job: _Job, rank: int, world_size: int) -> list[_RankResult]:
             if due:
                 rt.save(t + 1)
             bar.update()
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+        rt.recorder.stop()
     finally:
         rt.close()
         bar.close()
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize(rt.device)
     mine = rt.result()
     if world_size == 1:
         return [mine]
@@ -732,8 +737,8 @@ class CodistillReport:
     steps: int
     exchange_every: int
     wall_s: float
-    losses: list[list[float]]
-    sources: list[int | None]
+    losses: list[list[float]] = field(repr=False)
+    sources: list[int | None] = field(repr=False)
     eval_steps: list[int]
     eval_probs: list[list[Tensor]] = field(repr=False)
     eval_labels: Tensor | None = field(repr=False)

@@ -15,7 +15,8 @@ from typing import Any
 # One colour per span kind: compute in blues and greens, communication in red, waiting in greys.
 KIND_COLORS = {
     "data": "#9ecae1", "teacher": "#3182bd", "student": "#31a354", "step": "#a1d99b",
-    "checkpoint": "#756bb1", "eval": "#fdae6b", "allreduce": "#de2d26",
+    "checkpoint": "#756bb1", "eval": "#fdae6b", "allreduce": "#de2d26", "send": "#fc9272", "recv": "#fcbba1",
+    "exchange": "#a50f15",
     "recv-wait": "#bdbdbd", "send-wait": "#969696", "exchange-wait": "#737373",
     "data-wait": "#d9d9d9",
 }

@@ -2,9 +2,10 @@
 
 Time fractions are of the run's wall time (start barrier to the last rank's end), averaged over a
 stage's replicas: ``utilization`` is compute (data, teacher, student, optimizer step) and
-checkpoint writes, ``communication`` the gradient allreduce waits, ``waiting`` the time blocked on
-activations (receive), on the next stage (send backpressure) or on loader worker processes
-(``num_workers``), and ``idle`` the rest (pipeline fill/drain).
+checkpoint writes, ``communication`` starting and waiting for the gradient allreduce and posting
+activation sends and receives, ``waiting`` the time blocked on activations (receive), on the next
+stage (send backpressure) or on loader worker processes (``num_workers``), and ``idle`` the rest:
+pipeline fill and drain, and the loop's own overhead between spans (loss checks, bookkeeping).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Report:
     wall_s: float
     teacher_block_runs: list[int]
     stages: list[StageStats]
-    losses: list[list[float]]              # per block: global-batch loss at each step (NaN before start)
+    losses: list[list[float]] = field(repr=False)   # per block: global-batch loss at each step (NaN before start)
     tracks: list[tuple[str, list[Span]]] = field(repr=False)
     prediction: Any = None       # plan="auto": the planner's steady-state Prediction
     simulation: Any = None       # plan="auto": the simulator's Simulation of this run's steps
@@ -89,7 +90,7 @@ class Report:
             f"throughput {self.samples_per_s:.1f} samples/s (wall {self.wall_s:.3f} s)",
         ]
         if sim is not None:
-            lines.append(f"predicted {sim.samples_per_s:.1f} samples/s for these {self.steps} steps "
+            lines.append(f"predicted {sim.samples_per_s:.1f} samples/s for these {sim.steps} steps "
                          f"(steady-state bound {self.prediction.samples_per_s:.1f}); measured/predicted "
                          f"{self.samples_per_s / sim.samples_per_s:.2f}")
         lines.append(f"{'stage':>5} {'blocks':>7} {'ranks':>9} {'util':>6} {'comm':>6} {'wait':>6} {'idle':>6}"

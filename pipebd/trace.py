@@ -1,11 +1,16 @@
 """Timed spans per rank, and their export as Chrome trace events (Perfetto, chrome://tracing).
 
 Span kinds (``Span.kind``): compute (``data``, ``teacher``, ``student``, ``step``, and the
-``checkpoint`` writes, which keep a rank as busy), communication (``allreduce``), and waiting
-(``recv-wait``, ``send-wait``, codistillation's ``exchange-wait``, and ``data-wait`` for batches
-from loader worker processes). Time outside any span is idle.
+``checkpoint`` writes, which keep a rank as busy), communication (``allreduce``: starting the
+gradient allreduce and waiting for it; ``send``/``recv``: posting the transfers of activations;
+codistillation's ``exchange``: publishing checkpoints and gathering the peers' logits online),
+and waiting (``recv-wait``, ``send-wait``, codistillation's ``exchange-wait``, and ``data-wait``
+for batches from loader worker processes). Time outside any span is idle.
 Each span is also a ``torch.profiler`` range (``record_function``), so the same names appear in
-torch profiler traces.
+torch profiler traces of the process that runs the rank.
+
+The ranks of a run share one time axis: ``Recorder.align`` moves every rank's origin to the
+earliest rank's (by the wall clock, so across hosts to the accuracy of their clock sync).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Iterator
 from torch.autograd.profiler import record_function
 
 COMPUTE = ("data", "teacher", "student", "step", "checkpoint")
-COMMUNICATION = ("allreduce",)
+COMMUNICATION = ("allreduce", "send", "recv", "exchange")
 WAITING = ("recv-wait", "send-wait", "exchange-wait", "data-wait")
 
 
@@ -38,14 +43,35 @@ class Recorder:
 
     origin: float = field(default_factory=time.perf_counter)
     spans: list[Span] = field(default_factory=list)
+    stopped: float | None = None     # the elapsed time frozen by ``stop``
 
     def restart(self) -> None:
         """Move the clock origin to now and drop earlier spans (call after the start barrier)."""
         self.origin = time.perf_counter()
         self.spans.clear()
+        self.stopped = None
+
+    def align(self) -> None:
+        """Move the origin back to the earliest origin among the ranks of the default process
+        group (a collective: every rank calls it after ``restart``). Ranks leave the start barrier
+        up to milliseconds apart; without this a receive could show as ending before its send."""
+        import torch.distributed as dist
+
+        mine = time.time() - self.now()          # this rank's origin on the wall clock
+        origins: list[float | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(origins, mine)
+        self.origin -= mine - min(o for o in origins if o is not None)
 
     def now(self) -> float:
         return time.perf_counter() - self.origin
+
+    def stop(self) -> None:
+        """End the rank's timed run now; shutting down loader processes after it is not counted."""
+        self.stopped = self.now()
+
+    @property
+    def elapsed(self) -> float:
+        return self.now() if self.stopped is None else self.stopped
 
     @contextmanager
     def span(self, kind: str, step: int, block: int | None = None) -> Iterator[None]:

@@ -60,3 +60,17 @@ def test_auto_for_the_baseline_is_its_one_layout(monkeypatch):
     reference, _ = fit(world=1, plan=None)
     assert max((a - b).abs().max().item() for a, b in zip(weights, reference)) <= 1e-5
     assert report.prediction is None and report.plan.replicas == (2,)
+
+
+def test_a_resumed_report_names_the_steps_it_predicted():
+    """After a resume the simulator covers only the steps this fit ran, and the report says so."""
+    from types import SimpleNamespace
+
+    from pipebd.report import Report, StageStats
+    plan = pipebd.Plan([[0], [1]], [1, 1])
+    sim = SimpleNamespace(samples_per_s=100.0, steps=2, stage_utilization=[0.5, 0.5])
+    report = Report("pipebd", 2, plan, 4, 8, 0.1, [8, 8], [StageStats((0,), [0], 0.5, 0, 0)] * 2,
+                    [[1.0] * 8] * 2, [], prediction=SimpleNamespace(samples_per_s=120.0), simulation=sim,
+                    start=[6, 6])
+    assert "predicted 100.0 samples/s for these 2 steps" in str(report)
+    assert "losses" not in repr(report)      # thousands of numbers on a long run

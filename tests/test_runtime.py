@@ -150,7 +150,10 @@ def test_report_and_trace(tmp_path):
     names = {e["args"]["name"] for e in events if e["name"] == "process_name"}
     assert names == {"rank 0 (stage 0, replica 0)", "rank 1 (stage 1, replica 0)", "rank 2 (stage 1, replica 1)"}
     spans = [e for e in events if e["ph"] == "X"]
-    assert {e["cat"] for e in spans} >= {"data", "teacher", "student", "step", "recv-wait", "allreduce"}
+    assert {e["cat"] for e in spans} >= {"data", "teacher", "student", "step", "recv-wait", "allreduce", "send",
+                                         "recv"}
+    # The last stage sends nothing, so it never waits on a send.
+    assert not [e for e in spans if e["cat"] == "send-wait" and e["pid"] > 0]
     teacher_spans = [e for e in spans if e["cat"] == "teacher"]
     assert len(teacher_spans) == 8 * 1 + 2 * 8 * 3  # rank 0: block 0; ranks 1 and 2: blocks 1-3
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
@@ -197,3 +200,51 @@ def test_a_fit_in_the_callers_process_gives_the_blocks_back_as_they_came():
     pipebd.Codistillation(models, backend="torch", device="cpu").fit(dataset(), batch_size=4, steps=2)
     assert all(m.training for m in models[0].modules()) and not any(m.training for m in models[1].modules())
     assert not all(torch.equal(a, b) for a, b in zip(weights, models[1].parameters()))
+
+
+def _clock_after_a_late_start(rank, world_size):
+    import torch.distributed as dist
+    from pipebd.trace import Recorder
+    if rank == 1:
+        time.sleep(0.3)            # leaves the start well after rank 0
+    recorder = Recorder()
+    recorder.restart()
+    recorder.align()
+    dist.barrier()
+    now: list = [None] * world_size
+    dist.all_gather_object(now, recorder.now())
+    return now
+
+
+def test_ranks_share_one_clock():
+    """After ``align`` the ranks read the same time at the same moment (a barrier), however far
+    apart they started; without it rank 1, 0.3 s late, would read 0.3 s less."""
+    from pipebd.runtime.launch import spawn_tasks
+    now = spawn_tasks([_clock_after_a_late_start] * 2, "gloo", timeout_s=60)
+    assert now[0] >= 0.3 and abs(now[0] - now[1]) < 0.05, now
+
+
+def test_an_activation_is_received_after_it_is_computed():
+    teacher, student = mlp_pair(num_blocks=2)
+    report = pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=4, steps=6, world_size=2,
+                                                                  timeout=60)
+    (_, first), (_, second) = report.tracks
+    computed = {s.step: s.end for s in first if s.kind == "teacher"}
+    received = {s.step: s.end for s in second if s.kind == "recv-wait"}
+    assert all(received[t] >= computed[t] - 1e-3 for t in range(6)), (computed, received)
+    assert report.wall_s >= max(s.end for _, track in report.tracks for s in track)
+
+
+def test_shutting_down_loader_processes_is_not_run_time(monkeypatch):
+    from pipebd.runtime.worker import RankRuntime
+    close = RankRuntime.close
+
+    def slow_close(self):
+        time.sleep(0.5)
+        close(self)
+
+    monkeypatch.setattr(RankRuntime, "close", slow_close)
+    teacher, student = mlp_pair(num_blocks=2)
+    report = pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=4, steps=3, num_workers=1)
+    last = max(s.end for _, track in report.tracks for s in track)
+    assert report.wall_s < last + 0.25, (report.wall_s, last)

@@ -122,13 +122,16 @@ def _run_rank(job: Job, rank: int, world_size: int) -> list[RankResult]:
     if distributed:
         dist.barrier()
     rt.recorder.restart()
+    if distributed:
+        rt.recorder.align()
     if rt.stage is not None:
         try:
             LOOPS[job.strategy](rt)
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            rt.recorder.stop()
         finally:
             rt.close()
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize(rt.device)
     mine = rt.result()
     if not distributed:
         return [mine]

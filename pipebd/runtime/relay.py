@@ -69,8 +69,11 @@ def run_relay(rt: RankRuntime) -> None:
         return bufs, _post(dist.irecv, bufs, inbound)
 
     sends: deque = deque()
-    incoming = post_recv() if s > 0 else None
     first = job.first_step     # after a resume, blocks that completed step t skip its training
+    incoming = None
+    if s > 0:
+        with rt.recorder.span("recv", first):
+            incoming = post_recv()
     bar = rt.progress(job.steps - first, show=s == last_stage and q == 0)
     feed = rt.feed(list(range(first, job.steps)), lo, hi) if s == 0 else None
     for t in range(first, job.steps):
@@ -83,7 +86,8 @@ def run_relay(rt: RankRuntime) -> None:
                 for h in handles:
                     h.wait()
             if t + 1 < job.steps:
-                incoming = post_recv()  # the next batch arrives while this one trains
+                with rt.recorder.span("recv", t + 1):
+                    incoming = post_recv()  # the next batch arrives while this one trains
         acts = [x]
         for i in blocks:
             acts.append(rt.teacher_forward(i, acts[-1], t))
@@ -92,12 +96,14 @@ def run_relay(rt: RankRuntime) -> None:
                 with rt.recorder.span("send-wait", t):
                     _drain(sends.popleft()[0], rt.device, job.timeout)
             out = (acts[-1].contiguous(),) + ((y,) if y is not None else ())
-            sends.append((_post(dist.isend, out, outbound), out))  # out outlives its sends
+            with rt.recorder.span("send", t):
+                sends.append((_post(dist.isend, out, outbound), out))  # out outlives its sends
         due = [j for j, i in enumerate(blocks) if t >= job.start_of(i)]
         grads = [rt.train_block(blocks[j], acts[j], acts[j + 1], y, t) for j in due]
         rt.finish_step([blocks[j] for j in due], grads, t)
         bar.update()
-    with rt.recorder.span("send-wait", job.steps - 1):
-        while sends:
-            _drain(sends.popleft()[0], rt.device, job.timeout)
+    if sends:
+        with rt.recorder.span("send-wait", job.steps - 1):
+            while sends:
+                _drain(sends.popleft()[0], rt.device, job.timeout)
     bar.close()

@@ -223,7 +223,8 @@ class RankRuntime:
             loss.backward()
         self.losses[step, block] = loss.detach()
         if self.group_size > 1 and self.buckets[block].params:
-            return dist.all_reduce(self.buckets[block].flat, group=self.group, async_op=True)
+            with self.recorder.span("allreduce", step, block):
+                return dist.all_reduce(self.buckets[block].flat, group=self.group, async_op=True)
         return None
 
     def finish_step(self, blocks: list[int], handles: list[Any], step: int) -> None:
@@ -280,7 +281,7 @@ class RankRuntime:
         if self.replica == 0:
             state = {i: {k: v.detach().cpu() for k, v in self.student[i].state_dict().items()}
                      for i in self.blocks}
-        return RankResult(self.rank, self.stage, self.replica, self.recorder.now(), self.recorder.spans,
+        return RankResult(self.rank, self.stage, self.replica, self.recorder.elapsed, self.recorder.spans,
                           self.teacher_rows, {i: losses[:, i].tolist() for i in self.blocks}, state)
 
 
