@@ -62,7 +62,7 @@ def combined_loss(logits: Tensor, labels: Tensor, peers: Tensor | None, alpha: f
     gradient flows to them) or None for the task loss alone. One fused pass over the logits: the
     soft-target loss with hard-label weight ``1 / (1 + alpha)``, scaled by ``1 + alpha``."""
     if peers is None or alpha == 0:   # summed in float32 at least, like the fused path
-        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels,
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels.long(),
                                ignore_index=ignore_index, reduction="sum")
     hard = 1.0 / (1.0 + alpha)
     return soft_target_loss(logits, peers, temperature, "sum", labels=labels, alpha=hard,
@@ -118,6 +118,22 @@ class _Job:
     def exchanges(self) -> bool:
         """Whether checkpoints move at all (codistill mode, several models, a distillation term)."""
         return self.mode == "codistill" and self.n > 1 and self.alpha > 0
+
+    @property
+    def first_distilled(self) -> int | None:
+        """The first step with the distillation term on (None: none of these steps). Online: the
+        end of burn-in. Codistill: the checkpoint of the first published step s is installed at
+        s + K, so the term starts at max(s + K, burn_in)."""
+        if not (self.alpha > 0 and self.n > 1):
+            return None
+        first = self.burn_in
+        if self.mode == "codistill":
+            k = self.exchange_every
+            s = max(k, k * ((self.burn_in - 2 * k) // k + 1))   # the least multiple of K with s + 2K > burn_in
+            if not self.publishes_at(s):
+                return None
+            first = max(s + k, self.burn_in)
+        return first if first < self.steps else None
 
     def publishes_at(self, step: int) -> bool:
         """Whether the checkpoint of ``step`` is published: it is installed at ``step + K`` and
@@ -181,14 +197,20 @@ class Codistillation:
             for i, m in enumerate(self._models):
                 if not isinstance(m, nn.Module):
                     raise TypeError(f"model {i} is a {type(m).__name__}, not an nn.Module")
+            owner: dict[int, int] = {}
+            for i, m in enumerate(self._models):
+                for p in m.parameters():
+                    j = owner.setdefault(id(p), i)
+                    if j != i:
+                        raise ValueError(f"models {j} and {i} share parameters; each model must have its own")
             if n is not None and n != len(self._models):
                 raise ValueError(f"n={n} but {len(self._models)} models were given")
             n = len(self._models)
         n = check_int("n", n, 1)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if not 0 <= alpha < math.inf:
+            raise ValueError(f"alpha must be >= 0 and finite, got {alpha}")
         if not 0 < temperature < math.inf:
             raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
         burn_in, exchange_every = check_int("burn_in", burn_in, 0), check_int("exchange_every", exchange_every, 1)
@@ -257,6 +279,11 @@ class Codistillation:
         world_size = int(world_size)   # checked: an integer
         self._checkpoints(job, checkpoint_dir, checkpoint_every, resume)
         log.info("pipebd: %s of %d models on %d rank(s)", self.mode, self.n, world_size)
+        if job.first_distilled is None and job.alpha > 0 and job.n > 1:
+            why = (f"burn_in={job.burn_in}" if job.mode == "online" else
+                   f"with burn_in={job.burn_in} and exchange_every={job.exchange_every} the first checkpoint "
+                   f"to distill from is there at step {max(2 * job.exchange_every, job.burn_in)} at the earliest")
+            log.warning("pipebd: alpha=%s but none of these %d steps distills: %s", job.alpha, job.steps, why)
         if env is not None:
             init_spmd(self.device, timeout)
             _broadcast_from_rank0(job.models, _rank_device(self.device, dist.get_rank(), world_size))
@@ -392,7 +419,7 @@ class Codistillation:
         if y is None:
             raise ValueError(f"{source} items carry no labels; codistillation needs (x, y) items")
         y = torch.as_tensor(y)
-        if y.is_floating_point() or y.is_complex():
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise TypeError(f"labels must be class indices (an integer tensor), got {y.dtype}")
         shapes, dtypes = set(), set()
         for i, m in enumerate(models):
@@ -532,7 +559,7 @@ class _Rank:
             received = self.exchange.wait(transfer)
         for j, packed in received.items():
             unpack(self.stale[j], packed)
-        if not transfer.restored:
+        if not transfer.restored and self.exchange.distributed:   # in one process nothing moves
             self.exchanged_bytes += transfer.bytes
         if self.job.keep_checkpoints:
             for i in self.own:
@@ -748,6 +775,7 @@ class CodistillReport:
     published: dict = field(default_factory=dict, repr=False)
     installed: dict = field(default_factory=dict, repr=False)
     start: int = 0                       # steps completed before a resumed fit (their losses are NaN)
+    ignore_index: int = -100             # eval labels with this value count in no accuracy
 
     @property
     def samples_per_s(self) -> float:
@@ -758,12 +786,12 @@ class CodistillReport:
     @property
     def accuracy(self) -> list[list[float]]:
         """Per model, the accuracy on ``eval_data`` at each of ``eval_steps``."""
-        return [[_accuracy(p, self.eval_labels) for p in probs] for probs in self.eval_probs]
+        return [[_accuracy(p, self.eval_labels, self.ignore_index) for p in probs] for probs in self.eval_probs]
 
     @property
     def ensemble_accuracy(self) -> list[float]:
         """Accuracy of the n models' averaged softmax predictions at each of ``eval_steps``."""
-        return [_accuracy(torch.stack(ps).mean(0), self.eval_labels) for ps in zip(*self.eval_probs)]
+        return [_accuracy(torch.stack(ps).mean(0), self.eval_labels, self.ignore_index) for ps in zip(*self.eval_probs)]
 
     def save_trace(self, path: str) -> None:
         """Chrome trace with one track per rank (data or data-wait, student, teacher, step,
@@ -799,8 +827,11 @@ class CodistillReport:
         return "\n".join(lines)
 
 
-def _accuracy(probs: Tensor, labels: Tensor) -> float:
-    return (probs.argmax(-1) == labels).float().mean().item()
+def _accuracy(probs: Tensor, labels: Tensor, ignore_index: int) -> float:
+    """The fraction of labelled positions (not ``ignore_index``) predicted right (NaN if none is)."""
+    labelled = labels != ignore_index
+    right = (probs.argmax(-1) == labels) & labelled
+    return (right.sum() / labelled.sum()).item()
 
 
 def _build_report(job: _Job, world_size: int, results: list[_RankResult]) -> CodistillReport:
@@ -821,4 +852,4 @@ def _build_report(job: _Job, world_size: int, results: list[_RankResult]) -> Cod
     return CodistillReport(job.mode, job.n, world_size, job.batch_size, job.steps, job.exchange_every,
                            max(r.elapsed for r in results), losses, results[0].sources, results[0].eval_steps,
                            eval_probs, labels, wait, max(r.exchanged_bytes for r in results), tracks,
-                           published, installed, job.start)
+                           published, installed, job.start, job.ignore_index)

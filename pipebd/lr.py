@@ -22,6 +22,8 @@ its share of the global batch before the gradient allreduce.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Iterable
 
 from torch import nn
@@ -37,8 +39,8 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm
 def linear_scaling(base_lr: float, batch_size: int, base_batch_size: int = 256) -> float:
     """The learning rate for ``batch_size`` given ``base_lr`` tuned at ``base_batch_size``:
     ``base_lr * batch_size / base_batch_size``."""
-    if base_lr <= 0:
-        raise ValueError(f"base_lr must be > 0, got {base_lr}")
+    if not 0 < base_lr < math.inf:
+        raise ValueError(f"base_lr must be > 0 and finite, got {base_lr}")
     return base_lr * check_int("batch_size", batch_size, 1) / check_int("base_batch_size", base_batch_size, 1)
 
 
@@ -70,8 +72,8 @@ def param_groups(params: nn.Module | Iterable[nn.Parameter], weight_decay: float
     but other 1-D parameters (PReLU's weight, for one) are exempted too.
     Empty groups are left out; shared parameters appear once.
     """
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not 0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay must be >= 0 and finite, got {weight_decay}")
     if isinstance(params, nn.Module):
         exempt = {id(p) for m in params.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
         exempt |= {id(p) for name, p in params.named_parameters() if name.rsplit(".", 1)[-1].endswith("bias")}

@@ -12,6 +12,7 @@ where nothing can differ (alpha = 0 in one process or one rank per model).
 """
 
 import copy
+import logging
 import os
 import re
 import subprocess
@@ -271,6 +272,7 @@ def test_an_exchange_that_fails_surfaces_as_a_clear_error(how):
     (dict(n=3), {}, "n=3 but 2 models were given"),
     (dict(mode="dml"), {}, "mode must be one of"),
     (dict(alpha=-1), {}, "alpha must be >= 0"),
+    (dict(alpha=float("inf")), {}, "alpha must be >= 0 and finite, got inf"),
     (dict(temperature=0), {}, "temperature must be > 0"),
     (dict(temperature=float("inf")), {}, "temperature must be > 0 and finite, got inf"),
     (dict(exchange_every=0), {}, "exchange_every must be an integer >= 1"),
@@ -282,6 +284,8 @@ def test_an_exchange_that_fails_surfaces_as_a_clear_error(how):
     ({}, dict(timeout="60"), "timeout must be a number of seconds"),
     ({}, dict(data=torch.randn(10, FEATURES)), "items carry no labels"),
     ({}, dict(data=TensorDataset(torch.randn(10, FEATURES), torch.rand(10))), "labels must be class indices"),
+    ({}, dict(data=TensorDataset(torch.randn(10, FEATURES), torch.ones(10, dtype=torch.bool))),
+     "labels must be class indices .* got torch.bool"),
     ({}, dict(data=TensorDataset(torch.randn(1, FEATURES), torch.zeros(1, dtype=torch.long))),
      "a dataset of 1 samples cannot give 2 models a shard each"),
     ({}, dict(data=TensorDataset(torch.randn(10, 3), torch.zeros(10, dtype=torch.long))),
@@ -303,6 +307,64 @@ def test_bad_input_is_refused_before_training(monkeypatch, kwargs, fit, message)
     data = fit.pop("data", dataset())
     with pytest.raises((ValueError, TypeError), match=message):
         pipebd.Codistillation(initial_models(2), **kwargs).fit(data, **{"batch_size": 4, "steps": 2, **fit})
+
+
+def test_models_that_share_parameters_are_refused():
+    shared = initial_models(2)
+    with pytest.raises(ValueError, match="models 0 and 1 share parameters"):
+        pipebd.Codistillation([shared[0], shared[0]])
+    shared[1][0] = shared[0][0]
+    with pytest.raises(ValueError, match="models 0 and 1 share parameters"):
+        pipebd.Codistillation(shared)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_labels_of_any_integer_dtype_train_as_int64(dtype):
+    """Before burn-in ends the loss is the task loss alone; it too takes any integer labels."""
+    x, y = dataset().tensors
+    reports = []
+    for labels in (y, y.to(dtype)):
+        cd = pipebd.Codistillation(initial_models(2), optimizer=sgd, burn_in=STEPS // 2, exchange_every=2,
+                                   backend="torch", device="cpu")
+        reports.append((cd.fit(TensorDataset(x, labels), batch_size=BATCH, steps=STEPS), cd.models))
+    (expected, a), (got, b) = reports
+    assert got.losses == expected.losses
+    assert all(torch.equal(p, q) for m, n in zip(a, b) for p, q in zip(m.parameters(), n.parameters()))
+
+
+def test_accuracy_leaves_out_ignored_labels():
+    x, y = dataset().tensors
+    y = y.clone()
+    y[::3] = -1
+    cd = pipebd.Codistillation(initial_models(2), optimizer=sgd, exchange_every=K, ignore_index=-1, device="cpu")
+    report = cd.fit(dataset(), batch_size=BATCH, steps=2 * K + 1, eval_data=(x, y))
+    keep = y != -1
+    with torch.no_grad():
+        probs = [F.softmax(m(x[keep]), -1) for m in cd.models]
+    assert report.accuracy == [[(p.argmax(1) == y[keep]).float().mean().item()] for p in probs]
+    assert report.ensemble_accuracy[0] == ((probs[0] + probs[1]).argmax(1) == y[keep]).float().mean().item()
+
+
+def test_one_process_exchanges_move_no_bytes():
+    _, report = run(1)
+    assert any(s is not None for s in report.sources) and report.exchanged_bytes == 0
+
+
+@pytest.mark.parametrize("mode, k, burn_in, steps", [
+    ("codistill", 2, 0, 5), ("codistill", 2, 0, 4), ("codistill", 3, 4, 8), ("codistill", 3, 4, 7),
+    ("codistill", 1, 5, 6), ("codistill", 4, 12, 13), ("codistill", 4, 12, 12), ("online", 3, 5, 6),
+    ("online", 3, 5, 5)])
+def test_a_run_that_never_distills_is_warned_about(monkeypatch, caplog, mode, k, burn_in, steps):
+    jobs = []
+    build = pipebd.codistill._build_report
+    monkeypatch.setattr(pipebd.codistill, "_build_report", lambda job, *a: jobs.append(job) or build(job, *a))
+    cd = pipebd.Codistillation(initial_models(2), optimizer=sgd, mode=mode, exchange_every=k, burn_in=burn_in,
+                               backend="torch", device="cpu")
+    with caplog.at_level(logging.WARNING, logger="pipebd"):
+        report = cd.fit(dataset(), batch_size=BATCH, steps=steps)
+    first = next((t for t, source in enumerate(report.sources) if source is not None), None)
+    assert jobs[0].first_distilled == first
+    assert any("steps distills" in r.getMessage() for r in caplog.records) == (first is None)
 
 
 def test_models_whose_logits_differ_are_refused():

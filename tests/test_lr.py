@@ -19,6 +19,9 @@ def test_linear_scaling():
         linear_scaling(0.1, 0)
     with pytest.raises(ValueError, match="base_lr must be > 0"):
         linear_scaling(0.0, 256)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="base_lr must be > 0 and finite"):
+            linear_scaling(bad, 256)
 
 
 def lrs(optimizer, scheduler, steps):
@@ -106,6 +109,9 @@ def test_param_groups_exempt_norm_and_bias():
     assert len(everything["params"]) == len(list(model.parameters()))
     with pytest.raises(ValueError, match="weight_decay must be >= 0"):
         param_groups(model, -1.0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="weight_decay must be >= 0 and finite"):
+            param_groups(model, bad)
 
 
 def test_exempt_parameters_are_not_decayed_by_sgd():
