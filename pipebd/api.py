@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .checks import check_device, check_int
-from .data import check_workers, dataset_length, probe_item
+from .data import PROBE_ROWS, check_workers, dataset_length, probe_batch
 from .losses import SoftTargetLoss, resolve_block_loss
 from .plan import Plan, default_plan
 from .planner import auto_plan
@@ -258,7 +258,8 @@ class Distiller:
                              f"{torch.cuda.device_count()} are visible")
         resolved = self._resolve_plan(plan, strategy, world_size)   # "auto": the default until profiled
         widest = max(resolved.replicas)
-        if batch_size < widest and not (isinstance(plan, str) and plan == "auto"):   # auto plans fit the batch
+        auto = strategy == "pipebd" and isinstance(plan, str) and plan == "auto"
+        if batch_size < widest and not auto:   # auto plans fit the batch
             raise ValueError(f"batch_size {batch_size} is smaller than the widest stage's replica "
                              f"count ({widest}); every replica needs at least one row")
         boundary, labels = self._probe(dataset)
@@ -292,12 +293,12 @@ class Distiller:
         return plan
 
     def _probe(self, dataset: Any) -> tuple[list[TensorSpec], TensorSpec | None]:
-        """Run one sample through every teacher and student block to learn the boundary shapes
-        and catch mismatches before any process starts."""
-        x, y = probe_item(dataset)
+        """Run the first samples through every teacher and student block to learn the boundary
+        shapes and catch mismatches before any process starts."""
+        needs_labels = bool(getattr(self.final_loss, "needs_labels", False))
+        x, y = probe_batch(dataset, labels=needs_labels)
         if not isinstance(x, Tensor):
             raise TypeError(f"dataset items must be tensors or (tensor, label) pairs, got {type(x).__name__}")
-        needs_labels = bool(getattr(self.final_loss, "needs_labels", False))
         if needs_labels and y is None:
             raise ValueError("final_loss needs labels but dataset items carry none (use (x, y) items)")
         labels = TensorSpec(tuple(torch.as_tensor(y).shape[1:]), torch.as_tensor(y).dtype) if needs_labels else None
@@ -316,7 +317,7 @@ class Distiller:
                     got = tuple(s_out.shape[1:]) if isinstance(s_out, Tensor) else type(s_out).__name__
                     raise ValueError(f"student block {i} outputs shape {got} per sample but "
                                      f"teacher block {i} outputs {tuple(out.shape[1:])} "
-                                     f"(probed with one sample)")
+                                     f"(probed with {_samples(a)})")
                 last = i == self.num_blocks - 1
                 loss_fn = self.final_loss if last and self.final_loss is not None else self.block_loss
                 target = out.to(s_out.device)
@@ -340,16 +341,22 @@ def teacher_fingerprint(teacher: list[nn.Module], shape: tuple[int, ...], dtype:
     """Numbers that tell teachers apart, recorded with a checkpoint since the teacher is not saved
     (``checkpoint.check_teacher``): the last teacher block's output, in eval mode, on a fixed
     input of the first block's per-sample ``shape`` and ``dtype`` (zeros for an integer input),
-    as its mean, its mean absolute value and eight of its entries."""
+    as its mean, its mean absolute value and eight of its entries. The input is a batch of
+    ``PROBE_ROWS``, as for the shape probe; only the first row's output counts."""
     numel = math.prod(shape)
-    x = torch.sin(torch.arange(numel, dtype=torch.float64) * 0.7) if dtype.is_floating_point else torch.zeros(numel)
+    x = (torch.sin(torch.arange(PROBE_ROWS * numel, dtype=torch.float64) * 0.7) if dtype.is_floating_point
+         else torch.zeros(PROBE_ROWS * numel))
     with kept_as_given(teacher), torch.no_grad():
-        a = x.to(dtype).reshape(1, *shape)
+        a = x.to(dtype).reshape(PROBE_ROWS, *shape)
         for block in teacher:
             a = block.eval()(a.to(_device_of(block)))
-    out = a.detach().double().flatten().cpu()
+    out = a[0].detach().double().flatten().cpu()
     picks = out[torch.linspace(0, out.numel() - 1, 8).long()] if out.numel() else out
     return [out.mean().item(), out.abs().mean().item(), *picks.tolist()]
+
+
+def _samples(x: Tensor) -> str:
+    return "one sample" if len(x) == 1 else f"{len(x)} samples"
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -362,4 +369,4 @@ def _call_block(block: nn.Module, x: Tensor, name: str) -> Any:
         return block(x)
     except Exception as err:
         raise ValueError(f"{name} failed on an input of shape {tuple(x.shape[1:])} per sample "
-                         f"(probed with one sample): {err}") from err
+                         f"(probed with {_samples(x)}): {err}") from err

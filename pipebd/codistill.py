@@ -38,9 +38,9 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .checks import check_device, check_int
-from .api import _device_of
+from .api import _device_of, _samples
 from .batchnorm import replica_batchnorm
-from .data import BatchOrder, StepRows, _tensors, check_workers, dataset_length, feed, probe_item
+from .data import PROBE_ROWS, BatchOrder, StepRows, _tensors, check_workers, dataset_length, feed, probe_batch
 from .losses import _BACKENDS, soft_target_loss
 from .rng import check_seed, derived_seed, stream
 from .runtime.exchange import PeerLogits, Transfer, WeightExchange, packed_sizes, pack, unpack
@@ -380,12 +380,12 @@ class Codistillation:
             if x.dim() == 0 or y.dim() == 0 or len(x) != len(y):
                 raise ValueError(f"eval_data needs inputs and labels with one row per sample, got shapes "
                                  f"{tuple(x.shape)} and {tuple(y.shape)}")
-        x, y = probe_item(dataset)
+        x, y = probe_batch(dataset)
         if _tensors(dataset) and not isinstance(dataset, Tensor) and len(dataset.tensors) > 1:
             y = dataset.tensors[1]   # every label is at hand: check them all
         self._probe(models, (x, y), "dataset")
         if evaluation is not None:
-            self._probe(models, (evaluation[0][:1], evaluation[1]), "eval_data")
+            self._probe(models, (evaluation[0][:PROBE_ROWS], evaluation[1]), "eval_data")
         if threads is None and world_size > 1 and torchrun_env() is None:
             threads = max(1, (os.cpu_count() or 1) // world_size)
         return _Job(models=models, mode=self.mode, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -411,7 +411,7 @@ class Codistillation:
         return self._models
 
     def _probe(self, models: list[nn.Module], item: tuple[Any, Any], source: str) -> None:
-        """One sample through every model: logits of one shape and dtype for all, integer labels
+        """The first samples through every model: logits of one shape and dtype for all, integer labels
         that fit them (``item``'s labels may be those of many samples)."""
         x, y = item
         if not isinstance(x, Tensor):
@@ -428,7 +428,7 @@ class Codistillation:
                     out = m.eval()(x.to(_device_of(m)))
             except Exception as err:
                 raise ValueError(f"model {i} failed on a {source} input of shape {tuple(x.shape[1:])} per "
-                                 f"sample (probed with one sample): {err}") from err
+                                 f"sample (probed with {_samples(x)}): {err}") from err
             if not isinstance(out, Tensor) or out.dim() < 2:
                 raise ValueError(f"model {i} must return logits [batch, ..., classes], got "
                                  f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")

@@ -81,15 +81,16 @@ def _tensors(dataset: Dataset | torch.Tensor) -> bool:
 
 
 def load_rows(dataset: Dataset | torch.Tensor, index: torch.Tensor,
-              seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, Any]:
+              seeds: Sequence[int] | None = None, labels: bool = True) -> tuple[torch.Tensor, Any]:
     """Collate the items at ``index`` into ``(x, y-or-None)`` batches. With ``seeds``, item
     ``index[r]`` is read with torch's CPU generator seeded by ``seeds[r]`` (for random transforms
-    in the dataset); the generator's state is put back afterwards."""
+    in the dataset); the generator's state is put back afterwards. Without ``labels`` the items'
+    second fields are left out, so they need not collate (targets of varying size, say)."""
     if isinstance(dataset, torch.Tensor):
         return dataset[index], None
     if _tensors(dataset):
         tensors = dataset.tensors
-        return tensors[0][index], (tensors[1][index] if len(tensors) > 1 else None)
+        return tensors[0][index], (tensors[1][index] if labels and len(tensors) > 1 else None)
     if seeds is None:
         pairs = [split_item(dataset[i]) for i in index.tolist()]
     else:
@@ -102,14 +103,19 @@ def load_rows(dataset: Dataset | torch.Tensor, index: torch.Tensor,
         finally:
             generator.set_state(state)
     x = default_collate([p[0] for p in pairs])
-    y = default_collate([p[1] for p in pairs]) if pairs[0][1] is not None else None
+    y = default_collate([p[1] for p in pairs]) if labels and pairs[0][1] is not None else None
     return x, y
 
 
-def probe_item(dataset: Dataset | torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """The first sample as a batch of one, for shape checks before any process starts (read
-    with a generator of its own: the caller's is left as it was)."""
-    return load_rows(dataset, torch.zeros(1, dtype=torch.long), [0])
+PROBE_ROWS = 2   # BatchNorm without running statistics cannot take a batch of one, even in eval mode
+
+
+def probe_batch(dataset: Dataset | torch.Tensor, labels: bool = True) -> tuple[torch.Tensor, Any]:
+    """The first ``PROBE_ROWS`` samples (fewer if that is all there is) as a batch, for shape
+    checks before any process starts (read with a generator of its own: the caller's is left
+    as it was)."""
+    rows = min(PROBE_ROWS, dataset_length(dataset))
+    return load_rows(dataset, torch.arange(rows), list(range(rows)), labels)
 
 
 # Batches each loader worker keeps requested ahead of use (DataLoader's prefetch_factor); the
@@ -129,7 +135,7 @@ def check_workers(num_workers: Any) -> int:
 class StepRows:
     """Index of request ``j``: rows ``[lo, hi)`` of batch ``steps[j]`` (picklable, for workers).
     With ``shard`` the order runs over a shard of the dataset: its positions are mapped to
-    ``shard[position]``.
+    ``shard[position]``. Without ``labels`` the items' second fields are not loaded.
 
     ``load`` reads each sample with the CPU generator seeded by the order's seed and the
     sample's place in the run's stream of samples (``step * batch_size + row``): a random
@@ -138,8 +144,8 @@ class StepRows:
     """
 
     def __init__(self, order: BatchOrder, steps: Sequence[int], lo: int, hi: int,
-                 shard: torch.Tensor | None = None):
-        self.order, self.steps, self.lo, self.hi, self.shard = order, steps, lo, hi, shard
+                 shard: torch.Tensor | None = None, labels: bool = True):
+        self.order, self.steps, self.lo, self.hi, self.shard, self.labels = order, steps, lo, hi, shard, labels
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -154,7 +160,7 @@ class StepRows:
 
     def load(self, dataset: Dataset | torch.Tensor, j: int) -> tuple[torch.Tensor, Any]:
         """Batch ``j``: ``load_rows`` of ``self(j)``, each sample read under its own seed."""
-        return load_rows(dataset, self(j), None if _tensors(dataset) else self.seeds(j))
+        return load_rows(dataset, self(j), None if _tensors(dataset) else self.seeds(j), self.labels)
 
 
 class _Batches(Dataset):

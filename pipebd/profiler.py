@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from .checkpoint import atomic_write
 from .checks import check_int, integer
-from .data import PREFETCH, StepRows, batch_loader
+from .data import PREFETCH, batch_loader
 from .plan import Plan
 from .runtime.launch import backend_for, spawn_tasks, torch_threads
 from .runtime.worker import Job, RankRuntime, progress_bar
@@ -378,7 +378,7 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
         load = [timer(lambda r=r: rt.load(0, 0, r)) for r in rows]
         receive, loader_start = [], 0.0
         if job.num_workers:
-            first_batch = StepRows(rt.order, [0], 0, batch).load(job.dataset, 0)   # as a loader process gives it
+            first_batch = rt.rows([0], 0, batch).load(job.dataset, 0)   # as a loader process gives it
             receive, loader_start = _measure_receive(first_batch, rows, job.num_workers, warmup, repeats)
         teacher, student = [], []
         todo = progress_bar(n * len(rows), "pipebd profile", progress, unit="block-size")

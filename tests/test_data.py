@@ -94,3 +94,34 @@ def test_labelled_tasks_are_seeded_and_split_without_overlap():
         datasets.synthetic(10, classes=1)
     with pytest.raises(ValueError, match="test rows must be between 1 and 9"):
         datasets.split(x[:10], y[:10], test_rows=10)
+
+
+class Detections(Dataset):
+    """Items ``(x, boxes)`` whose second fields differ in size: they do not collate."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], torch.zeros(i % 3 + 1, 4)
+
+
+@pytest.mark.parametrize("world_size, num_workers", [(1, 0), (2, 1)])
+def test_second_fields_no_loss_takes_are_not_loaded(world_size, num_workers):
+    # Before: "stack expects each tensor to be equal size" from labels nothing would read.
+    import pipebd
+    from pipebd.models import mlp_pair
+    x = torch.randn(24, 16, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for data in (x, Detections(x)):
+        teacher, student = mlp_pair(num_blocks=2, seed=0)
+        distiller = pipebd.Distiller(teacher, student, device="cpu")
+        distiller.fit(data, batch_size=6, steps=3, world_size=world_size, num_workers=num_workers, timeout=60)
+        runs.append(list(distiller.student_model().parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert load_rows(Detections(x), torch.arange(4), labels=False)[1] is None
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        load_rows(Detections(x), torch.arange(4))

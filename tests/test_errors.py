@@ -68,6 +68,8 @@ def test_other_bad_arguments(no_spawn):
         d.fit(torch.empty(0, 16), batch_size=4, steps=1, world_size=2)
     with pytest.raises(ValueError, match=r"batch_size 2 is smaller than the widest stage's replica count \(3\)"):
         d.fit(DATA, batch_size=2, steps=1, world_size=4, plan=pipebd.Plan([[0, 1], [2, 3]], [1, 3]))
+    with pytest.raises(ValueError, match=r"batch_size 1 is smaller than the widest stage's replica count \(2\)"):
+        d.fit(DATA, batch_size=1, steps=1, world_size=2, strategy="baseline", plan="auto")   # one layout
     with pytest.raises(ValueError, match="strategy must be one of"):
         d.fit(DATA, batch_size=4, steps=1, world_size=2, strategy="dna")
     with pytest.raises(ValueError, match="plan applies to strategy='pipebd' only"):
@@ -99,6 +101,25 @@ def test_other_bad_arguments(no_spawn):
         pipebd.Plan([[0, 1], [2, 3]], [1, 1.5])
     with pytest.raises(ValueError, match="device 'tpu' is not a torch device"):
         pipebd.Distiller(*mlp_pair(num_blocks=4), device="tpu")
+
+
+def batch_statistics_net(width):
+    """Uses its batch's statistics in eval mode too, so it cannot run on one sample."""
+    return nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width, track_running_stats=False))
+
+
+def test_blocks_that_need_two_samples_pass_the_probe(tmp_path):
+    # Before the fix: "failed on an input of shape (16,) per sample (probed with one sample):
+    # Expected more than 1 value per channel when training", for a block that trains fine; the
+    # teacher record of a checkpoint failed the same way.
+    teacher, student = mlp_pair(num_blocks=2, width=16)
+    teacher[0], student[0] = batch_statistics_net(16), batch_statistics_net(16)
+    report = pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=4, steps=2, checkpoint_dir=tmp_path)
+    assert report.teacher_block_runs == [8, 8]
+    models = [nn.Sequential(batch_statistics_net(16), nn.Linear(16, 3)) for _ in range(2)]
+    labels = torch.arange(len(DATA)) % 3
+    pipebd.Codistillation(models, backend="torch", device="cpu").fit(
+        torch.utils.data.TensorDataset(DATA, labels), batch_size=4, steps=2, eval_data=(DATA[:5], labels[:5]))
 
 
 def test_integers_of_other_types_are_taken(tmp_path):

@@ -38,7 +38,7 @@ def test_only_stage_zero_reads_the_dataset(tmp_path):
     pipebd.Distiller(teacher, student, device="cpu").fit(LoggedDataset(str(log)), batch_size=6, steps=5,
                                                          world_size=4, plan=plan, timeout=60)
     pids = log.read_text().split()
-    readers = set(pids) - {str(os.getpid())}  # the caller reads one sample to probe shapes
+    readers = set(pids) - {str(os.getpid())}  # the caller reads two samples to probe shapes
     assert len(readers) == 2  # the two replicas of stage 0
     assert len(pids) - pids.count(str(os.getpid())) == 5 * 6  # each sample of each batch once
 

@@ -172,14 +172,14 @@ class RankRuntime:
     def load(self, step: int, lo: int, hi: int) -> tuple[Tensor, Tensor | None]:
         """Rows ``[lo, hi)`` of batch ``step``, loaded now, on the device."""
         with self.recorder.span("data", step):
-            return self._to_device(*StepRows(self.order, [step], lo, hi).load(self.job.dataset, 0))
+            return self._to_device(*self.rows([step], lo, hi).load(self.job.dataset, 0))
 
     def feed(self, steps: list[int], lo: int, hi: int) -> Iterator[tuple[Tensor, Tensor | None]]:
         """Rows ``[lo, hi)`` of batch ``steps[j]`` for each ``j`` in turn, on the device: loaded
         when asked for, or with ``job.num_workers`` loader processes ahead of use (the time
         spent waiting for them, their start included, is a ``data-wait`` span). ``close``
         stops the processes of every feed."""
-        batches = feed(self.job.dataset, StepRows(self.order, steps, lo, hi), self.job.num_workers,
+        batches = feed(self.job.dataset, self.rows(steps, lo, hi), self.job.num_workers,
                        self.recorder, self._to_device, pin_memory=self.device.type == "cuda",
                        timeout=self.job.timeout)
         self.feeds.append(batches)
@@ -191,6 +191,10 @@ class RankRuntime:
         for batches in self.feeds:
             batches.close()
         self.feeds.clear()
+
+    def rows(self, steps: list[int], lo: int, hi: int) -> StepRows:
+        """Rows ``[lo, hi)`` of batches ``steps``, with labels only where the final loss takes them."""
+        return StepRows(self.order, steps, lo, hi, labels=self.job.labels is not None)
 
     def _to_device(self, x: Tensor, y: Any) -> tuple[Tensor, Tensor | None]:
         x = x.to(self.device, self.job.boundary[0].dtype, non_blocking=True)
