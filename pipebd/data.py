@@ -67,6 +67,10 @@ def split_item(item: Any) -> tuple[Any, Any]:
 
 
 def dataset_length(dataset: Dataset | torch.Tensor) -> int:
+    if isinstance(dataset, DataLoader):
+        raise TypeError("dataset must be a map-style torch Dataset or a tensor, not a DataLoader: pipebd orders, "
+                        "slices and loads the batches itself (fit's num_workers for loader processes); "
+                        "pass the loader's .dataset")
     try:
         return len(dataset)  # type: ignore[arg-type]
     except TypeError as err:

@@ -66,6 +66,8 @@ def test_other_bad_arguments(no_spawn):
     d = distiller()
     with pytest.raises(ValueError, match="dataset is empty"):
         d.fit(torch.empty(0, 16), batch_size=4, steps=1, world_size=2)
+    with pytest.raises(TypeError, match="not a DataLoader: .* pass the loader's .dataset"):
+        d.fit(torch.utils.data.DataLoader(DATA, batch_size=4), batch_size=4, steps=1, world_size=2)
     with pytest.raises(ValueError, match=r"batch_size 2 is smaller than the widest stage's replica count \(3\)"):
         d.fit(DATA, batch_size=2, steps=1, world_size=4, plan=pipebd.Plan([[0, 1], [2, 3]], [1, 3]))
     with pytest.raises(ValueError, match=r"batch_size 1 is smaller than the widest stage's replica count \(2\)"):
@@ -282,10 +284,12 @@ def test_a_stalled_replica_times_out_its_peers_allreduce():
     teacher, student = mlp_pair(num_blocks=4, seed=0)
     student[3] = FailsInTraining(student[3], after=3, how="stall", rank=1)
     start = time.monotonic()
-    with pytest.raises(pipebd.WorkerError, match="rank 0 .*failed"):
+    with pytest.raises(pipebd.WorkerError, match="rank 0 .*failed") as info:
         pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=4, steps=10, world_size=2,
                                                              plan=pipebd.Plan([[0, 1, 2, 3]], [2]), timeout=5)
     assert time.monotonic() - start < 60
+    # The timeout is rank 0's, but the cause is the rank that never answered.
+    assert "rank(s) 1 (stage 0, replica 1) had not reported 1 s after that and were stopped" in str(info.value)
 
 
 def nan_step(row, length=30, batch=4, seed=0):

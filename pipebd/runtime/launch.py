@@ -291,20 +291,21 @@ def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s:
             procs.append(p)
             conns[recv_end] = r
             ends.append(recv_end)
-        value, errors = _collect(procs, conns)
+        value, errors, silent = _collect(procs, conns)
     finally:
         _stop(procs)
         for end in ends:
             end.close()
     if errors:
-        raise _worker_error(errors, role)
+        raise _worker_error(errors, role, silent)
     return value
 
 
-def _collect(procs: list, conns: dict) -> tuple[Any, list]:
+def _collect(procs: list, conns: dict) -> tuple[Any, list, list[int]]:
     """Read every rank's report. After the first error, wait only a moment for the errors of
     ranks that fail in its wake, then give up on the rest. A rank that has exited without a
-    report is dead even while its loader processes, which inherited its end of the pipe, live."""
+    report is dead even while its loader processes, which inherited its end of the pipe, live.
+    Returns rank 0's result, the errors, and the ranks that had not reported when it gave up."""
     gathered, errors, first_error_at, started = None, [], None, set()
     while conns:
         timeout = None if first_error_at is None else max(0.0, first_error_at + _GRACE_S - time.monotonic())
@@ -338,7 +339,7 @@ def _collect(procs: list, conns: dict) -> tuple[Any, list]:
             else:
                 errors.append(msg[1:] + (rank,))
                 first_error_at = first_error_at or time.monotonic()
-    return gathered, errors
+    return gathered, errors, sorted(conns.values())
 
 
 def _stop(procs: list) -> None:
@@ -364,8 +365,10 @@ def _end(p: Any, kill: bool) -> None:
         p.kill() if kill else p.terminate()
 
 
-def _worker_error(errors: list, role: Callable[[int], str]) -> WorkerError:
-    """The first error (by the time it happened), with the last line of each later one."""
+def _worker_error(errors: list, role: Callable[[int], str], silent: list[int]) -> WorkerError:
+    """The first error (by the time it happened), with the last line of each later one, and the
+    ranks that never reported: a rank that stalls makes its peers time out, so the first error
+    is a peer's, and the stalled rank is named only here."""
     def happened(error: tuple) -> tuple[float, int]:
         when, text, _, rank = error
         lines = text.strip().splitlines()
@@ -377,4 +380,8 @@ def _worker_error(errors: list, role: Callable[[int], str]) -> WorkerError:
     others = [f"rank {r}: {t.strip().splitlines()[-1]}" for _, t, _, r in errors[1:]]
     if others:
         message += "\nthen, probably as a consequence:\n  " + "\n  ".join(others)
+    if silent:
+        ranks = ", ".join(f"{r}{role(r)}" for r in silent)
+        message += (f"\nrank(s) {ranks} had not reported {_GRACE_S:g} s after that and were stopped "
+                    f"(a rank that stalls makes its peers time out first)")
     return (NonFiniteWorkerError if non_finite else WorkerError)(rank, message)
