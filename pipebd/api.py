@@ -341,18 +341,27 @@ def teacher_fingerprint(teacher: list[nn.Module], shape: tuple[int, ...], dtype:
     """Numbers that tell teachers apart, recorded with a checkpoint since the teacher is not saved
     (``checkpoint.check_teacher``): the last teacher block's output, in eval mode, on a fixed
     input of the first block's per-sample ``shape`` and ``dtype`` (zeros for an integer input),
-    as its mean, its mean absolute value and eight of its entries. The input is a batch of
-    ``PROBE_ROWS``, as for the shape probe; only the first row's output counts."""
-    numel = math.prod(shape)
-    x = (torch.sin(torch.arange(PROBE_ROWS * numel, dtype=torch.float64) * 0.7) if dtype.is_floating_point
-         else torch.zeros(PROBE_ROWS * numel))
+    as its mean, its mean absolute value and eight of its entries. The input is one sample; a
+    teacher that cannot take one (BatchNorm without running statistics) gets ``PROBE_ROWS``,
+    and the first one's output counts."""
     with kept_as_given(teacher), torch.no_grad():
-        a = x.to(dtype).reshape(PROBE_ROWS, *shape)
-        for block in teacher:
-            a = block.eval()(a.to(_device_of(block)))
-    out = a[0].detach().double().flatten().cpu()
+        try:
+            out = _teacher_output(teacher, shape, dtype, 1)
+        except Exception:
+            out = _teacher_output(teacher, shape, dtype, PROBE_ROWS)
+    out = out[0].detach().double().flatten().cpu()
     picks = out[torch.linspace(0, out.numel() - 1, 8).long()] if out.numel() else out
     return [out.mean().item(), out.abs().mean().item(), *picks.tolist()]
+
+
+def _teacher_output(teacher: list[nn.Module], shape: tuple[int, ...], dtype: torch.dtype, rows: int) -> Tensor:
+    numel = math.prod(shape)
+    x = torch.sin(torch.arange(rows * numel, dtype=torch.float64) * 0.7) if dtype.is_floating_point \
+        else torch.zeros(rows * numel)
+    a = x.to(dtype).reshape(rows, *shape)
+    for block in teacher:
+        a = block.eval()(a.to(_device_of(block)))
+    return a
 
 
 def _samples(x: Tensor) -> str:

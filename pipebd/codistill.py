@@ -411,8 +411,8 @@ class Codistillation:
         return self._models
 
     def _probe(self, models: list[nn.Module], item: tuple[Any, Any], source: str) -> None:
-        """The first samples through every model: logits of one shape and dtype for all, integer labels
-        that fit them (``item``'s labels may be those of many samples)."""
+        """The first samples through every model: logits of one shape and dtype for all, integer
+        labels that fit them (``item``'s labels may be those of many samples)."""
         x, y = item
         if not isinstance(x, Tensor):
             raise TypeError(f"{source} items must be (tensor, label) pairs, got {type(x).__name__}")
@@ -421,6 +421,7 @@ class Codistillation:
         y = torch.as_tensor(y)
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise TypeError(f"labels must be class indices (an integer tensor), got {y.dtype}")
+        y = y.long()   # as they train
         shapes, dtypes = set(), set()
         for i, m in enumerate(models):
             try:
@@ -829,6 +830,7 @@ class CodistillReport:
 
 def _accuracy(probs: Tensor, labels: Tensor, ignore_index: int) -> float:
     """The fraction of labelled positions (not ``ignore_index``) predicted right (NaN if none is)."""
+    labels = labels.long()   # uint8 labels would compare with ignore_index=-100 as 156
     labelled = labels != ignore_index
     right = (probs.argmax(-1) == labels) & labelled
     return (right.sum() / labelled.sum()).item()

@@ -9,8 +9,8 @@ for batches from loader worker processes). Time outside any span is idle.
 Each span is also a ``torch.profiler`` range (``record_function``), so the same names appear in
 torch profiler traces of the process that runs the rank.
 
-The ranks of a run share one time axis: ``Recorder.align`` moves every rank's origin to the
-earliest rank's (by the wall clock, so across hosts to the accuracy of their clock sync).
+The ranks' spans share one time axis: ``Recorder.align`` starts it at the earliest rank's start
+(by the wall clock, so across hosts to the accuracy of their clock sync).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ WAITING = ("recv-wait", "send-wait", "exchange-wait", "data-wait")
 @dataclass
 class Span:
     kind: str
-    start: float      # seconds since the rank's clock origin
+    start: float      # seconds on the ranks' shared time axis (``Recorder``)
     end: float
     step: int
     block: int | None = None
@@ -39,28 +39,37 @@ class Span:
 
 @dataclass
 class Recorder:
-    """Collects the spans of one rank; times are seconds since ``origin`` (``perf_counter``)."""
+    """Collects the spans of one rank. ``now()`` and ``elapsed`` are seconds on this rank's own
+    clock since ``origin`` (``perf_counter``); spans are stored ``shift`` seconds later, on the
+    time axis the ranks share (``align``)."""
 
     origin: float = field(default_factory=time.perf_counter)
     spans: list[Span] = field(default_factory=list)
     stopped: float | None = None     # the elapsed time frozen by ``stop``
+    shift: float = 0.0               # this rank's origin on the shared time axis
 
     def restart(self) -> None:
         """Move the clock origin to now and drop earlier spans (call after the start barrier)."""
         self.origin = time.perf_counter()
         self.spans.clear()
         self.stopped = None
+        self.shift = 0.0
 
     def align(self) -> None:
-        """Move the origin back to the earliest origin among the ranks of the default process
-        group (a collective: every rank calls it after ``restart``). Ranks leave the start barrier
-        up to milliseconds apart; without this a receive could show as ending before its send."""
+        """Put the spans of the ranks of the default process group on one time axis whose zero is
+        the earliest rank's origin (a collective: every rank calls it after ``restart``). Ranks
+        leave the start barrier up to milliseconds apart; without this a receive could show as
+        ending before its send. The ranks' origins are compared on the wall clock, so across
+        hosts the spans line up only as well as the hosts' clocks agree; the elapsed time each
+        rank reports is its own clock's, and this exchange is not part of it."""
         import torch.distributed as dist
 
         mine = time.time() - self.now()          # this rank's origin on the wall clock
         origins: list[float | None] = [None] * dist.get_world_size()
         dist.all_gather_object(origins, mine)
-        self.origin -= mine - min(o for o in origins if o is not None)
+        earliest = min(o for o in origins if o is not None)
+        self.restart()
+        self.shift = time.time() - self.now() - earliest
 
     def now(self) -> float:
         return time.perf_counter() - self.origin
@@ -79,7 +88,7 @@ class Recorder:
         start = self.now()
         with record_function(label):
             yield
-        self.spans.append(Span(kind, start, self.now(), step, block))
+        self.spans.append(Span(kind, start + self.shift, self.now() + self.shift, step, block))
 
 
 def busy_time(spans: list[Span], kinds: tuple[str, ...]) -> float:

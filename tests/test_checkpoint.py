@@ -355,3 +355,18 @@ def test_a_resume_with_another_teacher_is_warned_about(saved, caplog):
     # The record stays the first run's, so that the next resume with this teacher is warned about too.
     assert json.loads((saved / "run.json").read_text())["teacher"] == teacher_fingerprint(
         distiller().teacher, (D,), torch.float32)
+
+
+def test_the_teacher_record_is_that_of_one_fixed_sample():
+    """Records written before teachers got a second sample stay valid: a teacher that takes one
+    sample is recorded on that one, as then; only one that cannot gets two (its first counts)."""
+    teacher = distiller().teacher
+    x = torch.sin(torch.arange(D, dtype=torch.float64) * 0.7).float().reshape(1, D)
+    with torch.no_grad():
+        for block in teacher:
+            x = block.eval()(x)
+    out = x.double().flatten()
+    expected = [out.mean().item(), out.abs().mean().item(), *out[torch.linspace(0, D - 1, 8).long()].tolist()]
+    assert teacher_fingerprint(teacher, (D,), torch.float32) == expected
+    batch_stats = [nn.Sequential(nn.Linear(D, D), nn.BatchNorm1d(D, track_running_stats=False))]
+    assert len(teacher_fingerprint(batch_stats, (D,), torch.float32)) == 10

@@ -345,6 +345,13 @@ def test_accuracy_leaves_out_ignored_labels():
     assert report.ensemble_accuracy[0] == ((probs[0] + probs[1]).argmax(1) == y[keep]).float().mean().item()
 
 
+def test_accuracy_reads_uint8_labels_as_classes():
+    # 156 is -100 (the default ignore_index) wrapped to uint8: it is a class, not an ignored label.
+    from pipebd.codistill import _accuracy
+    probs = F.one_hot(torch.tensor([0, 3]), 200).float()
+    assert _accuracy(probs, torch.tensor([156, 3], dtype=torch.uint8), -100) == 0.5
+
+
 def test_one_process_exchanges_move_no_bytes():
     _, report = run(1)
     assert any(s is not None for s in report.sources) and report.exchanged_bytes == 0

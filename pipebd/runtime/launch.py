@@ -383,5 +383,5 @@ def _worker_error(errors: list, role: Callable[[int], str], silent: list[int]) -
     if silent:
         ranks = ", ".join(f"{r}{role(r)}" for r in silent)
         message += (f"\nrank(s) {ranks} had not reported {_GRACE_S:g} s after that and were stopped "
-                    f"(a rank that stalls makes its peers time out first)")
+                    f"(if the error above is a timeout, a stalled rank among these may be the cause)")
     return (NonFiniteWorkerError if non_finite else WorkerError)(rank, message)
