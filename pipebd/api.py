@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .checks import check_device, check_int
-from .data import PROBE_ROWS, check_workers, dataset_length, probe_batch
+from .data import PROBE_ROWS, _tensors, check_workers, dataset_length, probe_batch
 from .losses import SoftTargetLoss, resolve_block_loss
 from .plan import Plan, default_plan
 from .planner import auto_plan
@@ -329,7 +329,24 @@ class Distiller:
                                      f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
                 a = out
                 boundary.append(TensorSpec(tuple(a.shape[1:]), a.dtype))
+        if needs_labels:
+            self._check_all_labels(dataset, classes=s_out.shape[-1])
         return boundary, labels
+
+    def _check_all_labels(self, dataset: Any, classes: int) -> None:
+        """With the labels all at hand (a TensorDataset), check them against the classes of the
+        final loss, as it will when it meets them; the probe checked only the first rows."""
+        ignore_index = getattr(self.final_loss, "ignore_index", None)
+        if ignore_index is None or not _tensors(dataset) or isinstance(dataset, Tensor) or len(dataset.tensors) < 2:
+            return
+        y = dataset.tensors[1]
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            return   # the probe's loss has refused these
+        y = y.long()
+        bad = (y != ignore_index) & ((y < 0) | (y >= classes))
+        if bad.any():
+            raise ValueError(f"dataset labels must be in [0, {classes}) (the last block's outputs) or "
+                             f"ignore_index={ignore_index}, got {y[bad][:4].tolist()}")
 
     def _load_states(self, results: list) -> None:
         for r in results:

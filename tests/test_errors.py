@@ -105,6 +105,17 @@ def test_other_bad_arguments(no_spawn):
         pipebd.Distiller(*mlp_pair(num_blocks=4), device="tpu")
 
 
+def test_labels_outside_the_classes_are_refused_before_starting(no_spawn):
+    teacher, student = mlp_pair(num_blocks=4, width=16)      # 10 classes
+    d = pipebd.Distiller(teacher, student, final_loss=pipebd.SoftTargetLoss(2.0, alpha=0.5), device="cpu")
+    labels = torch.arange(len(DATA)) % 10
+    labels[17] = 10                                         # beyond the rows the probe reads
+    with pytest.raises(ValueError, match=r"dataset labels must be in \[0, 10\) .* or ignore_index=-100, got \[10\]"):
+        d.fit(torch.utils.data.TensorDataset(DATA, labels), batch_size=4, steps=1, world_size=2)
+    labels[17] = -100
+    d.fit(torch.utils.data.TensorDataset(DATA, labels), batch_size=4, steps=1)   # ignored: taken
+
+
 def batch_statistics_net(width):
     """Uses its batch's statistics in eval mode too, so it cannot run on one sample."""
     return nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width, track_running_stats=False))
