@@ -9,6 +9,7 @@ import importlib.util
 import logging
 import os
 import sys
+import tempfile
 import warnings
 
 import torch
@@ -78,7 +79,8 @@ def build_pair(config: RunConfig) -> tuple[nn.Module, nn.Module, tuple[int, ...]
 def check_outputs(config: RunConfig | CodistillConfig) -> None:
     """Refuse, before any training, an output that could not be written after it (the run's time
     would be lost with it): a path that is a directory, a directory that cannot be created or
-    written in, a plot without matplotlib. Creates nothing; ``write_outputs`` makes the folders."""
+    written in, a plot without matplotlib. Leaves nothing behind; ``write_outputs`` makes the
+    folders."""
     for key in ("trace", "plot"):
         path = getattr(config, key)
         if not path:
@@ -87,18 +89,34 @@ def check_outputs(config: RunConfig | CodistillConfig) -> None:
         folder = os.path.dirname(target)
         while not os.path.exists(folder):      # the nearest folder that exists must take the new ones
             folder = os.path.dirname(folder)
-        writable = target if os.path.exists(target) else folder
         if os.path.isdir(target):
             reason = "it is a directory"
         elif not os.path.isdir(folder):
             reason = f"{folder} is not a directory"
-        elif not os.access(writable, os.W_OK):
-            reason = f"no permission to write {writable}"
         else:
-            continue
+            refused = _write_refused(target, folder)
+            if refused is None:
+                continue
+            reason = refused
         raise ValueError(f"config key '{key}': cannot write {path!r}: {reason}")
     if config.plot and importlib.util.find_spec("matplotlib") is None:
         raise ImportError("config key 'plot': plotting needs matplotlib: pip install 'pipebd[plot]'")
+
+
+def _write_refused(target: str, folder: str) -> str | None:
+    """Why ``target`` (or a new file in ``folder``, when it does not exist) cannot be written, by
+    trying it: opened to append, or a temporary file made and removed. Permission bits alone
+    would pass a root user, and a read-only or pseudo file system."""
+    try:
+        if os.path.exists(target):
+            with open(target, "a"):
+                pass
+        else:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+    except OSError as err:
+        return f"{err.strerror or err} ({target if os.path.exists(target) else folder})"
+    return None
 
 
 def check(config: RunConfig) -> None:
@@ -219,8 +237,11 @@ def write_outputs(report: Report | CodistillReport, config: RunConfig | Codistil
                ("plot", config.plot, report.plot, ""))
     for what, path, write, note in outputs:
         if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            write(path)
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                write(path)
+            except OSError as err:   # checked before training, but the file system may have changed
+                raise OSError(f"config key '{what}': cannot write {path!r}: {err}") from err
             print(f"{what} written to {path}{note}")
 
 

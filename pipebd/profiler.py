@@ -6,10 +6,12 @@ optimizer step (through the runtime's own ``RankRuntime`` code paths, on copies 
 every per-replica batch size ``ceil(B / k)``, ``k = 1 .. world_size``; the data loading of stage 0;
 the bytes per sample that cross each block boundary and the gradient bytes of each student block.
 ``measure_comm`` times point-to-point transfers and allreduces on ``world_size`` ranks of the real
-backend (gloo or NCCL) and fits the usual latency/bandwidth models to them. Every number is the
-median of ``repeats`` timed runs after ``warmup`` untimed ones.
+backend (gloo or NCCL) and fits the usual latency/bandwidth models to them. Every compute and
+loading figure is the median of ``repeats`` timed runs after ``warmup`` untimed ones; transfers
+take the median of ``COMM_REPEATS`` after ``COMM_WARMUP``.
 
-A ``Profile`` is cached as JSON under ``$PIPEBD_CACHE_DIR`` (default ``~/.cache/pipebd``), keyed
+A ``Profile`` is cached as JSON under ``$PIPEBD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/pipebd``,
+else ``~/.cache/pipebd``), keyed
 by everything that changes the costs: the blocks' structure (not their weights), the boundary
 shapes, the dataset's type and length, batch size, world size, device, backend, threads,
 optimizer and losses. ``str(profile)`` prints it as a table.
@@ -51,6 +53,7 @@ log = logging.getLogger("pipebd")
 P2P_SIZES = (4 << 10, 4 << 20)
 ALLREDUCE_SIZES = (4 << 10, 1 << 20)
 COMM_REPEATS = 15
+COMM_WARMUP = 3
 
 
 @dataclass
@@ -499,7 +502,7 @@ def comm_task(device: str, repeats: int, rank: int, world_size: int) -> tuple[li
                 dist.send(buf, 0)
 
         dist.barrier()
-        p2p.append((size, _median_time(ping_pong, 3, repeats, sync) / 2))
+        p2p.append((size, _median_time(ping_pong, COMM_WARMUP, repeats, sync) / 2))
     allreduce = []
     for k in sorted({2, world_size}):
         group = dist.new_group(list(range(k)))   # every rank takes part in creating it
@@ -507,7 +510,8 @@ def comm_task(device: str, repeats: int, rank: int, world_size: int) -> tuple[li
             buf = torch.zeros(size // 4, dtype=torch.float32, device=dev)
             dist.barrier()
             if rank < k:
-                allreduce.append((k, size, _median_time(lambda b=buf: dist.all_reduce(b, group=group), 3, repeats, sync)))
+                allreduce.append((k, size, _median_time(lambda b=buf: dist.all_reduce(b, group=group), COMM_WARMUP,
+                                                        repeats, sync)))
         dist.barrier()
         if rank < k:
             dist.destroy_process_group(group)

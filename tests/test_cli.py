@@ -154,7 +154,10 @@ def test_cli_makes_output_folders_and_refuses_unwritable_outputs_before_training
     under_a_file = blocker / "sub" / "t.json"
     for override, message in ((f"trace={under_a_file}", f"config key 'trace': cannot write '{under_a_file}': "
                                                          f"{blocker} is not a directory"),
-                              (f"plot={tmp_path}", f"config key 'plot': cannot write '{tmp_path}': it is a directory")):
+                              (f"plot={tmp_path}", f"config key 'plot': cannot write '{tmp_path}': it is a directory"),
+                              # Permission bits pass root; trying to write does not.
+                              ("trace=/proc/pipebd/t.json", "config key 'trace': cannot write '/proc/pipebd/t.json': "
+                                                            "No such file or directory (/proc)")):
         for command in (["check", *TINY[:2]], ["run", *TINY[:2]], ["codistill", "--check"], ["codistill"]):
             assert main([*command, "--set", "steps=1", "--set", override]) == 2, (command, override)
             assert f"pipebd: error: {message}" in capsys.readouterr().err, (command, override)
