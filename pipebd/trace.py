@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any
 
+import torch
 from torch.autograd.profiler import record_function
 
 COMPUTE = ("data", "teacher", "student", "step", "checkpoint")
@@ -82,13 +82,35 @@ class Recorder:
     def elapsed(self) -> float:
         return self.now() if self.stopped is None else self.stopped
 
-    @contextmanager
-    def span(self, kind: str, step: int, block: int | None = None) -> Iterator[None]:
-        label = f"pipebd/{kind}" if block is None else f"pipebd/{kind}[{block}]"
-        start = self.now()
-        with record_function(label):
-            yield
-        self.spans.append(Span(kind, start + self.shift, self.now() + self.shift, step, block))
+    def span(self, kind: str, step: int, block: int | None = None) -> "_Timed":
+        """Time the body as a span of ``kind`` (kept only if the body completes)."""
+        return _Timed(self, kind, step, block)
+
+
+class _Timed:
+    """The context manager of ``Recorder.span``: a class rather than a generator, and the
+    ``torch.profiler`` range only while a profiler runs (it costs microseconds even when none
+    does, and a step has about ten spans)."""
+
+    __slots__ = ("recorder", "kind", "step", "block", "start", "range")
+
+    def __init__(self, recorder: Recorder, kind: str, step: int, block: int | None):
+        self.recorder, self.kind, self.step, self.block, self.range = recorder, kind, step, block, None
+
+    def __enter__(self) -> None:
+        if torch.autograd._profiler_enabled():
+            self.range = record_function(f"pipebd/{self.kind}" if self.block is None
+                                         else f"pipebd/{self.kind}[{self.block}]")
+            self.range.__enter__()
+        self.start = self.recorder.now()
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        end = self.recorder.now()
+        if self.range is not None:
+            self.range.__exit__(kind, error, traceback)
+        if kind is None:
+            shift = self.recorder.shift
+            self.recorder.spans.append(Span(self.kind, self.start + shift, end + shift, self.step, self.block))
 
 
 def busy_time(spans: list[Span], kinds: tuple[str, ...]) -> float:

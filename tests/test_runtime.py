@@ -251,3 +251,16 @@ def test_shutting_down_loader_processes_is_not_run_time(monkeypatch):
     report = pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=4, steps=3, num_workers=1)
     last = max(s.end for _, track in report.tracks for s in track)
     assert report.wall_s < last + 0.25, (report.wall_s, last)
+
+
+def test_spans_are_torch_profiler_ranges_while_a_profiler_runs():
+    from torch.profiler import ProfilerActivity, profile
+    teacher, student = mlp_pair(num_blocks=2)
+    distiller = pipebd.Distiller(teacher, student, device="cpu")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        report = distiller.fit(DATA, batch_size=4, steps=2)
+    names = {e.key for e in prof.key_averages()}
+    assert {"pipebd/data", "pipebd/teacher[0]", "pipebd/student[1]", "pipebd/step"} <= names
+    # ...and the spans are recorded all the same, with or without one.
+    assert [s.kind for _, track in report.tracks for s in track] == \
+        [s.kind for _, track in distiller.fit(DATA, batch_size=4, steps=2).tracks for s in track]

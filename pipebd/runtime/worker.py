@@ -223,7 +223,8 @@ class RankRuntime:
             else:
                 loss = job.block_loss(out, target)
             # Mean over this slice -> this slice's share of the mean over the global batch.
-            loss = loss * (x.shape[0] / job.batch_size)
+            if x.shape[0] != job.batch_size:
+                loss = loss * (x.shape[0] / job.batch_size)
             loss.backward()
         self.losses[step, block] = loss.detach()
         if self.group_size > 1 and self.buckets[block].params:
@@ -259,17 +260,23 @@ class RankRuntime:
                                           self.optimizers[i], self.schedulers.get(i))
 
     def check_finite(self, blocks: list[int], step: int) -> None:
-        """Raise NonFiniteLoss naming the stage, block and step of the first NaN/inf loss."""
-        for b in blocks:
-            first = self.checked[b]
-            if step + 1 - first < self.check_every and step != self.job.steps - 1 and not self.job.checkpoint_due(step):
-                continue
-            window = self.losses[first:step + 1, b]
-            bad = (~torch.isfinite(window)).nonzero()
-            if len(bad):
-                t = first + int(bad[0])
-                raise NonFiniteLoss(f"non-finite loss ({self.losses[t, b].item()}) at stage "
-                                    f"{self.stage}, block {b}, step {t}")
+        """Raise NonFiniteLoss naming the stage, block and step of the first NaN/inf loss. One
+        check of every due block's unchecked losses (a host sync); block by block only to name
+        what it found."""
+        now = step == self.job.steps - 1 or self.job.checkpoint_due(step)
+        due = [b for b in blocks if now or step + 1 - self.checked[b] >= self.check_every]
+        if not due:
+            return
+        first = min(self.checked[b] for b in due)
+        if not bool(torch.isfinite(self.losses[first:step + 1, due]).all()):
+            for b in due:
+                window = self.losses[self.checked[b]:step + 1, b]
+                bad = (~torch.isfinite(window)).nonzero()
+                if len(bad):
+                    t = self.checked[b] + int(bad[0])
+                    raise NonFiniteLoss(f"non-finite loss ({self.losses[t, b].item()}) at stage "
+                                        f"{self.stage}, block {b}, step {t}")
+        for b in due:
             self.checked[b] = step + 1
 
     def progress(self, total: int, show: bool) -> Any:
