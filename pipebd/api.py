@@ -336,9 +336,10 @@ class Distiller:
     def _check_all_labels(self, dataset: Any, classes: int) -> None:
         """With the labels all at hand (a TensorDataset), check them against the classes of the
         final loss, as it will when it meets them; the probe checked only the first rows."""
-        ignore_index = getattr(self.final_loss, "ignore_index", None)
-        if ignore_index is None or not _tensors(dataset) or isinstance(dataset, Tensor) or len(dataset.tensors) < 2:
-            return
+        if not isinstance(self.final_loss, SoftTargetLoss) or not _tensors(dataset) or isinstance(dataset, Tensor) \
+                or len(dataset.tensors) < 2:
+            return   # another loss may read its labels otherwise (classes in dim 1, as torch's own)
+        ignore_index = self.final_loss.ignore_index
         y = dataset.tensors[1]
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             return   # the probe's loss has refused these

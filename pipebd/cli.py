@@ -109,6 +109,8 @@ def _write_refused(target: str, folder: str) -> str | None:
     would pass a root user, and a read-only or pseudo file system."""
     try:
         if os.path.exists(target):
+            if not os.path.isfile(target):   # opening a FIFO would block; a device file is what it is
+                return None if os.access(target, os.W_OK) else "no permission to write it"
             with open(target, "a"):
                 pass
         else:

@@ -95,9 +95,10 @@ class _Timed:
     __slots__ = ("recorder", "kind", "step", "block", "start", "range")
 
     def __init__(self, recorder: Recorder, kind: str, step: int, block: int | None):
-        self.recorder, self.kind, self.step, self.block, self.range = recorder, kind, step, block, None
+        self.recorder, self.kind, self.step, self.block = recorder, kind, step, block
 
     def __enter__(self) -> None:
+        self.range = None
         if torch.autograd._profiler_enabled():
             self.range = record_function(f"pipebd/{self.kind}" if self.block is None
                                          else f"pipebd/{self.kind}[{self.block}]")

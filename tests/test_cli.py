@@ -1,3 +1,4 @@
+import os
 import re
 import shlex
 import subprocess
@@ -371,3 +372,17 @@ def test_cli_codistill_checks_and_refuses_bad_configs(capsys):
                               ("num_workers=-1", "num_workers must be >= 0")):
         assert main(["codistill", "--check", "--set", override]) == 2, override
         assert message in capsys.readouterr().err, override
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_an_output_that_is_a_named_pipe_is_not_opened_by_the_check(tmp_path):
+    # Opening a FIFO to try a write would block until a reader came.
+    import threading
+    from pipebd.cli import _write_refused
+    fifo = tmp_path / "trace.json"
+    os.mkfifo(fifo)
+    result = []
+    checker = threading.Thread(target=lambda: result.append(_write_refused(str(fifo), str(tmp_path))), daemon=True)
+    checker.start()
+    checker.join(10)
+    assert result == [None]

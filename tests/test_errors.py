@@ -116,6 +116,23 @@ def test_labels_outside_the_classes_are_refused_before_starting(no_spawn):
     d.fit(torch.utils.data.TensorDataset(DATA, labels), batch_size=4, steps=1)   # ignored: taken
 
 
+class SequenceCrossEntropy(nn.CrossEntropyLoss):
+    """A user's final loss with labels, classes in dim 1 as torch's own losses have them."""
+    needs_labels = True
+
+    def forward(self, student, teacher, labels):
+        return super().forward(student, labels)
+
+
+def test_a_final_loss_of_its_own_reads_its_labels_its_own_way(no_spawn):
+    # Logits [N, 5, 3], labels [N, 3] in [0, 5): not the soft-target loss's [N, classes] layout.
+    teacher = [nn.Linear(16, 15), nn.Unflatten(1, (5, 3))]
+    student = [nn.Linear(16, 15), nn.Sequential(nn.Linear(15, 15), nn.Unflatten(1, (5, 3)))]
+    labels = torch.randint(0, 5, (len(DATA), 3), generator=torch.Generator().manual_seed(0))
+    d = pipebd.Distiller(teacher, student, final_loss=SequenceCrossEntropy(), device="cpu")
+    d.fit(torch.utils.data.TensorDataset(DATA, labels), batch_size=4, steps=1)
+
+
 def batch_statistics_net(width):
     """Uses its batch's statistics in eval mode too, so it cannot run on one sample."""
     return nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width, track_running_stats=False))
