@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from . import checkpoint
 from .checks import check_device, check_int
 from .data import PROBE_ROWS, _tensors, check_workers, dataset_length, probe_batch
-from .losses import SoftTargetLoss, resolve_block_loss
+from .losses import SoftTargetLoss, out_of_range, resolve_block_loss
 from .plan import Plan, default_plan
 from .planner import auto_plan
 from .rng import check_seed
@@ -339,15 +339,11 @@ class Distiller:
         if not isinstance(self.final_loss, SoftTargetLoss) or not _tensors(dataset) or isinstance(dataset, Tensor) \
                 or len(dataset.tensors) < 2:
             return   # another loss may read its labels otherwise (classes in dim 1, as torch's own)
-        ignore_index = self.final_loss.ignore_index
-        y = dataset.tensors[1]
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            return   # the probe's loss has refused these
-        y = y.long()
-        bad = (y != ignore_index) & ((y < 0) | (y >= classes))
-        if bad.any():
+        ignore_index = self.final_loss.ignore_index   # the labels' dtype: checked by the probe's loss
+        bad = out_of_range(dataset.tensors[1], classes, ignore_index)
+        if bad:
             raise ValueError(f"dataset labels must be in [0, {classes}) (the last block's outputs) or "
-                             f"ignore_index={ignore_index}, got {y[bad][:4].tolist()}")
+                             f"ignore_index={ignore_index}, got {bad}")
 
     def _load_states(self, results: list) -> None:
         for r in results:

@@ -41,7 +41,7 @@ from .checks import check_device, check_int
 from .api import _device_of, _samples
 from .batchnorm import replica_batchnorm
 from .data import PROBE_ROWS, BatchOrder, StepRows, _tensors, check_workers, dataset_length, feed, probe_batch
-from .losses import _BACKENDS, soft_target_loss
+from .losses import _BACKENDS, out_of_range, soft_target_loss
 from .rng import check_seed, derived_seed, stream
 from .runtime.exchange import PeerLogits, Transfer, WeightExchange, packed_sizes, pack, unpack
 from .runtime.launch import (_broadcast_from_rank0, backend_for, check_timeout, init_spmd, kept_as_given, spawn_tasks,
@@ -421,7 +421,6 @@ class Codistillation:
         y = torch.as_tensor(y)
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise TypeError(f"labels must be class indices (an integer tensor), got {y.dtype}")
-        y = y.long()   # as they train
         shapes, dtypes = set(), set()
         for i, m in enumerate(models):
             try:
@@ -444,10 +443,10 @@ class Codistillation:
         if len(dtypes) > 1:   # the ranks exchange logits and checkpoints in buffers of one dtype
             raise ValueError(f"the models' logits differ in dtype: {sorted(dtypes)}")
         classes = shapes.pop()[-1]
-        bad = (y != self.ignore_index) & ((y < 0) | (y >= classes))
-        if bad.any():
+        bad = out_of_range(y, classes, self.ignore_index)
+        if bad:
             raise ValueError(f"{source} labels must be in [0, {classes}) (the models' classes) or "
-                             f"ignore_index={self.ignore_index}, got {y[bad][:4].tolist()}")
+                             f"ignore_index={self.ignore_index}, got {bad}")
 
 
 def _check_snapshot(directory: str, packed: dict | None, model: nn.Module, j: int, step: int) -> None:

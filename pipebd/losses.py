@@ -146,11 +146,17 @@ def _check_labels(labels: Tensor | None, student: Tensor, ignore_index: int) -> 
     if labels.shape != (rows,):
         raise ValueError(f"labels must have shape ({rows},) for {rows} rows of logits, got {tuple(labels.shape)}")
     labels = labels.to(torch.int64).contiguous()
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= classes))
-    if bad.any():
-        raise ValueError(f"labels must be in [0, {classes}) or ignore_index={ignore_index}, got "
-                         f"{labels[bad][:4].tolist()}")
+    bad = out_of_range(labels, classes, ignore_index)
+    if bad:
+        raise ValueError(f"labels must be in [0, {classes}) or ignore_index={ignore_index}, got {bad}")
     return labels
+
+
+def out_of_range(labels: Tensor, classes: int, ignore_index: int) -> list[int]:
+    """Up to four of the integer ``labels`` that are neither a class in ``[0, classes)`` nor
+    ``ignore_index`` (compared as int64: uint8 labels must not wrap -100 to 156)."""
+    labels = labels.long()
+    return labels[(labels != ignore_index) & ((labels < 0) | (labels >= classes))][:4].tolist()
 
 
 class SoftTargetLoss(nn.Module):
