@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..checks import check_int
+
 
 def _conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
@@ -122,6 +124,9 @@ def cnn_pair(width: int = 32, classes: int = 10, depth: int = 3, expand: int = 2
     MobileNetV2-style student (``student_depth`` inverted residuals per block, expansion
     ``expand``), each cut into ``blocks`` blocks, initialized from ``seed``."""
     layout = stage_layout(blocks)    # bad input fails before any weights are drawn
+    for name, value, low in (("width", width, 2), ("classes", classes, 1), ("depth", depth, 1),
+                             ("expand", expand, 1), ("student_depth", student_depth, 1)):
+        check_int(name, value, low)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return (resnet_teacher(width, classes, depth, blocks=len(layout)),

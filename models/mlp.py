@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import check_int
+
 
 def _block(d_in: int, hidden: int, d_out: int, last: bool) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out)]
@@ -27,8 +29,9 @@ def mlp_pair(num_blocks: int = 4, in_features: int = IN_FEATURES, width: int = 3
     """``num_blocks`` teacher blocks ``Linear-Tanh-Linear(-Tanh)`` and narrower student blocks
     with the same boundaries: input ``[in_features]``, then ``[width]``, the last ``[classes]``.
     Initialization is a function of ``seed``."""
-    if num_blocks < 1:
-        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    for name, value in (("num_blocks", num_blocks), ("in_features", in_features), ("width", width),
+                        ("classes", classes), ("student_width", student_width)):
+        check_int(name, value, 1)
     dims = [in_features] + [width] * (num_blocks - 1) + [classes]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -337,10 +337,11 @@ def test_check_refuses_triton_on_a_cpu_without_the_interpreter(monkeypatch, caps
 
 
 @pytest.mark.parametrize("args, message", [
-    ("width=-4", "model.args {'width': -4} do not build model.pair 'cnn': Trying to create tensor with negative "
-                 "dimension -4"),
-    ("width=1.5", "model.args {'width': 1.5} do not build model.pair 'cnn': unsupported operand type(s) for <<"),
-    ("width=0", "model.args {'width': 0} do not build model.pair 'cnn': groups must be a positive integer"),
+    ("width=-4", "model.args {'width': -4} do not build model.pair 'cnn': width must be an integer >= 2, got -4"),
+    ("width=1.5", "model.args {'width': 1.5} do not build model.pair 'cnn': width must be an integer >= 2, got 1.5"),
+    ("width=0", "model.args {'width': 0} do not build model.pair 'cnn': width must be an integer >= 2, got 0"),
+    # It built mismatched blocks before, refused at the shape probe without naming the key.
+    ("depth=0", "model.args {'depth': 0} do not build model.pair 'cnn': depth must be an integer >= 1, got 0"),
     ("depht=3", "model.args {'depht': 3} do not build model.pair 'cnn': cnn_pair() got an unexpected keyword "
                 "argument 'depht'"),
 ])

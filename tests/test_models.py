@@ -56,6 +56,20 @@ def test_stage_layout_cuts_early_resolutions_first():
             cnn_pair(blocks=bad)
 
 
+@pytest.mark.parametrize("pair, args, message", [
+    (cnn_pair, dict(depth=0), "depth must be an integer >= 1, got 0"),
+    (cnn_pair, dict(student_depth=0), "student_depth must be"),
+    (cnn_pair, dict(width=1), "width must be an integer >= 2"),
+    (cnn_pair, dict(expand=2.0), "expand must be an integer"),
+    (mlp_pair, dict(num_blocks=0), "num_blocks must be an integer >= 1"),
+    (mlp_pair, dict(width=0), "width must be"),
+    (mlp_pair, dict(classes=True), "classes must be"),
+])
+def test_pairs_refuse_sizes_that_build_no_network(pair, args, message):
+    with pytest.raises(ValueError, match=message):
+        pair(**args)
+
+
 def test_six_block_cnn_pair():
     teacher, student = cnn_pair(width=8, depth=2, blocks=6, classes=5)
     boundaries = [(3, 32, 32), (8, 32, 32), (8, 32, 32), (16, 16, 16), (16, 16, 16), (32, 8, 8), (5,)]
