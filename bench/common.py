@@ -15,9 +15,20 @@ import pipebd
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return (f"{platform.system()} {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, pipebd {pipebd.__version__}")
+    return (f"{platform.system()} {platform.machine()} ({cpu_model()}), {os.cpu_count()} cores; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, pipebd {pipebd.__version__}")
+
+
+def cpu_model() -> str:
+    """The processor's name (``platform.processor()`` is empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU model unknown"
 
 
 def cnn_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,10 +48,22 @@ def cell(text: str) -> str:
     return "`" + text.replace("|", "\\|") + "`"
 
 
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """The command that reruns this one from where it was started: ``python bench/SCRIPT ARGS``
+    from the repository root, ``cd DIR && python SCRIPT ARGS`` from another of its directories
+    (the arguments' paths are relative to it). Paths outside the repository are not recorded."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    where = os.path.relpath(os.getcwd(), root)
+    inside = not where.startswith("..")
+    path = os.path.relpath(os.path.join(root, "bench", script)) if inside else f"bench/{script}"
+    prefix = f"cd {shlex.quote(where)} && " if inside and where != "." else ""
+    return prefix + shlex.join(["python", path, *(argv if argv is not None else sys.argv[1:])])
+
+
 def publish(title: str, script: str, argv: list[str] | None, lines: list[str], append: str | None) -> None:
     """Append ``lines`` under a heading with the date, machine and exact command to ``append``."""
-    command = f"python bench/{script} " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    text = "\n".join([f"### {title}", "", f"{date.today()} · {machine()}", f"`{command.strip()}`", "", *lines, ""])
+    text = "\n".join([f"### {title}", "", f"{date.today()} · {machine()}", f"`{command_line(script, argv)}`", "",
+                      *lines, ""])
     if append:
         with open(append, "a") as f:
             f.write("\n" + text)

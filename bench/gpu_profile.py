@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
@@ -33,7 +32,7 @@ import pipebd
 from pipebd.models import cnn_input_shape, cnn_pair
 from pipebd.models.emulated import EmulatedProfile
 
-from common import machine, publish
+from common import command_line, machine, publish
 
 
 def measure(args: argparse.Namespace) -> tuple[pipebd.profiler.Profile, EmulatedProfile]:
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     print(*lines, sep="\n")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fitted.save(args.out, measured, machine=machine(), blocks=args.blocks, width=args.width, depth=args.depth,
-                command=" ".join(["python bench/gpu_profile.py", *(sys.argv[1:] if argv is None else argv)]))
+                command=command_line("gpu_profile.py", argv))
     print(f"wrote {args.out}")
     publish(f"Measured block profile, {args.blocks}-block CNN pair on {device}", "gpu_profile.py", argv, lines, args.append)
 

@@ -11,6 +11,9 @@
 # .whl ignored by git (`echo /.whl/ >> .git/info/exclude`) and named in the device call's carry.
 # Results land in OUT: copy the kernel table into BENCHMARKS.md with the command that made it;
 # copy profile-b*.json into bench/results/ and run bench/planner.py --profile-file on them here.
+# A device call brings back at most 8 files from OUT: this writes 7 (environment.txt,
+# gpu-tests.txt, profile-b64.json, profile-b256.json, profile.md, kernels.md, and log.txt with
+# the profile and kernel runs' output).
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR}
 mkdir -p "$out"
@@ -32,10 +35,11 @@ status=0
 # Each step has its own time limit (seconds), so that one that hangs leaves time for the rest
 # inside one 600 s device call; output is written as it comes, so a cut-off step still returns
 # what it printed.
-timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_cuda.py 2>&1 | tee "$out/gpu-tests.txt" || status=1
+# 130 + 2 x 45 + 320 s leaves about a minute of the call for the installs and imports above.
+timeout 130 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_cuda.py 2>&1 | tee "$out/gpu-tests.txt" || status=1
 for batch in 64 256; do
     timeout 45 python3 bench/gpu_profile.py --batch-size $batch --out "$out/profile-b$batch.json" \
-        --append "$out/profile.md" 2>&1 | tee "$out/profile-b$batch.txt" || status=1
+        --append "$out/profile.md" 2>&1 | tee -a "$out/log.txt" || status=1
 done
-timeout 330 python3 bench/kernels.py --append "$out/kernels.md" 2>&1 | tee "$out/kernels.txt" || status=1
+timeout 320 python3 bench/kernels.py --append "$out/kernels.md" 2>&1 | tee -a "$out/log.txt" || status=1
 exit $status

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,13 @@ def implementations(smoke: bool) -> dict:
         impls["liger"] = lambda s, t, T: liger(F.log_softmax(s / T, dim=-1), F.log_softmax(t / T, dim=-1)) * T * T
     impls["pipebd"] = lambda s, t, T: pipebd.soft_target_loss(s, t, T, backend="triton")
     return impls
+
+
+def liger_version() -> str:
+    try:
+        return f"liger-kernel {version('liger-kernel')}"
+    except PackageNotFoundError:
+        return "liger-kernel not installed"
 
 
 def timer(device: str):
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke run, no timings)"
     import triton
     header = [f"Device: {gpu}; copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write, 1 GiB); "
-              f"triton {triton.__version__}; T = {TEMPERATURE}", "",
+              f"triton {triton.__version__}; {liger_version()}; T = {TEMPERATURE}", "",
               "| rows | V | dtype | impl | fwd+bwd ms | GB/s (floor bytes) | % copy | time vs pipebd | "
               "peak extra (x grad) | max \\|dgrad\\| |", "|---|---|---|---|---|---|---|---|---|---|"]
     print(*header, sep="\n", flush=True)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> list[str]:
     distiller = pipebd.Distiller(teacher, student, device="cpu")
     data = SlowSamples(4 * args.batch_size, args.item_ms * 1e-3)
     lines = ["| strategy | num_workers | plan | measured samples/s | simulated | sim error | vs baseline, same loading | "
-             "vs baseline loading inline | stage waiting | stage utilization |",
+             f"vs baseline, num_workers {args.num_workers[0]} | stage waiting | stage utilization |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     baseline = {}
     for workers in args.num_workers:

@@ -11,14 +11,12 @@ baseline's, the teacher block runs and the per-stage utilization of the median r
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from datetime import date
 
 import torch
 
 import pipebd
-from common import cell, cnn_run_arguments, machine
+from common import cell, cnn_run_arguments, command_line, machine
 from pipebd.models import cnn_input_shape, cnn_pair
 
 
@@ -38,6 +36,11 @@ def main(argv: list[str] | None = None) -> None:
                         help='also run pipebd with this plan, e.g. "0|1-3" or "[0-1]x1 | [2-3]x2"')
     parser.add_argument("--append", metavar="PATH", help="append the result as markdown to PATH")
     args = parser.parse_args(argv)
+    for plan in args.plan:      # before anything runs, not when its turn comes
+        try:
+            plan.validate(4, args.world_size)     # cnn_pair's 4 blocks
+        except ValueError as e:
+            parser.error(f"--plan {plan.describe()}: {e}")
     configs = {"baseline": ("baseline", None), "pipebd": ("pipebd", None)}
     configs.update({f"pipebd {p.describe()}": ("pipebd", p) for p in args.plan})
 
@@ -47,10 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.repeats):
         for label, (strategy, plan) in configs.items():
             reports[label].append(run(strategy, plan, args, data, args.steps))
-    median = {s: sorted(rs, key=lambda r: r.samples_per_s)[len(rs) // 2] for s, rs in reports.items()}
+    median = {s: sorted(rs, key=lambda r: r.samples_per_s)[(len(rs) - 1) // 2] for s, rs in reports.items()}
     base = median["baseline"].samples_per_s
 
-    cmd = shlex.join(["python", "bench/throughput.py", *(argv if argv is not None else sys.argv[1:])])
+    cmd = command_line("throughput.py", argv)
     lines = [
         f"### Throughput: baseline vs pipebd, CNN pair, world size {args.world_size} ({date.today()})",
         "",
