@@ -3,6 +3,7 @@ blocks and trains each student block to reproduce its teacher block (blockwise d
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -133,29 +134,32 @@ class Distiller:
         job = self._job(dataset, batch_size, steps, world_size, strategy, plan, seed, max_inflight,
                         threads, progress, timeout, sync_batchnorm, num_workers)
         batch_size, steps, world_size = job.batch_size, job.steps, int(world_size)   # checked: plain ints
-        self._checkpoints(job, checkpoint_dir, checkpoint_every, resume)
-        prediction = None
-        if plan == "auto" and strategy == "pipebd" and world_size > 1:
-            profile = self._profile(job, world_size, timeout, progress=job.progress)
-            prediction = auto_plan(profile, world_size)
-            job.plan = prediction.plan
-            log.info("pipebd: auto %s", prediction)
-        log.info("pipebd: strategy %s, plan %s on %d rank(s)", strategy, job.plan.describe(), world_size)
-        if env is None and world_size > 1:
-            results = spawn(job, world_size, timeout)
-        else:
-            with kept_as_given(self.teacher + self.student):
-                results = run_spmd(job, timeout) if env is not None else run_rank(job, 0, 1)
-        self._load_states(results)
-        report = build_report(strategy, world_size, job.plan, batch_size, steps, self.num_blocks, results,
-                              [job.start_of(i) for i in range(self.num_blocks)])
-        if prediction is not None:
-            report.prediction = prediction
-            report.simulation = simulate(profile, job.plan, steps - job.first_step, job.max_inflight)
-        return report
+        with contextlib.ExitStack() as held:    # the checkpoint directory, until the run has ended
+            self._checkpoints(job, checkpoint_dir, checkpoint_every, resume, held)
+            prediction = None
+            if plan == "auto" and strategy == "pipebd" and world_size > 1:
+                profile = self._profile(job, world_size, timeout, progress=job.progress)
+                prediction = auto_plan(profile, world_size)
+                job.plan = prediction.plan
+                log.info("pipebd: auto %s", prediction)
+            log.info("pipebd: strategy %s, plan %s on %d rank(s)", strategy, job.plan.describe(), world_size)
+            if env is None and world_size > 1:
+                results = spawn(job, world_size, timeout)
+            else:
+                with kept_as_given(self.teacher + self.student):
+                    results = run_spmd(job, timeout) if env is not None else run_rank(job, 0, 1)
+            self._load_states(results)
+            report = build_report(strategy, world_size, job.plan, batch_size, steps, self.num_blocks, results,
+                                  [job.start_of(i) for i in range(self.num_blocks)])
+            if prediction is not None:
+                report.prediction = prediction
+                report.simulation = simulate(profile, job.plan, steps - job.first_step, job.max_inflight)
+            return report
 
-    def _checkpoints(self, job: Job, directory: str | os.PathLike | None, every: int | None, resume: bool) -> None:
-        """Check the checkpoint options and ``directory``; on resume, check every saved state
+    def _checkpoints(self, job: Job, directory: str | os.PathLike | None, every: int | None, resume: bool,
+                     held: contextlib.ExitStack) -> None:
+        """Check the checkpoint options and take ``directory`` for this job until ``held``
+        closes (``checkpoint.claimed``); on resume, check every saved state
         (``checkpoint.check``), then load the saved student weights into the blocks and give
         the job each block's step and optimizer state. A fresh run saves every block at step 0,
         then records the run (``checkpoint.start``)."""
@@ -166,6 +170,8 @@ class Distiller:
             init_spmd(job.device, job.timeout)
             pin_device(job, int(os.environ.get("LOCAL_RANK", dist.get_rank())))   # before NCCL's barrier
         first_rank = not spmd or dist.get_rank() == 0    # the rank that writes the directory and warns
+        if first_rank:
+            held.enter_context(checkpoint.claimed(directory))
         key = checkpoint.RunKey(self.num_blocks, job.batch_size, job.seed, job.dataset_len)
         states = checkpoint.read(directory, key, job.steps, resume)
         if len(states) == self.num_blocks and all(st["step"] == job.steps for st in states.values()):

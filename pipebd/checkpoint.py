@@ -17,12 +17,15 @@ Nor do the plan, strategy or world size of the resumed run have to match the int
     block{i}.pt    block i: {"format", "block", "step", "weights", "optimizer", "optimizer_type",
                    "scheduler", "scheduler_type"}, tensors on the CPU
 
+and is locked (``flock``) by the job running in it, so that a second one is refused.
+
 A fresh run saves every block at step 0 before it starts, so a resume never depends on how the
 caller rebuilt the student, and only then records ``run.json``: a directory with ``run.json``
 has every block's file, and a resume refuses one that lacks a file rather than restart that
 block from step 0. Each file is written to a temporary file in the same directory and
 renamed over the old one (``os.replace``, atomic on POSIX), so a crash or a kill mid-write leaves
-the previous checkpoint whole; a block whose weights are no longer finite is not saved. A resume
+the previous checkpoint whole; a block whose weights are no longer finite is not saved (only
+entries that were finite when the fit started count: a mask of -inf is no divergence). A resume
 first checks every saved state against a fresh optimizer and scheduler, before anything is
 loaded or started; settings of the optimizer (per parameter group) or the scheduler that differ
 from this run's are restored from the checkpoint, as torch's ``load_state_dict`` does, and named
@@ -46,7 +49,9 @@ the last two exchange steps, which are what the others distill from next (the st
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import logging
 import math
@@ -54,7 +59,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -103,7 +108,56 @@ def options(directory: str | os.PathLike | None, every: int | None,
         raise ValueError("checkpoint_every needs checkpoint_dir: where to write the checkpoints")
     if not isinstance(resume, bool):
         raise TypeError(f"resume must be True or False, got {resume!r}")
-    return None if directory is None else os.path.abspath(os.fspath(directory)), every
+    if directory is None:
+        return None, every
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"checkpoint_dir {directory} is not a directory")
+    return directory, every
+
+
+@contextlib.contextmanager
+def claimed(directory: str | None) -> Iterator[None]:
+    """Hold ``directory`` for this job while the ``with`` block runs: an exclusive ``flock`` on
+    the directory, which the kernel releases when the process ends, killed or not. A second job
+    (or a second copy of this one, such as a requeued job whose first copy still runs) is
+    refused with ValueError instead of writing into the same files, and no job removes the
+    temporary files of another that is still writing. A directory that cannot be created or
+    written in is refused here, before any training. None: nothing to hold."""
+    if directory is None:
+        yield
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):    # the saves will write here
+            pass
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as err:
+        raise ValueError(f"checkpoint_dir {directory} cannot be written: {err.strerror or err}") from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"checkpoint_dir {directory} is in use by another running pipebd job; wait for it "
+                             f"to end, or choose another directory") from None
+        except OSError as err:      # a file system without locks (some network ones)
+            log.warning("pipebd: cannot lock checkpoint_dir %s (%s): a second job started in it would not be "
+                        "refused", directory, err.strerror or err)
+        yield
+    finally:
+        os.close(fd)
+
+
+def finite_entries(module: nn.Module) -> set[str]:
+    """The floating-point entries of ``module``'s state dict that are finite now. Only these
+    count when checking before a save that training has not diverged: a buffer that is
+    non-finite by design (an attention mask of -inf) would refuse every save."""
+    return {k for k, v in module.state_dict().items() if v.is_floating_point() and bool(torch.isfinite(v).all())}
+
+
+def diverged(module: nn.Module, entries: set[str]) -> list[str]:
+    """The entries of ``entries`` (see ``finite_entries``) that are no longer finite, sorted."""
+    return sorted(k for k, v in module.state_dict().items() if k in entries and not bool(torch.isfinite(v).all()))
 
 
 def due(done: int, steps: int, directory: str | None, every: int | None) -> bool:
@@ -266,8 +320,8 @@ def read(directory: str | None, key: RunKey, steps: int, resume: bool) -> dict[i
 
 
 def start(directory: str, key: RunKey | CodistillKey, **extra: Any) -> None:
-    """Create ``directory`` if needed, remove temporary files a killed run left, and record
-    this run's key (and ``extra``) in it."""
+    """Create ``directory`` if needed, remove temporary files a killed run left (the caller
+    holds the directory: ``claimed``), and record this run's key (and ``extra``) in it."""
     os.makedirs(directory, exist_ok=True)
     for name in os.listdir(directory):
         if name.startswith(TMP_PREFIX):

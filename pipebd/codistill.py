@@ -21,6 +21,7 @@ divided by the model's batch size (samples), so a group's slices sum to the full
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -277,41 +278,45 @@ class Codistillation:
         job = self._job(dataset, batch_size, steps, world_size, seed, eval_data, eval_every, keep_checkpoints,
                         threads, progress, timeout, sync_batchnorm, num_workers)
         world_size = int(world_size)   # checked: an integer
-        self._checkpoints(job, checkpoint_dir, checkpoint_every, resume)
-        log.info("pipebd: %s of %d models on %d rank(s)", self.mode, self.n, world_size)
-        if job.first_distilled is None and job.alpha > 0 and job.n > 1:
-            why = (f"burn_in={job.burn_in}" if job.mode == "online" else
-                   f"with burn_in={job.burn_in} and exchange_every={job.exchange_every} the first checkpoint "
-                   f"to distill from is there at step {max(2 * job.exchange_every, job.burn_in)} at the earliest")
-            log.warning("pipebd: alpha=%s but none of these %d steps distills: %s", job.alpha, job.steps, why)
-        if env is not None:
-            init_spmd(self.device, timeout)
-            _broadcast_from_rank0(job.models, _rank_device(self.device, dist.get_rank(), world_size))
-            with kept_as_given(self.models):
-                results = _run(job, dist.get_rank(), world_size)
-        elif world_size == 1:
-            with kept_as_given(self.models):
-                results = _run(job, 0, 1)
-        else:
-            tasks = [functools.partial(_run, job) for _ in range(world_size)]
-            g = world_size // self.n
-            results = spawn_tasks(tasks, backend_for(self.device), timeout,
-                                  lambda r: f" (model {r // g}, replica {r % g})")
-        for r in results:
-            for i, state in r.state.items():
-                self._models[i].load_state_dict(state)
-        return _build_report(job, world_size, results)
+        with contextlib.ExitStack() as held:    # the checkpoint directory, until the run has ended
+            self._checkpoints(job, checkpoint_dir, checkpoint_every, resume, held)
+            log.info("pipebd: %s of %d models on %d rank(s)", self.mode, self.n, world_size)
+            if job.first_distilled is None and job.alpha > 0 and job.n > 1:
+                why = (f"burn_in={job.burn_in}" if job.mode == "online" else
+                       f"with burn_in={job.burn_in} and exchange_every={job.exchange_every} the first checkpoint "
+                       f"to distill from is there at step {max(2 * job.exchange_every, job.burn_in)} at the earliest")
+                log.warning("pipebd: alpha=%s but none of these %d steps distills: %s", job.alpha, job.steps, why)
+            if env is not None:
+                init_spmd(self.device, timeout)
+                _broadcast_from_rank0(job.models, _rank_device(self.device, dist.get_rank(), world_size))
+                with kept_as_given(self.models):
+                    results = _run(job, dist.get_rank(), world_size)
+            elif world_size == 1:
+                with kept_as_given(self.models):
+                    results = _run(job, 0, 1)
+            else:
+                tasks = [functools.partial(_run, job) for _ in range(world_size)]
+                g = world_size // self.n
+                results = spawn_tasks(tasks, backend_for(self.device), timeout,
+                                      lambda r: f" (model {r // g}, replica {r % g})")
+            for r in results:
+                for i, state in r.state.items():
+                    self._models[i].load_state_dict(state)
+            return _build_report(job, world_size, results)
 
-    def _checkpoints(self, job: _Job, directory: str | os.PathLike | None, every: int | None, resume: bool) -> None:
-        """Check the checkpoint options and ``directory``; on resume, check every model's saved
-        state, load the weights into the models and give the job the rest. A fresh run saves
-        step 0 first."""
+    def _checkpoints(self, job: _Job, directory: str | os.PathLike | None, every: int | None, resume: bool,
+                     held: contextlib.ExitStack) -> None:
+        """Check the checkpoint options and take ``directory`` for this job until ``held``
+        closes (``checkpoint.claimed``); on resume, check every model's saved state, load the
+        weights into the models and give the job the rest. A fresh run saves step 0 first."""
         directory, every = checkpoint.options(directory, every, resume)
         spmd = torchrun_env() is not None and directory is not None
         if spmd:
             init_spmd(self.device, job.timeout)
             _rank_device(self.device, dist.get_rank(), dist.get_world_size())   # before NCCL's barrier
         first_rank = not spmd or dist.get_rank() == 0    # the rank that writes the directory and warns
+        if first_rank:
+            held.enter_context(checkpoint.claimed(directory))
         key = checkpoint.CodistillKey(job.n, job.mode, job.batch_size, job.seed, dataset_length(job.dataset),
                                       job.exchange_every)
         start, states = checkpoint.read_codistill(directory, key, job.steps, resume)
@@ -499,6 +504,9 @@ class _Rank:
                                  for i, group in mine.items()})
         self.optimizers = {i: job.optimizer(self.models[i].parameters()) for i in self.own}
         self.schedulers = {i: job.scheduler(o) for i, o in self.optimizers.items()} if job.scheduler else {}
+        # What must stay finite for a save (not buffers that are -inf by design).
+        self.finite = {i: checkpoint.finite_entries(self.models[i]) for i in self.own} \
+            if job.checkpoint_dir is not None and self.leader else {}
         for i in self.own:
             if i in job.resume_state:
                 checkpoint.load_training(f"model {i}", self.optimizers[i], self.schedulers.get(i), job.resume_state[i])
@@ -623,10 +631,10 @@ class _Rank:
         with self.recorder.span("checkpoint", done - 1):
             if self.leader:
                 for i in self.own:
-                    if not all(bool(torch.isfinite(v).all()) for v in self.models[i].state_dict().values()
-                               if v.is_floating_point()):
-                        raise NonFiniteLoss(f"non-finite weights of model {i} after step {done - 1}; "
-                                            f"the checkpoint of an earlier step is kept")
+                    bad = checkpoint.diverged(self.models[i], self.finite[i])
+                    if bad:
+                        raise NonFiniteLoss(f"non-finite weights ({', '.join(bad[:3])}) of model {i} after step "
+                                            f"{done - 1}; the checkpoint of an earlier step is kept")
                     checkpoint.save_model(job.checkpoint_dir, i, done, self.models[i], self.optimizers[i],
                                           self.schedulers.get(i), self.snapshots[i], self.sources)
             if self.world_size > 1:

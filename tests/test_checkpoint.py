@@ -297,7 +297,7 @@ def test_non_finite_weights_never_replace_a_good_checkpoint(tmp_path):
     torch.manual_seed(0)
     d = pipebd.Distiller([nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(2)], [NanAfter(10), NanAfter(0)],
                          device="cpu")
-    with pytest.raises(pipebd.NonFiniteLoss, match="non-finite weights at stage 0, block 0 after step 9"):
+    with pytest.raises(pipebd.NonFiniteLoss, match=r"non-finite weights \(weight\) at stage 0, block 0 after step 9"):
         d.fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, checkpoint_every=5, progress=False)
     saved = torch.load(checkpoint.block_path(tmp_path, 0), weights_only=True)
     assert saved["step"] == 5 and all(torch.isfinite(v).all() for v in saved["weights"].values())
@@ -370,3 +370,47 @@ def test_the_teacher_record_is_that_of_one_fixed_sample():
     assert teacher_fingerprint(teacher, (D,), torch.float32) == expected
     batch_stats = [nn.Sequential(nn.Linear(D, D), nn.BatchNorm1d(D, track_running_stats=False))]
     assert len(teacher_fingerprint(batch_stats, (D,), torch.float32)) == 10
+
+
+class Masked(nn.Linear):
+    """A Linear with a buffer that is -inf by design (as an attention mask), added where finite."""
+
+    def __init__(self):
+        super().__init__(D, D)
+        self.register_buffer("mask", torch.tensor([0.0, float("-inf")]))
+
+    def forward(self, x):
+        return super().forward(x) + self.mask.exp()[0]
+
+
+def test_a_buffer_that_is_non_finite_by_design_does_not_stop_the_saves(tmp_path):
+    # The check before a save looks at what was finite when the fit started: every save of a
+    # block with a -inf mask was refused as "non-finite weights".
+    torch.manual_seed(0)
+    d = pipebd.Distiller([nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(2)], [Masked(), Masked()],
+                         device="cpu")
+    d.fit(DATA, BATCH, 10, checkpoint_dir=tmp_path, checkpoint_every=5, world_size=2, progress=False, timeout=60)
+    assert saved_steps(tmp_path)[:2] == [10, 10]
+
+
+def test_a_directory_in_use_by_a_running_job_is_refused(tmp_path):
+    # Two jobs started together in one directory both trained, and the last to record run.json
+    # took it (or one crashed when the other removed its temporary file). The job's claim is a
+    # flock on the directory: here this test holds it, as another job would.
+    with checkpoint.claimed(str(tmp_path)):
+        for resume in (False, True):
+            with pytest.raises(ValueError, match="in use by another running pipebd job"):
+                distiller().fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, resume=resume, progress=False)
+        assert os.listdir(tmp_path) == []
+    distiller().fit(DATA, BATCH, 2, checkpoint_dir=tmp_path, progress=False)        # released: free again
+    distiller().fit(DATA, BATCH, 4, checkpoint_dir=tmp_path, resume=True, progress=False)   # and after a fit
+
+
+def test_a_checkpoint_dir_that_cannot_be_written_is_named(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match=f"checkpoint_dir {afile} is not a directory"):
+        distiller().fit(DATA, BATCH, 2, checkpoint_dir=afile, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_dir /proc/self/pipebd cannot be written"):
+        distiller().fit(DATA, BATCH, 2, checkpoint_dir="/proc/self/pipebd", progress=False)
+    assert main(["check", "--set", f"checkpoint_dir={afile}"]) == 2

@@ -215,3 +215,18 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with pytest.raises(pipebd.NonFiniteLoss):
         fit(cd, checkpoint_dir=tmp_path, checkpoint_every=2)
     assert sorted(os.listdir(tmp_path)) == ["run.json", "step0"]
+
+
+def test_a_buffer_that_is_non_finite_by_design_does_not_stop_the_saves(tmp_path):
+    cd = codistillation()
+    for m in cd.models:
+        m.register_buffer("mask", torch.tensor([0.0, float("-inf")]))
+    fit(cd, steps=6, checkpoint_dir=tmp_path, checkpoint_every=3)
+    assert json.loads((tmp_path / "run.json").read_text())["step"] == 6
+
+
+def test_a_directory_in_use_by_a_running_job_is_refused(tmp_path):
+    with checkpoint.claimed(str(tmp_path)):
+        with pytest.raises(ValueError, match="in use by another running pipebd job"):
+            fit(codistillation(), checkpoint_dir=tmp_path)
+    fit(codistillation(), steps=3, checkpoint_dir=tmp_path)

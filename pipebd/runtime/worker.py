@@ -157,6 +157,9 @@ class RankRuntime:
         for i in self.blocks:
             if i in job.resume_state:
                 checkpoint.load_training(f"block {i}", self.optimizers[i], self.schedulers.get(i), job.resume_state[i])
+        # What must stay finite for a save (not a block's buffers that are -inf by design).
+        self.finite = {i: checkpoint.finite_entries(self.student[i]) for i in self.blocks} \
+            if job.checkpoint_dir is not None and self.replica == 0 else {}
         self.teacher_rows = {i: 0 for i in self.blocks}
         self.group_size = dist.get_world_size(group) if group is not None else 1
         # NaN marks the steps a resumed block had completed before this fit.
@@ -252,10 +255,10 @@ class RankRuntime:
                 for i in blocks:
                     # The loss checked above is from before this step's update: check the weights
                     # too, so that NaN never replaces a good checkpoint.
-                    state = self.student[i].state_dict().values()
-                    if not all(bool(torch.isfinite(v).all()) for v in state if v.is_floating_point()):
-                        raise NonFiniteLoss(f"non-finite weights at stage {self.stage}, block {i} after step {step}; "
-                                            f"its checkpoint of an earlier step is kept")
+                    bad = checkpoint.diverged(self.student[i], self.finite[i])
+                    if bad:
+                        raise NonFiniteLoss(f"non-finite weights ({', '.join(bad[:3])}) at stage {self.stage}, "
+                                            f"block {i} after step {step}; its checkpoint of an earlier step is kept")
                     checkpoint.save_block(self.job.checkpoint_dir, i, step + 1, self.student[i],
                                           self.optimizers[i], self.schedulers.get(i))
 
