@@ -166,9 +166,11 @@ class Profile:
         return np.where(np.asarray(nbytes) > 0, latency + per_byte * np.asarray(nbytes, dtype=float), 0.0)
 
     def allreduce_time(self, ranks: Any, nbytes: Any) -> Any:
+        """Zero for one rank or no bytes: the runtime starts no allreduce for a student block
+        without trainable parameters."""
         latency, per_byte = self.allreduce_fit
-        k = np.asarray(ranks, dtype=float)
-        return np.where(k > 1, 2 * (k - 1) * latency + 2 * (k - 1) / np.maximum(k, 1) * per_byte * np.asarray(nbytes), 0.0)
+        k, n = np.asarray(ranks, dtype=float), np.asarray(nbytes, dtype=float)
+        return np.where((k > 1) & (n > 0), 2 * (k - 1) * latency + 2 * (k - 1) / np.maximum(k, 1) * per_byte * n, 0.0)
 
     def sync_bn_time(self, block: int, ranks: Any) -> Any:
         """Seconds per step that ``sync_batchnorm`` adds to student block ``block`` on ``ranks``

@@ -144,6 +144,8 @@ def test_comm_fits_recover_latency_and_bandwidth():
     assert p.allreduce_fit == pytest.approx((lat, per_byte), rel=1e-6)
     assert p.allreduce_time(4, 1000) == pytest.approx(6 * lat + 1.5 * 1000 * per_byte)
     assert p.allreduce_time(1, 1000) == 0 and p.p2p_time(0) == 0
+    # A student block without trainable parameters starts no allreduce in the runtime.
+    assert p.allreduce_time(4, 0) == 0 and list(p.allreduce_time([1, 2, 4], [0, 0, 8])) == [0, 0, p.allreduce_time(4, 8)]
 
 
 def test_interpolation_between_and_beyond_measured_rows():
