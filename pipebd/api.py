@@ -170,8 +170,7 @@ class Distiller:
             init_spmd(job.device, job.timeout)
             pin_device(job, int(os.environ.get("LOCAL_RANK", dist.get_rank())))   # before NCCL's barrier
         first_rank = not spmd or dist.get_rank() == 0    # the rank that writes the directory and warns
-        if first_rank:
-            held.enter_context(checkpoint.claimed(directory))
+        checkpoint.hold(directory, held, first_rank, spmd)
         key = checkpoint.RunKey(self.num_blocks, job.batch_size, job.seed, job.dataset_len)
         states = checkpoint.read(directory, key, job.steps, resume)
         if len(states) == self.num_blocks and all(st["step"] == job.steps for st in states.values()):

@@ -16,8 +16,7 @@ Nor do the plan, strategy or world size of the resumed run have to match the int
                    seed, dataset length
     block{i}.pt    block i: {"format", "block", "step", "weights", "optimizer", "optimizer_type",
                    "scheduler", "scheduler_type"}, tensors on the CPU
-
-and is locked (``flock``) by the job running in it, so that a second one is refused.
+    .lock          locked (``flock``) by the job running in the directory: a second is refused
 
 A fresh run saves every block at step 0 before it starts, so a resume never depends on how the
 caller rebuilt the student, and only then records ``run.json``: a directory with ``run.json``
@@ -51,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import json
 import logging
 import math
@@ -66,10 +64,16 @@ from torch import Tensor, nn
 
 from .checks import check_int
 
+try:
+    import fcntl
+except ImportError:     # not on Windows: checkpoint directories are not locked there
+    fcntl = None
+
 log = logging.getLogger("pipebd")
 
 FORMAT = 2   # 2: the weights are saved under "weights" (1: "student")
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"     # locked by the job running in the directory (``claimed``)
 
 
 @dataclass(frozen=True)
@@ -119,33 +123,55 @@ def options(directory: str | os.PathLike | None, every: int | None,
 @contextlib.contextmanager
 def claimed(directory: str | None) -> Iterator[None]:
     """Hold ``directory`` for this job while the ``with`` block runs: an exclusive ``flock`` on
-    the directory, which the kernel releases when the process ends, killed or not. A second job
-    (or a second copy of this one, such as a requeued job whose first copy still runs) is
-    refused with ValueError instead of writing into the same files, and no job removes the
-    temporary files of another that is still writing. A directory that cannot be created or
-    written in is refused here, before any training. None: nothing to hold."""
+    its lock file, which the kernel releases when the process ends, killed or not (NFS turns it
+    into a POSIX lock that holds across nodes). A second job (or a second copy of this one,
+    such as a requeued job whose first copy still runs) is refused with ValueError instead of
+    writing into the same files, and no job removes the temporary files of another that is
+    still writing. A directory that cannot be created or written in is refused here, before any
+    training. None: nothing to hold."""
     if directory is None:
         yield
         return
     try:
         os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):    # the saves will write here
-            pass
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
         raise ValueError(f"checkpoint_dir {directory} cannot be written: {err.strerror or err}") from err
     try:
         try:
+            if fcntl is None:
+                raise OSError("no fcntl module on this platform")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"checkpoint_dir {directory} is in use by another running pipebd job; wait for it "
                              f"to end, or choose another directory") from None
-        except OSError as err:      # a file system without locks (some network ones)
+        except OSError as err:      # a file system or platform without locks
             log.warning("pipebd: cannot lock checkpoint_dir %s (%s): a second job started in it would not be "
-                        "refused", directory, err.strerror or err)
+                        "refused", directory, getattr(err, "strerror", None) or err)
         yield
     finally:
         os.close(fd)
+
+
+def hold(directory: str | None, held: contextlib.ExitStack, first_rank: bool, spmd: bool) -> None:
+    """Take ``directory`` for this job until ``held`` closes (``claimed``): the caller, or rank 0
+    under torchrun (``spmd``), takes it, and there every rank raises the same error when that
+    fails, instead of the others waiting for rank 0 at the next collective."""
+    error = None
+    if first_rank:
+        try:
+            held.enter_context(claimed(directory))
+        except ValueError as err:
+            if not spmd:
+                raise
+            error = str(err)
+    if spmd:
+        import torch.distributed as dist
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise ValueError(error)
 
 
 def finite_entries(module: nn.Module) -> set[str]:

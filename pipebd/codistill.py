@@ -315,8 +315,7 @@ class Codistillation:
             init_spmd(self.device, job.timeout)
             _rank_device(self.device, dist.get_rank(), dist.get_world_size())   # before NCCL's barrier
         first_rank = not spmd or dist.get_rank() == 0    # the rank that writes the directory and warns
-        if first_rank:
-            held.enter_context(checkpoint.claimed(directory))
+        checkpoint.hold(directory, held, first_rank, spmd)
         key = checkpoint.CodistillKey(job.n, job.mode, job.batch_size, job.seed, dataset_length(job.dataset),
                                       job.exchange_every)
         start, states = checkpoint.read_codistill(directory, key, job.steps, resume)

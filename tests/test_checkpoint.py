@@ -18,6 +18,11 @@ from pipebd import checkpoint
 from pipebd.api import teacher_fingerprint
 from pipebd.cli import main
 
+def listing(directory):
+    """The names in ``directory``, sorted, less the lock file a job holds it with."""
+    return sorted(name for name in os.listdir(directory) if name != checkpoint.LOCK_FILE)
+
+
 D, BLOCKS, BATCH, STEPS = 6, 5, 7, 20
 DATA = torch.randn(50, D, generator=torch.Generator().manual_seed(1))
 
@@ -121,7 +126,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         checkpoint.atomic_write(path, broken)
     assert open(path, "rb").read() == b"old"
-    assert os.listdir(tmp_path) == ["block0.pt"]
+    assert listing(tmp_path) == ["block0.pt"]
 
 
 @pytest.fixture
@@ -211,7 +216,7 @@ def test_a_run_killed_while_saving_step_0_leaves_no_run_to_resume(tmp_path, monk
     with pytest.raises(Killed):
         distiller().fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, progress=False)
     monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == ["block0.pt", "block1.pt"]
+    assert listing(tmp_path) == ["block0.pt", "block1.pt"]
     d = distiller()
     report = d.fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, resume=True, progress=False)
     assert report.start == [0] * BLOCKS and max_diff(weights(d), reference) == 0.0
@@ -310,8 +315,8 @@ def test_files_are_whole_readable_and_stale_temporaries_go(tmp_path):
         distiller().fit(DATA, BATCH, 3, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
     finally:
         os.umask(old)
-    assert sorted(os.listdir(tmp_path)) == [f"block{i}.pt" for i in range(BLOCKS)] + ["run.json"]
-    assert {os.stat(tmp_path / f).st_mode & 0o777 for f in os.listdir(tmp_path)} == {0o644}
+    assert listing(tmp_path) == [f"block{i}.pt" for i in range(BLOCKS)] + ["run.json"]
+    assert {os.stat(tmp_path / f).st_mode & 0o777 for f in listing(tmp_path)} == {0o644}
 
 
 def test_a_fresh_run_saves_every_block_at_step_0_first(tmp_path):
@@ -401,7 +406,7 @@ def test_a_directory_in_use_by_a_running_job_is_refused(tmp_path):
         for resume in (False, True):
             with pytest.raises(ValueError, match="in use by another running pipebd job"):
                 distiller().fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, resume=resume, progress=False)
-        assert os.listdir(tmp_path) == []
+        assert listing(tmp_path) == []
     distiller().fit(DATA, BATCH, 2, checkpoint_dir=tmp_path, progress=False)        # released: free again
     distiller().fit(DATA, BATCH, 4, checkpoint_dir=tmp_path, resume=True, progress=False)   # and after a fit
 

@@ -16,6 +16,7 @@ from torch import nn
 import pipebd
 from crash import crash_after
 from pipebd import checkpoint
+from test_checkpoint import listing
 from test_codistill import BATCH, FEATURES, K, STEPS, dataset, initial_models, sgd
 
 EVERY, TOL = 6, 1e-5
@@ -86,8 +87,8 @@ def test_only_a_step_every_model_saved_counts(tmp_path, uninterrupted):
     # temporaries behind: the resume starts from the recorded step and removes them.
     mode, want, _ = uninterrupted
     fit(codistillation(mode), steps=12, checkpoint_dir=tmp_path, checkpoint_every=EVERY)
-    assert sorted(os.listdir(tmp_path)) == ["run.json", "step12"]
-    assert sorted(os.listdir(tmp_path / "step12")) == ["model0.pt", "model1.pt"]
+    assert listing(tmp_path) == ["run.json", "step12"]
+    assert listing(tmp_path / "step12") == ["model0.pt", "model1.pt"]
     os.makedirs(tmp_path / "step18")
     shutil.copy(tmp_path / "step12" / "model0.pt", tmp_path / "step18" / "model0.pt")
     (tmp_path / f"{checkpoint.TMP_PREFIX}x").write_bytes(b"partial")
@@ -95,7 +96,7 @@ def test_only_a_step_every_model_saved_counts(tmp_path, uninterrupted):
     report = fit(cd, checkpoint_dir=tmp_path, checkpoint_every=100, resume=True)
     assert report.start == 12
     assert max_diff(weights(cd), want) <= TOL
-    assert sorted(os.listdir(tmp_path)) == ["run.json", f"step{STEPS}"]
+    assert listing(tmp_path) == ["run.json", f"step{STEPS}"]
 
 
 def test_a_commit_keeps_the_step_a_model_ahead_is_writing(tmp_path, uninterrupted):
@@ -107,8 +108,8 @@ def test_a_commit_keeps_the_step_a_model_ahead_is_writing(tmp_path, uninterrupte
     fit(cd, world_size=2, checkpoint_dir=tmp_path, checkpoint_every=1)
     assert max_diff(weights(cd), want) <= TOL
     assert json.loads((tmp_path / "run.json").read_text())["step"] == STEPS
-    assert sorted(os.listdir(tmp_path)) == ["run.json", f"step{STEPS}"]
-    assert sorted(os.listdir(tmp_path / f"step{STEPS}")) == ["model0.pt", "model1.pt"]
+    assert listing(tmp_path) == ["run.json", f"step{STEPS}"]
+    assert listing(tmp_path / f"step{STEPS}") == ["model0.pt", "model1.pt"]
 
 
 def test_commit_removes_later_steps_only_at_the_start(tmp_path):
@@ -116,9 +117,9 @@ def test_commit_removes_later_steps_only_at_the_start(tmp_path):
     for name in ("step4", "step6", "step9", "stepped", "other"):
         os.makedirs(tmp_path / name)
     checkpoint.commit(str(tmp_path), key, 6)       # during training: step 9 may be in the making
-    assert sorted(os.listdir(tmp_path)) == ["other", "run.json", "step6", "step9", "stepped"]
+    assert listing(tmp_path) == ["other", "run.json", "step6", "step9", "stepped"]
     checkpoint.commit(str(tmp_path), key, 6, first=True)   # a fit starting from step 6
-    assert sorted(os.listdir(tmp_path)) == ["other", "run.json", "step6", "stepped"]
+    assert listing(tmp_path) == ["other", "run.json", "step6", "stepped"]
     assert json.loads((tmp_path / "run.json").read_text())["step"] == 6
 
 
@@ -144,7 +145,7 @@ def test_bad_resumes_are_refused_before_anything_is_loaded(saved, change, messag
     with pytest.raises(ValueError, match=message):
         fit(cd, steps=steps, checkpoint_dir=saved, resume=resume)
     assert max_diff(weights(cd), before) == 0.0
-    assert sorted(os.listdir(saved)) == ["run.json", "step12"]
+    assert listing(saved) == ["run.json", "step12"]
 
 
 def test_a_missing_model_file_or_snapshot_is_refused(saved, tmp_path_factory):
@@ -214,7 +215,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     cd = codistillation(optimizer=lambda p: torch.optim.SGD(p, lr=1e38))
     with pytest.raises(pipebd.NonFiniteLoss):
         fit(cd, checkpoint_dir=tmp_path, checkpoint_every=2)
-    assert sorted(os.listdir(tmp_path)) == ["run.json", "step0"]
+    assert listing(tmp_path) == ["run.json", "step0"]
 
 
 def test_a_buffer_that_is_non_finite_by_design_does_not_stop_the_saves(tmp_path):

@@ -19,13 +19,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun_fit(out, plan, *extra, num_workers=0, lr=0.1):
+def torchrun_fit(out, plan, *extra, num_workers=0, lr=0.1, ok=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUM_WORKERS": str(num_workers), "LR": str(lr)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(Path(__file__).with_name("torchrun_fit.py")), str(out), plan,
            *map(str, extra)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -71,6 +71,16 @@ def test_torchrun_resumes_from_a_checkpoint(tmp_path):
         got = torch.load(f"{out}.{rank}")
         assert got["teacher_block_runs"] == [10 * 7] * 5
         assert max((a - b).abs().max().item() for a, b in zip(got["weights"], reference)) <= 1e-5
+
+
+def test_torchrun_ranks_all_refuse_a_directory_in_use(tmp_path):
+    """Rank 0 takes the directory for the job; when another job holds it, every rank raises the
+    reason (the others waited for rank 0 at the next collective until torchrun or the timeout
+    ended them, without it)."""
+    saved = tmp_path / "checkpoint"
+    with pipebd.checkpoint.claimed(str(saved)):
+        proc = torchrun_fit(tmp_path / "result", "[0-1]x1 | [2-4]x2", saved, 10, "new", ok=False)
+    assert proc.stderr.count("is in use by another running pipebd job") >= 3, proc.stderr[-3000:]
 
 
 def torchrun_codistill(out, mode, *extra):
