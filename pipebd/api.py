@@ -153,7 +153,8 @@ class Distiller:
                                   [job.start_of(i) for i in range(self.num_blocks)])
             if prediction is not None:
                 report.prediction = prediction
-                report.simulation = simulate(profile, job.plan, steps - job.first_step, job.max_inflight)
+                report.simulation = simulate(profile, job.plan, steps, job.max_inflight,
+                                             start=[job.start_of(i) for i in range(self.num_blocks)])
             return report
 
     def _checkpoints(self, job: Job, directory: str | os.PathLike | None, every: int | None, resume: bool,

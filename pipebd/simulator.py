@@ -14,8 +14,13 @@ Pipe-BD (``simulate``) follows ``runtime/relay.py`` step by step. Stage s at ste
    is no barrier with the other stages (decoupled updates).
 
 The replicas of a stage run in lockstep (their allreduce synchronizes them every step), so a
-stage is modelled by its slowest replica, the one with ``ceil(B/k)`` rows; the costs are
-``planner.stage_cost``'s. The baseline (``simulate_baseline``) trains block j for all steps
+stage's timing is its slowest replica's, the one with ``ceil(B/k)`` rows; the costs are
+``planner.stage_cost``'s. Its fractions are the means over its replicas, as the report's: a
+replica with a row fewer computes less and waits that much longer in the allreduce
+(communication). Taking a batch from loader processes counts as waiting, as in the runtime's
+``data-wait`` span, and after its last step a stage waits for its last send to arrive. A resumed
+run (``start``) relays from its earliest block's step; the blocks that had completed a step
+only relay it. Checkpoint writes are not modelled. The baseline (``simulate_baseline``) trains block j for all steps
 before block j+1, data parallel over all ranks, re-running teacher blocks 0..j each step and
 loading every batch again. Fractions are of the wall time, as in ``Report``. The work is
 O(steps * stages): 1024 devices and 64 blocks take well under a second.
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 
 from .checks import check_int
 from .data import PREFETCH
-from .plan import Plan
+from .plan import Plan, even_split
 from .planner import stage_cost
 from .profiler import Profile
 
@@ -38,15 +43,20 @@ class Simulation:
     strategy: str
     plan: Plan
     batch_size: int
-    steps: int
+    steps: int                           # batches relayed (a resumed run: from its earliest block's step)
     wall_s: float
-    stage_utilization: list[float]       # compute / wall, per stage
-    stage_communication: list[float]     # p2p and allreduce / wall
-    stage_waiting: list[float]           # blocked on the previous or the next stage / wall
+    stage_utilization: list[float]       # compute / wall, per stage (mean over its replicas)
+    stage_communication: list[float]     # p2p and allreduce / wall (a lighter replica's allreduce wait too)
+    stage_waiting: list[float]           # blocked on the previous or the next stage, or on loaders / wall
+    trained_steps: list[int] | None = None   # per block, when a resumed run trains some for fewer steps
+    stage_done_s: list[float] | None = None  # per stage, when it finished its last step (Pipe-BD)
 
     @property
     def samples_per_s(self) -> float:
-        return self.steps * self.batch_size / self.wall_s if self.wall_s > 0 else float("inf")
+        """As ``Report.samples_per_s``: batches times batch size over the wall time, the batches
+        averaged over the blocks when some train for fewer steps."""
+        steps = sum(self.trained_steps) / len(self.trained_steps) if self.trained_steps else self.steps
+        return steps * self.batch_size / self.wall_s if self.wall_s > 0 else float("inf")
 
     def __str__(self) -> str:
         util = ", ".join(f"{u:.0%}" for u in self.stage_utilization)
@@ -54,46 +64,99 @@ class Simulation:
                 f"over {self.steps} steps (utilization {util})")
 
 
-def simulate(profile: Profile, plan: Plan, steps: int, max_inflight: int = 2) -> Simulation:
-    """Simulate ``steps`` batches of Pipe-BD teacher relaying under ``plan``."""
+class _StageWork:
+    """What a stage on ``replicas`` ranks computes per step, per replica (the slices differ by a
+    row at most): its loading (``loads``), the teacher blocks ``teacher`` and the student steps
+    of ``blocks``, which a resumed run skips for the blocks that had completed the step."""
+
+    def __init__(self, profile: Profile, teacher: range, blocks: range, replicas: int, loads: bool):
+        loaders = profile.num_workers > 0
+        self.blocks = blocks
+        self.forward, self.student, self.taking = [], [], []
+        sizes = even_split(profile.batch_size, replicas)
+        for rows in sorted(set(sizes), reverse=True):       # the slowest replica first
+            share = sizes.count(rows) / replicas
+            data = float(profile.data_time(rows)) if loads else 0.0
+            # Taking a batch from loader processes is timed inside the runtime's data-wait span.
+            self.taking.append((share, data if loaders else 0.0))
+            self.forward.append((share, sum(float(profile.teacher_time(b, rows)) for b in teacher)
+                                 + (0.0 if loaders else data)))
+            self.student.append((share, [float(profile.student_time(b, rows)) for b in blocks]))
+
+    def training(self, due: list[bool]) -> float:
+        """The slowest replica's student time for the blocks ``due``."""
+        return sum(t for t, d in zip(self.student[0][1], due) if d)
+
+    def split(self, due: list[bool]) -> tuple[float, float, float]:
+        """Per step, means over the replicas: compute, the time a lighter replica then waits in
+        the allreduce for the slowest, and the time taking a batch from loader processes."""
+        work = [(share, f + sum(t for t, d in zip(times, due) if d))
+                for (share, f), (_, times) in zip(self.forward, self.student)]
+        slowest = work[0][1]
+        return (sum(share * w for share, w in work), sum(share * (slowest - w) for share, w in work),
+                sum(share * d for share, d in self.taking))
+
+
+def simulate(profile: Profile, plan: Plan, steps: int, max_inflight: int = 2,
+             start: list[int] | None = None) -> Simulation:
+    """Simulate batches ``min(start) .. steps-1`` of Pipe-BD teacher relaying under ``plan``,
+    block b training from batch ``start[b]`` on, as a resumed fit does (default: all from 0)."""
     steps, max_inflight = _check(steps, max_inflight)
     plan.validate(profile.num_blocks, plan.ranks_used)
     _check_rows(profile, max(plan.replicas))
+    start = _check_start(start, profile.num_blocks, steps)
+    first = min(start)
     costs = [stage_cost(profile, st[0], st[-1] + 1, k) for st, k in zip(plan.stages, plan.replicas)]
+    work = [_StageWork(profile, range(st[0], st[-1] + 1), range(st[0], st[-1] + 1), k, st[0] == 0)
+            for st, k in zip(plan.stages, plan.replicas)]
+    reduce = [float(profile.allreduce_time(k, profile.grad_bytes[b])) + profile.sync_bn_time(b, k)
+              for st, k in zip(plan.stages, plan.replicas) for b in st]
     n = len(costs)
     free = [0.0] * n                                    # when stage s finished its last step
-    recv_done: list[list[float]] = [[] for _ in range(n)]   # [s][t]: stage s stopped waiting for batch t
-    arrival: list[list[float]] = [[] for _ in range(n)]     # [s][t]: batch t reached stage s
-    sent: list[list[float]] = [[] for _ in range(n)]        # [s][t]: stage s finished sending batch t
+    recv_done: list[list[float]] = [[] for _ in range(n)]   # [s][i]: stage s stopped waiting for batch first+i
+    arrival: list[list[float]] = [[] for _ in range(n)]     # [s][i]: batch first+i reached stage s
+    sent: list[list[float]] = [[] for _ in range(n)]        # [s][i]: stage s finished sending batch first+i
     compute, comm, wait = [0.0] * n, [0.0] * n, [0.0] * n
     feed = _feed(profile, plan.replicas[0])
-    for t in range(steps):
+    for i, t in enumerate(range(first, steps)):
         for s, c in enumerate(costs):
             now = free[s]
             if s == 0 and feed is not None:
                 got = feed.take(now)
                 wait[s], now = wait[s] + got - now, got
             if s > 0:
-                posted = recv_done[s][t - 1] if t > 0 else 0.0
-                arrival[s].append(max(sent[s - 1][t], posted))
-                wait[s] += max(0.0, arrival[s][t] - now)
-                now = max(now, arrival[s][t])
+                posted = recv_done[s][i - 1] if i > 0 else 0.0
+                arrival[s].append(max(sent[s - 1][i], posted))
+                wait[s] += max(0.0, arrival[s][i] - now)
+                now = max(now, arrival[s][i])
             recv_done[s].append(now)
             now += c.p2p_in + c.forward
             if s < n - 1:
-                if t >= max_inflight:
-                    taken = arrival[s + 1][t - max_inflight]
+                if i >= max_inflight:
+                    taken = arrival[s + 1][i - max_inflight]
                     wait[s] += max(0.0, taken - now)
                     now = max(now, taken)
                 now += c.p2p_out
                 sent[s].append(now)
-            now += c.student + c.allreduce
+            due = [t >= start[b] for b in work[s].blocks]
+            if all(due):
+                now += c.student + c.allreduce
+                reduced = c.allreduce
+            else:       # a resumed run: the blocks that had completed batch t only relay it
+                reduced = sum(reduce[b] for b, d in zip(work[s].blocks, due) if d)
+                now += work[s].training(due) + reduced
             free[s] = now
-            compute[s] += c.compute
-            comm[s] += c.p2p + c.allreduce
+            busy, lag, taking = work[s].split(due)
+            compute[s] += busy
+            comm[s] += c.p2p + reduced + lag
+            wait[s] += taking
+    # After its last step a stage waits for its last send to arrive (the runtime's send-wait).
+    for s in range(n - 1):
+        wait[s] += max(0.0, arrival[s + 1][-1] - free[s])
     wall = max(free)
-    return Simulation("pipebd", plan, profile.batch_size, steps, wall, _frac(compute, wall), _frac(comm, wall),
-                      _frac(wait, wall))
+    trained = [steps - b for b in start] if any(start) else None
+    return Simulation("pipebd", plan, profile.batch_size, steps - first, wall, _frac(compute, wall),
+                      _frac(comm, wall), _frac(wait, wall), trained, list(free))
 
 
 def simulate_baseline(profile: Profile, world_size: int, steps: int) -> Simulation:
@@ -115,8 +178,11 @@ def simulate_baseline(profile: Profile, world_size: int, steps: int) -> Simulati
                 got = feed.take(now)
                 wait, now = wait + got - now, got
             now += block_compute + block_comm
-        compute += steps * block_compute
-        comm += steps * block_comm
+        # Its blocks 0..j as one stage, to split the same time as the relay's stages do.
+        busy, lag, taking = _StageWork(profile, range(j + 1), range(j, j + 1), world_size, True).split([True])
+        compute += steps * busy
+        comm += steps * (block_comm + lag)
+        wait += steps * taking
     plan = Plan([list(range(n))], [world_size])
     return Simulation("baseline", plan, profile.batch_size, steps, now, _frac([compute], now),
                       _frac([comm], now), _frac([wait], now))
@@ -151,6 +217,17 @@ def _feed(profile: Profile, replicas: int) -> _Feed | None:
         return None
     rows = math.ceil(profile.batch_size / replicas)
     return _Feed(float(profile.load_time(rows)), profile.num_workers, profile.loader_start)
+
+
+def _check_start(start: list[int] | None, blocks: int, steps: int) -> list[int]:
+    """Each block's first trained batch (``steps``: it trains none), as ints; all 0 when None."""
+    if start is None:
+        return [0] * blocks
+    start = [check_int("start", b, 0) for b in start]
+    if len(start) != blocks or max(start) > steps or min(start) == steps:
+        raise ValueError(f"start needs one step per block ({blocks}), at most steps={steps} and one of them "
+                         f"below it, got {start}")
+    return start
 
 
 def _check(steps: int, max_inflight: int) -> tuple[int, int]:

@@ -42,11 +42,16 @@ def test_backpressure_holds_the_fast_stage_back():
     p = profile([0.5, 5.0], [0.5, 5.0])          # stage 0 takes 1 per batch, stage 1 takes 10
     free = simulate(p, Plan([[0], [1]]), steps=40, max_inflight=1000)
     bounded = simulate(p, Plan([[0], [1]]), steps=40, max_inflight=2)
-    assert free.stage_waiting[0] == 0.0
     assert bounded.wall_s == pytest.approx(free.wall_s)       # the slow stage sets the pace either way
-    # From step 4 on, stage 0 sends batch t when stage 1 starts batch t - 3 (it runs at most
-    # max_inflight + 1 batches ahead, as the runtime does): it ends at 0.5 + 10 * 36 + 0.5.
-    assert bounded.stage_waiting[0] == pytest.approx((0.5 + 10 * 36 + 0.5 - 40 * 1.0) / bounded.wall_s)
+    # Stage 1 posts its receive of the last batch when it starts batch 38, at 0.5 + 10 * 38,
+    # and stage 0 waits until then, less its 40 s of work: unbounded, all at the end for its
+    # sends to arrive (the runtime's last send-wait); bounded, from step 4 on, where it sends
+    # batch t when stage 1 starts batch t - 3 (at most max_inflight + 1 batches ahead).
+    last_arrives = 0.5 + 10 * 38
+    assert free.stage_waiting[0] == pytest.approx((last_arrives - 40 * 1.0) / free.wall_s)
+    assert bounded.stage_waiting[0] == pytest.approx((last_arrives - 40 * 1.0) / bounded.wall_s)
+    assert free.stage_done_s[0] == pytest.approx(40 * 1.0)
+    assert bounded.stage_done_s[0] == pytest.approx(0.5 + 10 * 36 + 0.5)
     assert bounded.wall_s == pytest.approx(0.5 + 40 * 10)
 
 
@@ -107,3 +112,42 @@ def test_1024_devices_64_blocks_in_seconds():
     assert sim.plan.ranks_used == 1024 and len(sim.stage_utilization) == 64
     assert 0 < min(sim.stage_utilization) <= max(sim.stage_utilization) <= 1
     assert base.samples_per_s < sim.samples_per_s
+
+
+def test_a_resumed_run_trains_each_block_from_its_own_step():
+    # One stage, teacher 1 per block, student 2 and 4. Block 0 had completed 6 of 10 steps,
+    # block 1 only 2: batches 2..9 are relayed, block 0 trains in 6..9 only. It measured half
+    # the simulated throughput when every block was charged every step.
+    p = profile([1.0, 1.0], [2.0, 4.0])
+    sim = simulate(p, Plan([[0, 1]]), steps=10, start=[6, 2])
+    assert sim.steps == 8 and sim.trained_steps == [4, 8]
+    assert sim.wall_s == pytest.approx(8 * (2.0 + 4.0) + 4 * 2.0)
+    assert sim.samples_per_s == pytest.approx((4 + 8) / 2 * 8 / sim.wall_s)     # as Report averages them
+    assert sim.stage_utilization == [pytest.approx(1.0)]
+    plain = simulate(p, Plan([[0, 1]]), steps=10, start=[0, 0])
+    assert plain == simulate(p, Plan([[0, 1]]), steps=10) and plain.trained_steps is None
+    for bad in ([10, 10], [0], [0, 11], [-1, 0]):
+        with pytest.raises(ValueError, match="start"):
+            simulate(p, Plan([[0, 1]]), steps=10, start=bad)
+
+
+def test_uneven_slices_report_the_mean_replica():
+    # Batch 3 on 2 replicas: slices of 2 and 1 rows; work a + b * rows, so the slowest replica
+    # computes 1 + 2 = 3 per step and the other 1 + 1 = 2, then waits 1 in the allreduce. The
+    # report averages its replicas, and the simulation did not (0.93 against 0.73 measured).
+    p = Profile(1, 3, 2, "cpu", "gloo", [1, 2, 3], [[0.5, 1.0, 1.5]], [[1.5, 2.0, 2.5]], [0.0] * 3, [0, 0], [0])
+    sim = simulate(p, Plan([[0]], [2]), steps=10)
+    assert sim.wall_s == pytest.approx(10 * 3.0)
+    assert sim.stage_utilization == [pytest.approx((3.0 + 2.0) / 2 / 3.0)]
+    assert sim.stage_communication == [pytest.approx((0.0 + 1.0) / 2 / 3.0)]
+    base = simulate_baseline(p, 2, 10)
+    assert base.stage_utilization == sim.stage_utilization and base.stage_communication == sim.stage_communication
+
+
+def test_taking_batches_from_loader_processes_is_waiting():
+    # The runtime times taking a ready batch inside its data-wait span: 0.5 of stage 0's 3.5
+    # per step is waiting, not compute, once the 2 loaders keep up (load 2 per batch).
+    p = dataclasses.replace(profile([1.0], [2.0], load=2.0, workers=2), receive=[0.5, 0.5])
+    sim = simulate(p, Plan([[0]]), steps=400)
+    assert sim.stage_utilization[0] == pytest.approx(3.0 / 3.5, rel=1e-2)
+    assert sim.stage_waiting[0] == pytest.approx(0.5 / 3.5, rel=2e-2)
