@@ -102,7 +102,9 @@ class Prediction:
 
     @property
     def stage_utilization(self) -> list[float]:
-        """Compute time over the period, per stage (the report's utilization, in steady state)."""
+        """Compute time over the period, per stage, of its slowest replica (taking batches from
+        loader processes included): the bound's view. ``simulate`` gives the report's, the mean
+        over the replicas."""
         return [c.compute / self.bottleneck_s if self.bottleneck_s > 0 else 0.0 for c in self.stage_costs]
 
     def __str__(self) -> str:
