@@ -134,6 +134,8 @@ def claimed(directory: str | None) -> Iterator[None]:
         return
     try:
         os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):    # the saves will create files here
+            pass
         fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
         raise ValueError(f"checkpoint_dir {directory} cannot be written: {err.strerror or err}") from err

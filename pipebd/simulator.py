@@ -92,9 +92,11 @@ class _StageWork:
         the allreduce for the slowest, and the time taking a batch from loader processes."""
         work = [(share, f + sum(t for t, d in zip(times, due) if d))
                 for (share, f), (_, times) in zip(self.forward, self.student)]
-        slowest = work[0][1]
-        return (sum(share * w for share, w in work), sum(share * (slowest - w) for share, w in work),
-                sum(share * d for share, d in self.taking))
+        taking = [take for _, take in self.taking]
+        slowest = work[0][1] + taking[0]
+        return (sum(share * w for share, w in work),
+                sum(share * (slowest - w - take) for (share, w), take in zip(work, taking)),
+                sum(share * take for share, take in self.taking))
 
 
 def simulate(profile: Profile, plan: Plan, steps: int, max_inflight: int = 2,

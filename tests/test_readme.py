@@ -39,4 +39,4 @@ def test_checkpoint_example_runs(tmp_path):
     out = run_example("## Checkpoints and resume", tmp_path)
     assert "resumed: blocks had completed steps [50, 50, 50, 50]" in out
     assert "teacher block runs: [1600, 1600, 1600, 1600]" in out     # steps 50-99 only
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"block{i}.pt" for i in range(4)] + ["run.json"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".lock"] + [f"block{i}.pt" for i in range(4)] + ["run.json"]

@@ -151,3 +151,16 @@ def test_taking_batches_from_loader_processes_is_waiting():
     sim = simulate(p, Plan([[0]]), steps=400)
     assert sim.stage_utilization[0] == pytest.approx(3.0 / 3.5, rel=1e-2)
     assert sim.stage_waiting[0] == pytest.approx(0.5 / 3.5, rel=2e-2)
+
+
+def test_a_lighter_replica_waits_for_the_slowest_one_taking_its_batch_too():
+    # Batch 3 on 2 replicas with loaders that keep up: taking a batch costs 0.5 per row, the
+    # teacher 0.5 per row, the student 1 + 0.5 per row. The slowest replica: 1.0 + 1.0 + 2.0 =
+    # 4 per step; the other 0.5 + 0.5 + 1.5 = 2.5, then 1.5 in the allreduce (1.0 was lost).
+    rows = [1, 2, 3]
+    p = Profile(1, 3, 2, "cpu", "gloo", rows, [[0.5 * r for r in rows]], [[1 + 0.5 * r for r in rows]],
+                [0.1] * 3, [0, 0], [0], num_workers=4, receive=[0.5 * r for r in rows])
+    for sim in (simulate(p, Plan([[0]], [2]), steps=200), simulate_baseline(p, 2, 200)):
+        assert sim.stage_utilization[0] == pytest.approx((3.0 + 2.0) / 2 / 4.0, rel=1e-2)
+        assert sim.stage_communication[0] == pytest.approx(1.5 / 2 / 4.0, rel=1e-2)
+        assert sim.stage_waiting[0] == pytest.approx((1.0 + 0.5) / 2 / 4.0, rel=2e-2)
