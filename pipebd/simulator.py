@@ -20,9 +20,9 @@ replica with a row fewer computes less and waits that much longer in the allredu
 (communication). Taking a batch from loader processes counts as waiting, as in the runtime's
 ``data-wait`` span, and after its last step a stage waits for its last send to arrive. A resumed
 run (``start``) relays from its earliest block's step; the blocks that had completed a step
-only relay it. Checkpoint writes are not modelled. The baseline (``simulate_baseline``) trains block j for all steps
-before block j+1, data parallel over all ranks, re-running teacher blocks 0..j each step and
-loading every batch again. Fractions are of the wall time, as in ``Report``. The work is
+only relay it. Checkpoint writes are not modelled. The baseline (``simulate_baseline``) trains
+block j for all steps before block j+1, data parallel over all ranks, re-running teacher blocks
+0..j each step and loading every batch again. Fractions are of the wall time, as in ``Report``. The work is
 O(steps * stages): 1024 devices and 64 blocks take well under a second.
 """
 
@@ -73,6 +73,7 @@ class _StageWork:
         loaders = profile.num_workers > 0
         self.blocks = blocks
         self.forward, self.student, self.taking = [], [], []
+        self.splits: dict[tuple[bool, ...], tuple[float, float, float]] = {}   # ``split`` by due blocks
         sizes = even_split(profile.batch_size, replicas)
         for rows in sorted(set(sizes), reverse=True):       # the slowest replica first
             share = sizes.count(rows) / replicas
@@ -83,20 +84,23 @@ class _StageWork:
                                  + (0.0 if loaders else data)))
             self.student.append((share, [float(profile.student_time(b, rows)) for b in blocks]))
 
-    def training(self, due: list[bool]) -> float:
+    def training(self, due: tuple[bool, ...]) -> float:
         """The slowest replica's student time for the blocks ``due``."""
         return sum(t for t, d in zip(self.student[0][1], due) if d)
 
-    def split(self, due: list[bool]) -> tuple[float, float, float]:
+    def split(self, due: tuple[bool, ...]) -> tuple[float, float, float]:
         """Per step, means over the replicas: compute, the time a lighter replica then waits in
-        the allreduce for the slowest, and the time taking a batch from loader processes."""
-        work = [(share, f + sum(t for t, d in zip(times, due) if d))
-                for (share, f), (_, times) in zip(self.forward, self.student)]
-        taking = [take for _, take in self.taking]
-        slowest = work[0][1] + taking[0]
-        return (sum(share * w for share, w in work),
-                sum(share * (slowest - w - take) for (share, w), take in zip(work, taking)),
-                sum(share * take for share, take in self.taking))
+        the allreduce for the slowest, and the time taking a batch from loader processes (the
+        same every step but a resumed run's first ones: computed once per set of due blocks)."""
+        if due not in self.splits:
+            work = [(share, f + sum(t for t, d in zip(times, due) if d))
+                    for (share, f), (_, times) in zip(self.forward, self.student)]
+            taking = [take for _, take in self.taking]
+            slowest = work[0][1] + taking[0]
+            self.splits[due] = (sum(share * w for share, w in work),
+                                sum(share * (slowest - w - take) for (share, w), take in zip(work, taking)),
+                                sum(share * take for share, take in self.taking))
+        return self.splits[due]
 
 
 def simulate(profile: Profile, plan: Plan, steps: int, max_inflight: int = 2,
@@ -140,7 +144,7 @@ def simulate(profile: Profile, plan: Plan, steps: int, max_inflight: int = 2,
                     now = max(now, taken)
                 now += c.p2p_out
                 sent[s].append(now)
-            due = [t >= start[b] for b in work[s].blocks]
+            due = tuple(t >= start[b] for b in work[s].blocks)
             if all(due):
                 now += c.student + c.allreduce
                 reduced = c.allreduce
@@ -181,7 +185,7 @@ def simulate_baseline(profile: Profile, world_size: int, steps: int) -> Simulati
                 wait, now = wait + got - now, got
             now += block_compute + block_comm
         # Its blocks 0..j as one stage, to split the same time as the relay's stages do.
-        busy, lag, taking = _StageWork(profile, range(j + 1), range(j, j + 1), world_size, True).split([True])
+        busy, lag, taking = _StageWork(profile, range(j + 1), range(j, j + 1), world_size, True).split((True,))
         compute += steps * busy
         comm += steps * (block_comm + lag)
         wait += steps * taking
