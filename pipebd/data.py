@@ -16,7 +16,7 @@ import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
 from .rng import derived_seed
 
@@ -67,6 +67,9 @@ def split_item(item: Any) -> tuple[Any, Any]:
 
 
 def dataset_length(dataset: Dataset | torch.Tensor) -> int:
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(f"dataset must be a map-style torch Dataset or a tensor, not an IterableDataset "
+                        f"({type(dataset).__name__}): pipebd draws every batch by index, in an order set by the seed")
     if isinstance(dataset, DataLoader):
         raise TypeError("dataset must be a map-style torch Dataset or a tensor, not a DataLoader: pipebd orders, "
                         "slices and loads the batches itself (fit's num_workers for loader processes); "

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from .checks import check_int
+
 KINDS = ("synthetic", "digits")
 
 
@@ -24,9 +26,8 @@ def synthetic(rows: int, features: int = 32, classes: int = 10, seed: int = 7) -
     """``rows`` standard-normal inputs [rows, features] and int64 labels [rows] drawn from
     ``softmax(tanh(2 x W1) W2)`` of a random 256-wide network (with 32 features and 10 classes,
     its argmax is the drawn label on about 87% of the rows)."""
-    for name, value, low in (("rows", rows, 1), ("features", features, 1), ("classes", classes, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"synthetic data: {name} must be an integer >= {low}, got {value!r}")
+    rows, features, classes = (check_int(f"synthetic data: {name}", value, low) for name, value, low in
+                               (("rows", rows, 1), ("features", features, 1), ("classes", classes, 2)))
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, features, generator=gen)
     w1 = torch.randn(features, 256, generator=gen) / features**0.5
@@ -48,7 +49,8 @@ def digits() -> tuple[Tensor, Tensor]:
 
 def split(x: Tensor, y: Tensor, test_rows: int, seed: int = 1234) -> tuple[TensorDataset, tuple[Tensor, Tensor]]:
     """A seeded random ``test_rows`` of the rows held out: ``(TensorDataset(train), (x_test, y_test))``."""
-    if not 1 <= test_rows < len(x):
+    test_rows = check_int("test rows", test_rows, 1)
+    if not test_rows < len(x):
         raise ValueError(f"test rows must be between 1 and {len(x) - 1} (the data has {len(x)} rows), "
                          f"got {test_rows}")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))

@@ -9,7 +9,7 @@ for batches from loader worker processes). Time outside any span is idle.
 Each span is also a ``torch.profiler`` range (``record_function``), so the same names appear in
 torch profiler traces of the process that runs the rank.
 
-The ranks' spans share one time axis: ``Recorder.align`` starts it at the earliest rank's start
+The ranks' spans share one time axis: ``Recorder.align`` starts it when the last rank arrives
 (by the wall clock, so across hosts to the accuracy of their clock sync).
 """
 
@@ -57,9 +57,9 @@ class Recorder:
 
     def align(self) -> None:
         """Put the spans of the ranks of the default process group on one time axis whose zero is
-        the earliest rank's origin (a collective: every rank calls it after ``restart``). Ranks
-        leave the start barrier up to milliseconds apart; without this a receive could show as
-        ending before its send. The ranks' origins are compared on the wall clock, so across
+        the moment the last rank entered this exchange (a collective: every rank calls it after
+        ``restart``, then restarts its clock as it leaves). Ranks leave a barrier up to
+        milliseconds apart; without this a receive could show as ending before its send. The ranks' origins are compared on the wall clock, so across
         hosts the spans line up only as well as the hosts' clocks agree; the elapsed time each
         rank reports is its own clock's, and this exchange is not part of it."""
         import torch.distributed as dist
@@ -67,9 +67,11 @@ class Recorder:
         mine = time.time() - self.now()          # this rank's origin on the wall clock
         origins: list[float | None] = [None] * dist.get_world_size()
         dist.all_gather_object(origins, mine)
-        earliest = min(o for o in origins if o is not None)
+        # No rank leaves the exchange before the last one has entered it, so that moment, not the
+        # earliest entry, is the zero that leaves no empty stretch before the first span.
+        zero = max(o for o in origins if o is not None)
         self.restart()
-        self.shift = time.time() - self.now() - earliest
+        self.shift = time.time() - self.now() - zero
 
     def now(self) -> float:
         return time.perf_counter() - self.origin
@@ -126,6 +128,7 @@ def chrome_trace(tracks: list[tuple[str, list[Span]]]) -> dict:
                        "args": {"name": name}})
         events.append({"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0,
                        "args": {"sort_index": pid}})
+        events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": "spans"}})
         for s in spans:
             args = {"step": s.step} if s.block is None else {"step": s.step, "block": s.block}
             events.append({"name": s.kind if s.block is None else f"{s.kind}[{s.block}]",

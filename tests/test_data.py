@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -94,6 +95,9 @@ def test_labelled_tasks_are_seeded_and_split_without_overlap():
         datasets.synthetic(10, classes=1)
     with pytest.raises(ValueError, match="test rows must be between 1 and 9"):
         datasets.split(x[:10], y[:10], test_rows=10)
+    with pytest.raises(ValueError, match="test rows must be an integer >= 1, got True"):
+        datasets.split(x[:10], y[:10], test_rows=True)
+    assert torch.equal(datasets.synthetic(np.int64(20), features=np.int32(6))[0], datasets.synthetic(20, features=6)[0])
 
 
 class Detections(Dataset):

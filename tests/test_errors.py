@@ -62,12 +62,24 @@ def test_bad_plans(no_spawn, plan, message):
         distiller().fit(DATA, batch_size=4, steps=1, world_size=2, plan=plan)
 
 
+class Stream(torch.utils.data.IterableDataset):
+    """A streaming dataset with a length, as many are: it has no ``__getitem__``."""
+
+    def __len__(self):
+        return len(DATA)
+
+    def __iter__(self):
+        return iter(DATA)
+
+
 def test_other_bad_arguments(no_spawn):
     d = distiller()
     with pytest.raises(ValueError, match="dataset is empty"):
         d.fit(torch.empty(0, 16), batch_size=4, steps=1, world_size=2)
     with pytest.raises(TypeError, match="not a DataLoader: .* pass the loader's .dataset"):
         d.fit(torch.utils.data.DataLoader(DATA, batch_size=4), batch_size=4, steps=1, world_size=2)
+    with pytest.raises(TypeError, match="not an IterableDataset"):
+        d.fit(Stream(), batch_size=4, steps=1, world_size=2)
     with pytest.raises(ValueError, match=r"batch_size 2 is smaller than the widest stage's replica count \(3\)"):
         d.fit(DATA, batch_size=2, steps=1, world_size=4, plan=pipebd.Plan([[0, 1], [2, 3]], [1, 3]))
     with pytest.raises(ValueError, match=r"batch_size 1 is smaller than the widest stage's replica count \(2\)"):
