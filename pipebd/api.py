@@ -109,8 +109,10 @@ class Distiller:
         stage's whole batch instead (``pipebd.batchnorm``), which gives the one-process result.
         ``torch.nn.SyncBatchNorm`` layers follow the same option (not the default group).
 
-        Data: only the ranks of the first stage (every rank, for the baseline) load it, each its
-        slice of the batch. With ``num_workers > 0`` each of them starts that many DataLoader
+        Data: batch t is rows ``[t*batch_size, (t+1)*batch_size)`` of a stream of seeded
+        permutations of the dataset, one per epoch (``pipebd.data.BatchOrder``), so a batch can
+        span two epochs and hold a sample twice. Only the ranks of the first stage (every rank,
+        for the baseline) load it, each its slice of the batch. With ``num_workers > 0`` each of them starts that many DataLoader
         worker processes that load the next batches while the rank computes (as
         ``DataLoader(num_workers=...)``); the batches and their order stay the same. A random
         transform in the dataset that draws from torch's CPU generator draws the same for a

@@ -79,7 +79,7 @@ def build_pair(config: RunConfig) -> tuple[nn.Module, nn.Module, tuple[int, ...]
 def check_outputs(config: RunConfig | CodistillConfig) -> None:
     """Refuse, before any training, an output that could not be written after it (the run's time
     would be lost with it): a path that is a directory, a directory that cannot be created or
-    written in, a plot without matplotlib. Leaves nothing behind; ``write_outputs`` makes the
+    written in, a plot without matplotlib or in a format it cannot write. Leaves nothing behind; ``write_outputs`` makes the
     folders."""
     for key in ("trace", "plot"):
         path = getattr(config, key)
@@ -99,8 +99,14 @@ def check_outputs(config: RunConfig | CodistillConfig) -> None:
                 continue
             reason = refused
         raise ValueError(f"config key '{key}': cannot write {path!r}: {reason}")
-    if config.plot and importlib.util.find_spec("matplotlib") is None:
-        raise ImportError("config key 'plot': plotting needs matplotlib: pip install 'pipebd[plot]'")
+    if config.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ImportError("config key 'plot': plotting needs matplotlib: pip install 'pipebd[plot]'")
+        from .plot import image_format
+        try:
+            image_format(config.plot)
+        except ValueError as err:
+            raise ValueError(f"config key 'plot': {err}") from None
 
 
 def _write_refused(target: str, folder: str) -> str | None:

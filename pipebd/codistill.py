@@ -240,7 +240,9 @@ class Codistillation:
             timeout: float = 600.0, checkpoint_dir: str | os.PathLike | None = None,
             checkpoint_every: int | None = None, resume: bool = False,
             sync_batchnorm: bool = False, num_workers: int = 0) -> "CodistillReport":
-        """Train every model for ``steps`` steps of ``batch_size`` samples each.
+        """Train every model for ``steps`` steps of ``batch_size`` samples each, cut in turn from
+        seeded permutations of its shard (of the dataset, in online mode), one per epoch: as in
+        ``Distiller.fit``, a batch can span two epochs and hold a sample twice.
 
         ``world_size``: 1 (all models in this process) or a multiple of n (``world_size // n``
         data-parallel ranks per model; local workers are spawned unless the script runs under
@@ -807,7 +809,8 @@ class CodistillReport:
 
     def plot(self, path: str) -> None:
         """Draw the timeline of every rank and, with ``eval_data``, each model's accuracy against
-        steps to ``path`` (PNG; needs the ``plot`` extra, matplotlib). See ``pipebd.plot``."""
+        steps to ``path`` (PNG, or the format its suffix names; needs the ``plot`` extra,
+        matplotlib). See ``pipebd.plot``."""
         from .plot import plot_report
         plot_report(self, path)
 

@@ -2,7 +2,8 @@
 rank and a bar per span, and, for a ``Distiller`` report, each stage's time split into compute,
 communication, waiting and idle (the report's fractions); for a ``CodistillReport`` with
 ``eval_data``, each model's accuracy (and the ensemble's) against steps. ``Report.plot(path)``
-and ``CodistillReport.plot(path)`` write both to one PNG.
+and ``CodistillReport.plot(path)`` write both to one image (PNG, or the format of the path's
+suffix).
 
 The figure is built without pyplot, so plotting neither needs a display nor changes the
 caller's matplotlib state.
@@ -10,6 +11,7 @@ caller's matplotlib state.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 # One colour per span kind: compute in blues and greens, communication in red, waiting in greys.
@@ -23,14 +25,32 @@ KIND_COLORS = {
 BREAKDOWN = (("compute", "#31a354"), ("communication", "#de2d26"), ("waiting", "#969696"), ("idle", "#f0f0f0"))
 
 
-def plot_report(report: Any, path: str | None = None, *, dpi: int = 120) -> Any:
+def image_format(path: str | os.PathLike) -> str:
+    """The format ``plot_report`` writes ``path`` in: its suffix (``.svg``, ``.pdf``, ...), PNG
+    when it has none. ValueError for a suffix matplotlib cannot write, ImportError without
+    matplotlib: both before anything is drawn (the CLI asks before training)."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as err:
+        raise ImportError("plotting needs matplotlib: pip install 'pipebd[plot]'") from err
+    suffix = os.path.splitext(os.fspath(path))[1][1:].lower()
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in supported:
+        raise ValueError(f"cannot plot to {os.fspath(path)!r}: matplotlib writes no .{suffix} files "
+                         f"(it writes {', '.join('.' + s for s in sorted(supported))})")
+    return suffix or "png"
+
+
+def plot_report(report: Any, path: str | os.PathLike | None = None, *, dpi: int = 120) -> Any:
     """Draw ``report`` (a ``pipebd.Report`` or ``CodistillReport``) and save it to ``path``
-    (format from the suffix, e.g. ``.png``) when given. Returns the matplotlib ``Figure``."""
+    when given, exactly there, in the format its suffix names (``image_format``: PNG without
+    one). Returns the matplotlib ``Figure``."""
     try:
         from matplotlib.figure import Figure
         from matplotlib.patches import Patch
     except ImportError as err:
         raise ImportError("plotting needs matplotlib: pip install 'pipebd[plot]'") from err
+    fmt = None if path is None else image_format(path)
     tracks = report.tracks
     stages = getattr(report, "stages", None) or []
     evaluated = bool(getattr(report, "eval_steps", None))
@@ -79,7 +99,7 @@ def plot_report(report: Any, path: str | None = None, *, dpi: int = 120) -> Any:
     if evaluated and not stages:
         _accuracy_curves(axes[1], report)
     if path is not None:
-        fig.savefig(path, dpi=dpi)
+        fig.savefig(path, dpi=dpi, format=fmt)
     return fig
 
 

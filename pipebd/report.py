@@ -77,8 +77,8 @@ class Report:
         write_chrome_trace(path, self.tracks)
 
     def plot(self, path: str) -> None:
-        """Draw the timeline of every rank and each stage's time breakdown to ``path`` (PNG;
-        needs the ``plot`` extra, matplotlib). See ``pipebd.plot``."""
+        """Draw the timeline of every rank and each stage's time breakdown to ``path`` (PNG, or
+        the format its suffix names; needs the ``plot`` extra, matplotlib). See ``pipebd.plot``."""
         from .plot import plot_report
         plot_report(self, path)
 

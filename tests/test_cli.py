@@ -156,6 +156,8 @@ def test_cli_makes_output_folders_and_refuses_unwritable_outputs_before_training
     for override, message in ((f"trace={under_a_file}", f"config key 'trace': cannot write '{under_a_file}': "
                                                          f"{blocker} is not a directory"),
                               (f"plot={tmp_path}", f"config key 'plot': cannot write '{tmp_path}': it is a directory"),
+                              (f"plot={tmp_path / 'p.txt'}", f"config key 'plot': cannot plot to '{tmp_path / 'p.txt'}': "
+                                                             f"matplotlib writes no .txt files"),
                               # Permission bits pass root; trying to write does not.
                               ("trace=/proc/pipebd/t.json", "config key 'trace': cannot write '/proc/pipebd/t.json': "
                                                             "No such file or directory (/proc)")):

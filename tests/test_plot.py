@@ -47,6 +47,13 @@ def test_timeline_and_stage_bars_match_the_report(report, tmp_path):
 def test_report_plot_writes_a_png(report, tmp_path):
     report.plot(str(tmp_path / "r.png"))
     assert (tmp_path / "r.png").stat().st_size > 10_000
+    report.plot(str(tmp_path / "r"))              # no suffix: a PNG at exactly that path
+    assert (tmp_path / "r").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "r.png.png").exists()
+    report.plot(str(tmp_path / "r.SVG"))          # the suffix names the format
+    assert b"<svg" in (tmp_path / "r.SVG").read_bytes()[:1000]
+    with pytest.raises(ValueError, match=r"cannot plot to '.*r\.txt': matplotlib writes no \.txt files \(it writes .*\.png"):
+        report.plot(str(tmp_path / "r.txt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r", "r.SVG", "r.png"]
 
 
 def test_every_span_kind_has_a_colour():
