@@ -12,9 +12,11 @@ take the median of ``COMM_REPEATS`` after ``COMM_WARMUP``.
 
 A ``Profile`` is cached as JSON under ``$PIPEBD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/pipebd``,
 else ``~/.cache/pipebd``), keyed
-by everything that changes the costs: the blocks' structure (not their weights), the boundary
-shapes, the dataset's type and length, batch size, world size, device, backend, threads,
-optimizer and losses. ``str(profile)`` prints it as a table.
+by what changes the costs: the blocks' structure (not their weights: the repr, parameter
+shapes, the source of their classes and their plain attributes), the boundary shapes, the
+dataset's type, source, plain attributes and length, batch size, world size, device, backend,
+threads, optimizer and losses. Costs set by anything else (a global, a file) are not seen: an
+empty ``$PIPEBD_CACHE_DIR`` measures again. ``str(profile)`` prints it as a table.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -332,7 +335,9 @@ def cache_dir() -> str:
 def _cache_key(job: Job, world_size: int, warmup: int, repeats: int) -> str:
     def structure(module: nn.Module) -> str:
         params = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters()]
-        return f"{module!r}|{params}"
+        # What the repr may leave out: the code of each submodule's classes and their plain settings.
+        code = [(_source_hash(type(m)), _settings(m)) for m in module.modules()]
+        return f"{module!r}|{params}|{code}"
 
     probe = job.optimizer([nn.Parameter(torch.zeros(1))])
     device = job.device
@@ -343,20 +348,61 @@ def _cache_key(job: Job, world_size: int, warmup: int, repeats: int) -> str:
         "student": [structure(job.student[i]) for i in range(job.num_blocks)],
         "boundary": [(s.shape, str(s.dtype)) for s in job.boundary],
         # The data loading is measured too: a dataset of another kind or size loads differently.
-        "dataset": [f"{type(job.dataset).__module__}.{type(job.dataset).__qualname__}", job.dataset_len],
+        "dataset": [f"{type(job.dataset).__module__}.{type(job.dataset).__qualname__}", job.dataset_len,
+                    _source_hash(type(job.dataset)), _settings(job.dataset)],
         "labels": None if job.labels is None else (job.labels.shape, str(job.labels.dtype)),
         "batch_size": job.batch_size, "world_size": world_size, "device": device, "threads": job.threads,
         "num_workers": job.num_workers,
         "optimizer": [type(probe).__qualname__, repr(sorted(probe.defaults.items()))],
         "losses": [_describe(job.block_loss), _describe(job.final_loss)],
-        "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 4,
+        "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 5,
     }, sort_keys=True, default=str)
 
 
 def _describe(fn: Any) -> str:
     if fn is None:
         return "none"
-    return repr(fn) if isinstance(fn, nn.Module) else getattr(fn, "__qualname__", type(fn).__qualname__)
+    if isinstance(fn, nn.Module):
+        return f"{fn!r}|{_source_hash(type(fn))}|{_settings(fn)}"
+    code = _source_hash(fn) if inspect.isfunction(fn) else _source_hash(type(fn))
+    return f"{getattr(fn, '__qualname__', type(fn).__qualname__)}|{code}"
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _settings(obj: Any) -> str:
+    """The plain attributes of ``obj`` (numbers, strings, tuples of them): what sets a block's or
+    a dataset's cost without showing in its repr or parameters (a repeat count, a resolution)."""
+    attrs = getattr(obj, "__dict__", {})
+    plain = {k: v for k, v in attrs.items() if not k.startswith("_") and k != "training" and (   # the runtime sets modes
+        isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v)))}
+    return repr(sorted(plain.items()))
+
+
+def _source_hash(obj: Any) -> str:
+    """A digest of the source of a function, or of a class and its bases outside torch and the
+    standard library (the torch version is in the key already); the name alone where there is no
+    source (a class made in an interactive session). Classes are looked up once per process."""
+    return _class_source_hash(obj) if isinstance(obj, type) else _digest((obj,))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_source_hash(cls: type) -> str:
+    return _digest(cls.__mro__)
+
+
+def _digest(items: tuple) -> str:
+    parts = []
+    for item in items:
+        module = getattr(item, "__module__", "") or ""
+        if module.split(".")[0] in ("torch", "builtins", "typing", "abc"):
+            continue
+        try:
+            parts.append(inspect.getsource(item))
+        except (OSError, TypeError):
+            parts.append(f"{module}.{getattr(item, '__qualname__', repr(item))}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _nbytes(spec: Any) -> int:

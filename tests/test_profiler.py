@@ -103,6 +103,52 @@ def test_block_cost_is_part_of_the_cache_key():
     assert profiler._cache_key(job(cheap), 3, 0, 1) != profiler._cache_key(job(dear), 3, 0, 1)
 
 
+class Repeat(nn.Module):
+    """Applies one Linear ``reps`` times: the cost grows with ``reps``, the repr and parameters do not."""
+
+    def __init__(self, reps):
+        super().__init__()
+        self.reps, self.linear = reps, nn.Linear(4, 4)
+
+    def forward(self, x):
+        for _ in range(self.reps):
+            x = self.linear(x)
+        return x
+
+
+BLOCK_SOURCE = """from torch import nn
+class Block(nn.Linear):
+    def forward(self, x):
+        return super().forward(x){extra}
+"""
+
+
+def test_what_the_repr_hides_is_part_of_the_cache_key(tmp_path, monkeypatch):
+    """A block whose cost is set by a plain attribute, or by code edited between runs, and a loss
+    given as a lambda are measured again, not read from the entry of the block as it was."""
+    import importlib
+    d = emulated()
+    key = lambda j: profiler._cache_key(j, 3, 0, 1)
+    once, often = job(d), job(d)
+    once.teacher[0], often.teacher[0] = Repeat(1), Repeat(400)
+    assert repr(once.teacher[0]) == repr(often.teacher[0]) and key(once) != key(often)
+    mse, l1 = dataclasses.replace(job(d), block_loss=lambda s, t: (s - t).pow(2).mean()), \
+        dataclasses.replace(job(d), block_loss=lambda s, t: (s - t).abs().mean())
+    assert key(mse) != key(l1)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    keys = []
+    for extra in ("", " * 2"):      # the user edits forward and runs again
+        (tmp_path / "edited_block.py").write_text(BLOCK_SOURCE.format(extra=extra))
+        sys.modules.pop("edited_block", None)
+        importlib.invalidate_caches()
+        edited = job(d)
+        edited.student[0] = importlib.import_module("edited_block").Block(4, 4)
+        keys.append(key(edited))
+        profiler._class_source_hash.cache_clear()       # a new run is a new process
+    assert keys[0] != keys[1]
+    assert key(job(d)) == key(job(d))             # and the same blocks hit the same entry
+
+
 def test_measure_comm_on_two_gloo_ranks():
     p2p, allreduce = profiler.measure_comm(2, "cpu", repeats=3)
     assert [n for n, _ in p2p] == list(profiler.P2P_SIZES)
@@ -289,6 +335,19 @@ def test_dataset_kind_and_loader_workers_are_part_of_the_cache_key():
     assert profiler._cache_key(plain, 3, 0, 1) != profiler._cache_key(wrapped, 3, 0, 1)
     shorter = dataclasses.replace(plain, dataset_len=plain.dataset_len - 1)
     assert profiler._cache_key(plain, 3, 0, 1) != profiler._cache_key(shorter, 3, 0, 1)
+    small, large = (dataclasses.replace(plain, dataset=Images(plain.dataset, side)) for side in (32, 224))
+    assert profiler._cache_key(small, 3, 0, 1) != profiler._cache_key(large, 3, 0, 1)   # a resize to another size
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, x, side):
+        self.x, self.side = x, side
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
 
 
 def test_loader_workers_are_measured_and_change_stage_zero():
