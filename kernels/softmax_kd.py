@@ -21,7 +21,8 @@ applies. Row offsets are int64. A row is swept twice: once for the normalizers, 
 gradient (with the loss accumulated alongside); the second sweep usually reads from L2. The
 gradient wrt the student is computed in the forward pass, stored in the student's dtype (fp32 for
 fp16), and only scaled by the incoming gradient in backward, so the only rows x V buffer is the
-gradient itself (plus the scaled copy when the incoming gradient is not exactly 1). On a GPU the
+gradient itself (plus the scaled copy when the incoming gradient is not exactly 1, and the fp16
+copy of an fp16 student's fp32 gradient). On a GPU the
 temperature and loss weights are fp32 kernel arguments (Triton's float arguments), so fp64 inputs
 are accurate to about 1e-8 relative there; the interpreter keeps them in full precision.
 The teacher's gradient, for mutual learning, costs a third sweep and is off by default. Since

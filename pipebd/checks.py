@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Any
 
@@ -25,6 +26,30 @@ def check_int(name: str, value: Any, low: int) -> int:
     if number is None or number < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return number
+
+
+def check_integer(name: str, value: Any) -> int:
+    """``value`` as an int (see ``integer``), of any sign, else TypeError."""
+    number = integer(value)
+    if number is None:
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return number
+
+
+def check_real(name: str, value: Any) -> float:
+    """``value`` as a float: a real number (numpy's too, not a bool) or a one-element floating
+    tensor, else TypeError. Ranges are the caller's to check."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        return float(value.detach())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a real number, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def check_device(device: str | None) -> str:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint
-from .checks import check_device, check_int
+from .checks import check_device, check_int, check_integer, check_real
 from .api import _device_of, _samples
 from .batchnorm import replica_batchnorm
 from .data import PROBE_ROWS, BatchOrder, StepRows, _tensors, check_workers, dataset_length, feed, probe_batch
@@ -210,10 +210,12 @@ class Codistillation:
         n = check_int("n", n, 1)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not 0 <= alpha < math.inf:
+        if not 0 <= check_real("alpha", alpha) < math.inf:
             raise ValueError(f"alpha must be >= 0 and finite, got {alpha}")
-        if not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
+        t = check_real("temperature", temperature)
+        if not (0 < t and t * t < math.inf):      # T^2 scales the distillation term
+            raise ValueError(f"temperature must be > 0 and its square finite, got {temperature}")
+        ignore_index = check_integer("ignore_index", ignore_index)
         burn_in, exchange_every = check_int("burn_in", burn_in, 0), check_int("exchange_every", exchange_every, 1)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")

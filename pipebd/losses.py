@@ -1,6 +1,7 @@
 """Block losses and the soft-target (knowledge distillation) loss.
 
-Every loss here is a mean over the rows of the batch it is given. The runtime scales a replica's
+Every block loss here, and the soft-target loss with its default ``batchmean``, is a mean over
+the rows of the batch it is given. The runtime scales a replica's
 loss by ``rows / global_batch`` before the gradient sum-allreduce, so the step equals the
 full-batch step however the batch is sliced (Goyal et al., 2017, remark 3).
 """
@@ -13,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .checks import check_bool, check_integer, check_real
 
 BlockLoss = Callable[[Tensor, Tensor], Tensor]
 
@@ -58,6 +61,7 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     Raises ``ValueError``/``TypeError`` naming the bad argument.
     """
     sets = _check_logits(student_logits, teacher_logits, temperature, reduction, alpha, backend)
+    ignore_index, teacher_grad = check_integer("ignore_index", ignore_index), check_bool("teacher_grad", teacher_grad)
     if alpha > 0:
         labels = _check_labels(labels, student_logits, ignore_index)
     else:
@@ -65,6 +69,9 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     if not teacher_grad:
         sets = sets.detach()
     if _use_triton(backend, student_logits):
+        if isinstance(temperature, Tensor) and temperature.requires_grad:
+            raise ValueError("a temperature that requires grad is differentiated only by backend='torch'; "
+                             "the Triton kernels take it as a number")
         from pipebd.kernels.softmax_kd import fused_soft_target_loss
         return fused_soft_target_loss(student_logits, sets, labels, temperature, alpha, ignore_index,
                                       reduction, teacher_grad)
@@ -81,9 +88,10 @@ def _torch_soft_target_loss(student: Tensor, sets: Tensor, labels: Tensor | None
     else:
         # Not logsumexp over the sets: its backward is nan where every set is -inf.
         pt = F.softmax(sets.to(dtype) / temperature, dim=-1).mean(0)
-        log_pt = torch.where(pt > 0, pt, 1.0).log()
+        log_pt = torch.where(pt != 0, pt, 1.0).log()
     # pt outside the where: the masked branch then passes no nan (0 * -inf) to either gradient.
-    per_row = temperature**2 * (pt * torch.where(pt > 0, log_pt - log_ps, 0.0)).sum(-1)
+    # pt != 0 rather than > 0: a NaN teacher row gives a NaN gradient, as the Triton kernel's does.
+    per_row = temperature * temperature * (pt * torch.where(pt != 0, log_pt - log_ps, 0.0)).sum(-1)
     if labels is not None:
         hard = F.cross_entropy(student.to(dtype), labels, ignore_index=ignore_index, reduction="none")
         # alpha = 1: the soft term is left out, not multiplied by 0 (it may be inf).
@@ -109,6 +117,11 @@ def _use_triton(backend: str, logits: Tensor) -> bool:
 def _check_logits(student: Tensor, teacher: Tensor, temperature: float, reduction: str, alpha: float,
                   backend: str) -> Tensor:
     """Validate the arguments; return the teacher as [n, rows, V]."""
+    for name, logits in (("student_logits", student), ("teacher_logits", teacher)):
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(logits).__name__}")
+        if not logits.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {logits.dtype}")
     if student.dim() != 2 or teacher.dim() not in (2, 3):
         raise ValueError(f"soft-target loss needs student logits [rows, classes] and teacher logits "
                          f"[rows, classes] or [n, rows, classes], got student {tuple(student.shape)} "
@@ -119,18 +132,17 @@ def _check_logits(student: Tensor, teacher: Tensor, temperature: float, reductio
     if min(teacher.shape) == 0:
         raise ValueError(f"soft-target loss needs at least one row, class and teacher set, got teacher "
                          f"{tuple(teacher.shape)}")
-    if not (student.is_floating_point() and teacher.is_floating_point()):
-        raise TypeError(f"logits must be floating point, got {student.dtype} and {teacher.dtype}")
     _check_options(temperature, reduction, alpha, backend)
     return teacher if teacher.dim() == 3 else teacher.unsqueeze(0)
 
 
-def _check_options(temperature: float, reduction: str, alpha: float, backend: str) -> None:
-    if not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
+def _check_options(temperature: float | Tensor, reduction: str, alpha: float, backend: str) -> None:
+    t = check_real("temperature", temperature)
+    if not (0 < t and t * t < math.inf):      # T^2 scales the loss
+        raise ValueError(f"temperature must be > 0 and its square finite, got {temperature}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0 <= alpha <= 1:
+    if not 0 <= check_real("alpha", alpha) <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -175,7 +187,8 @@ class SoftTargetLoss(nn.Module):
         super().__init__()
         _check_options(temperature, reduction, alpha, backend)
         self.temperature, self.alpha, self.reduction = float(temperature), float(alpha), reduction
-        self.ignore_index, self.teacher_grad, self.backend = int(ignore_index), bool(teacher_grad), backend
+        self.ignore_index = check_integer("ignore_index", ignore_index)
+        self.teacher_grad, self.backend = check_bool("teacher_grad", teacher_grad), backend
 
     @property
     def needs_labels(self) -> bool:

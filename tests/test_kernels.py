@@ -358,9 +358,22 @@ def test_bad_input_gets_a_clear_error(backend):
         loss(s=torch.randn(0, 5), t=torch.randn(0, 5))
     with pytest.raises(TypeError, match="floating point"):
         loss(s=torch.ones(4, 5, dtype=torch.long), t=torch.ones(4, 5, dtype=torch.long))
-    for T in (0.0, -1.0, INF, math.nan):
+    with pytest.raises(TypeError, match="teacher_logits must be floating point, got torch.int64"):
+        loss(t=torch.ones(4, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="student_logits must be a tensor, got list"):
+        loss(s=s.tolist())
+    for T in (0.0, -1.0, INF, math.nan, 1e300):     # 1e300 squared overflows
         with pytest.raises(ValueError, match="temperature must be > 0"):
             loss(T=T)
+    for T in ("2", None, True, torch.tensor([2.0, 3.0])):
+        with pytest.raises(TypeError, match="temperature must be a real number"):
+            loss(T=T)
+    with pytest.raises(TypeError, match="alpha must be a real number, got '0.5'"):
+        loss(alpha="0.5")
+    with pytest.raises(TypeError, match="ignore_index must be an integer, got 2.5"):
+        loss(alpha=0.5, labels=torch.tensor([0, 1, 2, 3]), ignore_index=2.5)
+    with pytest.raises(TypeError, match="teacher_grad must be True or False, got 'no'"):
+        loss(teacher_grad="no")
     with pytest.raises(ValueError, match="alpha must be in"):
         loss(alpha=1.5)
     with pytest.raises(ValueError, match="needs labels"):
@@ -379,6 +392,31 @@ def test_bad_input_gets_a_clear_error(backend):
         for fn in (K.softmax, K.log_softmax):
             with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
                 fn(s, T)
+
+
+def test_the_backends_agree_on_a_nan_teacher_row_and_a_learned_temperature():
+    """A teacher row that is all -inf (or holds a NaN) has no distribution: the loss is NaN and
+    so is that row's gradient, on both backends (the torch one gave 0). A temperature tensor that
+    requires grad is learned with the torch backend; Triton refuses it rather than drop its grad."""
+    s = torch.randn(3, 7)
+    t = torch.randn(3, 7)
+    t[1] = -INF
+    t[2, 3] = math.nan
+    grads = []
+    for backend in ("torch", "triton"):
+        x = s.clone().requires_grad_()
+        loss = pipebd.soft_target_loss(x, t, 2.0, backend=backend)
+        loss.backward()
+        assert torch.isnan(loss)
+        grads.append(x.grad)
+        assert torch.isnan(x.grad[1:]).all(dim=1).tolist() == [True, True] and torch.isfinite(x.grad[0]).all()
+    assert_close(grads[1][0], grads[0][0], 2e-6, "the finite row")
+    T = torch.tensor(2.0, requires_grad=True)
+    pipebd.soft_target_loss(s, torch.randn(3, 7), T, backend="torch").backward()
+    assert T.grad is not None and T.grad != 0
+    with pytest.raises(ValueError, match="temperature that requires grad .* backend='torch'"):
+        pipebd.soft_target_loss(s, torch.randn(3, 7), T, backend="triton")
+    assert pipebd.soft_target_loss(s, s, torch.tensor(2.0), backend="triton").abs() < 1e-6   # a plain tensor is a number
 
 
 def test_triton_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):

@@ -50,6 +50,12 @@ def test_module_form_and_constructor_errors():
         pipebd.SoftTargetLoss(temperature=2, alpha=-0.1)
     with pytest.raises(ValueError, match="backend must be one of"):
         pipebd.SoftTargetLoss(temperature=2, backend="cuda")
+    with pytest.raises(TypeError, match="ignore_index must be an integer, got 'x'"):
+        pipebd.SoftTargetLoss(temperature=2, ignore_index="x")
+    with pytest.raises(TypeError, match="teacher_grad must be True or False"):
+        pipebd.SoftTargetLoss(temperature=2, teacher_grad="no")
+    with pytest.raises(TypeError, match="temperature must be a real number"):
+        pipebd.SoftTargetLoss(temperature="2")
 
 
 def test_block_losses():
