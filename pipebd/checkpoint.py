@@ -202,8 +202,15 @@ TMP_PREFIX = ".tmp-"
 
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then rename
-    it over ``path``: readers see the old file or the new one, never a part. The file gets the
-    permissions of a plain ``open`` (0666 less the umask)."""
+    it over ``path``: readers see the old file or the new one, never a part, and a failed write
+    leaves the old one. The file gets the permissions of a plain ``open`` (0666 less the umask).
+    A symbolic link is followed (the file it names is replaced); a ``path`` that exists and is
+    not a regular file (a FIFO, ``/dev/stdout``) is written directly."""
+    path = os.path.realpath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, mode) as f:
+            write(f)
+        return
     folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX)
     try:

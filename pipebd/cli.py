@@ -20,7 +20,7 @@ from . import checkpoint, datasets
 from .api import Distiller
 from .report import Report
 from .codistill import Codistillation, CodistillReport
-from .checks import check_device, check_int
+from .checks import check_device
 from .config import CodistillConfig, RunConfig, dump_config, load_config
 from .runtime.launch import WorkerError, check_timeout
 from .runtime.worker import NonFiniteLoss
@@ -38,12 +38,31 @@ def build(config: RunConfig) -> tuple[Distiller, TensorDataset]:
     if config.final_loss is not None:
         check_backend("final_loss.backend", config.final_loss.backend, config.device)
     check_timeout(config.timeout)
+    check_seeds(config)
+    check_config_device(config.device)
     teacher, student, shape = build_pair(config)
     gen = torch.Generator().manual_seed(config.data.seed)
-    dataset = TensorDataset(torch.randn(config.data.samples, *shape, generator=gen))
+    try:
+        dataset = TensorDataset(torch.randn(config.data.samples, *shape, generator=gen))
+    except (RuntimeError, OverflowError, MemoryError) as err:   # more memory than there is, or no int64
+        raise ValueError(f"data.samples={config.data.samples} synthetic inputs of shape {tuple(shape)} cannot be "
+                         f"made: {str(err).splitlines()[0]}") from None
     distiller = Distiller(teacher, student, optimizer=config.optimizer.build(), block_loss=config.block_loss,
                           final_loss=config.build_final_loss(), device=config.device)
     return distiller, dataset
+
+
+def check_seeds(config: RunConfig | CodistillConfig) -> None:
+    """The seeds seed torch generators, which take 64 bits."""
+    for key, seed in (("seed", config.seed), ("data.seed", config.data.seed)):
+        if not -(2 ** 63) <= seed < 2 ** 64:
+            raise ValueError(f"config key '{key}' must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
+
+
+def check_config_device(device: str | None) -> None:
+    """The config's device: a CPU or CUDA device (what the runtime runs on), naming the key."""
+    if device is not None and check_device(device).split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"config key 'device' must be cpu, cuda or cuda:N, got {device!r}")
 
 
 def check_backend(key: str, backend: str, device: str | None) -> None:
@@ -79,17 +98,21 @@ def build_pair(config: RunConfig) -> tuple[nn.Module, nn.Module, tuple[int, ...]
 def check_outputs(config: RunConfig | CodistillConfig) -> None:
     """Refuse, before any training, an output that could not be written after it (the run's time
     would be lost with it): a path that is a directory, a directory that cannot be created or
-    written in, a plot without matplotlib or in a format it cannot write. Leaves nothing behind; ``write_outputs`` makes the
-    folders."""
+    written in, a plot without matplotlib or in a format it cannot write, a trace and a plot at
+    one path, a checkpoint_dir that cannot be written in. Leaves nothing behind;
+    ``write_outputs`` makes the folders."""
+    if config.trace and config.plot and os.path.realpath(config.trace) == os.path.realpath(config.plot):
+        raise ValueError(f"config keys 'trace' and 'plot' name the same file {config.plot!r}: the plot would "
+                         f"overwrite the trace")
     for key in ("trace", "plot"):
         path = getattr(config, key)
         if not path:
             continue
-        target = os.path.abspath(path)
+        target = os.path.realpath(path)        # a symbolic link is written where it points
         folder = os.path.dirname(target)
         while not os.path.exists(folder):      # the nearest folder that exists must take the new ones
             folder = os.path.dirname(folder)
-        if os.path.isdir(target):
+        if os.path.isdir(target) or path.endswith((os.sep, "/")):
             reason = "it is a directory"
         elif not os.path.isdir(folder):
             reason = f"{folder} is not a directory"
@@ -99,6 +122,17 @@ def check_outputs(config: RunConfig | CodistillConfig) -> None:
                 continue
             reason = refused
         raise ValueError(f"config key '{key}': cannot write {path!r}: {reason}")
+    if config.checkpoint_dir:
+        folder = os.path.abspath(config.checkpoint_dir)
+        while not os.path.exists(folder):      # where its first new folder would be made
+            folder = os.path.dirname(folder)
+        if os.path.isdir(folder):
+            try:
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as err:
+                raise ValueError(f"config key 'checkpoint_dir': cannot write in {config.checkpoint_dir!r}: "
+                                 f"{err.strerror or err} ({folder})") from None
     if config.plot:
         if importlib.util.find_spec("matplotlib") is None:
             raise ImportError("config key 'plot': plotting needs matplotlib: pip install 'pipebd[plot]'")
@@ -127,15 +161,17 @@ def _write_refused(target: str, folder: str) -> str | None:
     return None
 
 
-def check(config: RunConfig) -> None:
+def check(config: RunConfig) -> tuple[Distiller, TensorDataset]:
     """Refuse what ``pipebd run`` would refuse, without running: the config's values, then
-    fit's own checks of them (plan against world size, batch against replicas, shapes)."""
+    fit's own checks of them (plan against world size, batch against replicas, shapes), and the
+    outputs. A saved run that ``resume`` would continue is not read. Returns what ``build`` does."""
     distiller, dataset = build(config)
     distiller._job(dataset, config.batch_size, config.steps, config.world_size, config.strategy, config.fit_plan(),
                    config.seed, config.max_inflight, None, False, config.timeout, config.sync_batchnorm,
                    config.num_workers)
     checkpoint.options(config.checkpoint_dir, config.checkpoint_every, config.resume)
     check_outputs(config)
+    return distiller, dataset
 
 
 def run(config: RunConfig) -> None:
@@ -158,8 +194,8 @@ def profile(config: RunConfig) -> None:
     from .planner import auto_plan
     from .simulator import simulate, simulate_baseline
 
-    distiller, dataset = build(config)
-    steps, max_inflight = check_int("steps", config.steps, 1), check_int("max_inflight", config.max_inflight, 1)
+    distiller, dataset = check(config)      # the config it profiles is one that would run
+    steps, max_inflight = config.steps, config.max_inflight
     prof = distiller.profile(dataset, config.batch_size, config.world_size, sync_batchnorm=config.sync_batchnorm,
                              num_workers=config.num_workers, timeout=config.timeout)
     print(prof)
@@ -168,7 +204,7 @@ def profile(config: RunConfig) -> None:
     print(simulate(prof, best.plan, steps, max_inflight))
     one_range = default_plan(distiller.num_blocks, config.world_size)
     # The others only where every replica gets a row of the batch, as fit would require.
-    if max(one_range.replicas) <= config.batch_size:
+    if max(one_range.replicas) <= config.batch_size and one_range != best.plan:
         print(simulate(prof, one_range, steps, max_inflight))
     if config.world_size <= config.batch_size:
         print(simulate_baseline(prof, config.world_size, steps))
@@ -189,8 +225,18 @@ def build_codistill(config: CodistillConfig) -> tuple[Codistillation, TensorData
         raise ValueError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
     check_backend("backend", config.backend, config.device)
     check_timeout(config.timeout)
-    x, y = datasets.synthetic(d.samples, d.features, d.classes, d.seed) if d.kind == "synthetic" else datasets.digits()
-    train, test = datasets.split(x, y, test_rows=max(1, round(len(x) * d.test_fraction)))
+    check_seeds(config)
+    check_config_device(config.device)
+    try:
+        x, y = datasets.synthetic(d.samples, d.features, d.classes, d.seed) if d.kind == "synthetic" else datasets.digits()
+    except (RuntimeError, OverflowError, MemoryError) as err:   # more memory than there is, or no int64
+        raise ValueError(f"data.samples={d.samples} rows of data.features={d.features} cannot be made: "
+                         f"{str(err).splitlines()[0]}") from None
+    test_rows = max(1, round(len(x) * d.test_fraction))
+    if test_rows >= len(x):
+        raise ValueError(f"data.samples={len(x)} leaves no training rows once data.test_fraction={d.test_fraction} "
+                         f"({test_rows} rows) is held out")
+    train, test = datasets.split(x, y, test_rows=test_rows)
     classes = d.classes if d.kind == "synthetic" else int(y.max()) + 1
     model = functools.partial(_classifier, x.shape[1], config.model.hidden, classes)
     schedule = None
@@ -246,7 +292,7 @@ def write_outputs(report: Report | CodistillReport, config: RunConfig | Codistil
     for what, path, write, note in outputs:
         if path:
             try:
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                os.makedirs(os.path.dirname(os.path.realpath(path)), exist_ok=True)
                 write(path)
             except OSError as err:   # checked before training, but the file system may have changed
                 raise OSError(f"config key '{what}': cannot write {path!r}: {err}") from err
@@ -267,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", nargs="?", help="YAML file (default: built-in defaults)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set steps=10 --set "
-                            + ("mode=online" if name == "codistill" else "plan.replicas=[1,3]"))
-        if name in ("run", "codistill"):
+                            + ("mode=online" if name == "codistill" else "'plan=[0-1]x1 | [2-3]x1'"))
+        if name in ("run", "check", "codistill"):
             p.add_argument("--resume", action="store_true",
                            help="continue the run saved in checkpoint_dir (same as --set resume=true)")
         if name == "codistill":

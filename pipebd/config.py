@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import logging
 import math
+import os
 import re
 import types
 from collections.abc import Hashable
@@ -24,6 +26,8 @@ import yaml
 
 from .losses import SoftTargetLoss
 from .plan import Plan
+
+log = logging.getLogger("pipebd")
 
 
 @dataclass
@@ -48,9 +52,13 @@ class OptimizerConfig:
 
     def build(self) -> Any:
         """A picklable callable ``params -> optimizer``."""
-        for key in ("lr", "momentum", "weight_decay"):
-            if not getattr(self, key) >= 0:
-                raise ValueError(f"optimizer.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.lr < math.inf:      # a rate of 0 trains nothing and reports success
+            raise ValueError(f"optimizer.lr must be > 0 and finite, got {self.lr}")
+        for key in ("momentum", "weight_decay"):
+            if not 0 <= getattr(self, key) < math.inf:
+                raise ValueError(f"optimizer.{key} must be >= 0 and finite, got {getattr(self, key)}")
+        if self.name != "sgd" and self.momentum != OptimizerConfig.momentum:
+            log.warning("pipebd: optimizer.momentum=%g is not used by %s (sgd only)", self.momentum, self.name)
         if self.name == "sgd":
             return functools.partial(torch.optim.SGD, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -105,7 +113,12 @@ class RunConfig:
 
     def build_final_loss(self) -> SoftTargetLoss | None:
         f = self.final_loss
-        return None if f is None else SoftTargetLoss(f.temperature, alpha=f.alpha, backend=f.backend)
+        if f is None:
+            return None
+        try:
+            return SoftTargetLoss(f.temperature, alpha=f.alpha, backend=f.backend)
+        except ValueError as err:    # "temperature must be ...": say where it is set
+            raise ValueError(f"final_loss.{err}") from None
 
 
 @dataclass
@@ -154,6 +167,10 @@ class CodistillConfig:
     resume: bool = False
 
 
+# Keys of a codistill config that a run config does not have.
+_CODISTILL_ONLY = {f.name for f in dataclasses.fields(CodistillConfig)} - {f.name for f in dataclasses.fields(RunConfig)}
+
+
 class _Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping, which PyYAML lets the
     last one win silently (a second ``lr:`` in a long config file would quietly replace the first).
@@ -187,6 +204,8 @@ def load_config(path: str | None = None, overrides: list[str] = (), kind: type =
     the config class, ``RunConfig`` (``pipebd run``) or ``CodistillConfig`` (``pipebd codistill``)."""
     raw: dict = {}
     if path is not None:
+        if os.path.isdir(path):
+            raise ValueError(f"config file {path!r} is a directory")
         with open(path) as f:
             try:
                 raw = yaml.load(f, _Loader) or {}
@@ -214,7 +233,17 @@ def load_config(path: str | None = None, overrides: list[str] = (), kind: type =
             node[leaf] = value      # not YAML (e.g. plan=[0]x1 | [1-3]x2): the plain string
         except ValueError as err:
             raise ValueError(f"override {item!r}: {err}") from None
-    return _build(kind, raw, "")
+    try:
+        config = _build(kind, raw, "")
+    except ValueError as err:
+        model = raw.get("model")
+        if kind is RunConfig and (set(raw) & _CODISTILL_ONLY or (isinstance(model, dict) and "kind" in model)):
+            raise ValueError(f"{err} (a codistill config? pipebd codistill {path or 'CONFIG'} --check)") from None
+        raise
+    for key in ("trace", "plot", "checkpoint_dir"):      # "~/runs/t.json" means the home directory, as in a shell
+        if getattr(config, key):
+            setattr(config, key, os.path.expanduser(getattr(config, key)))
+    return config
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -255,8 +284,12 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
             return float(value)
         if base in (int, str, dict, list, bool) and isinstance(value, base) and not (base is int and isinstance(value, bool)):
             return value
-    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
-    raise ValueError(f"config key '{path}' must be {expected}, got {value!r}")
+    expected = " or ".join("a mapping" if dataclasses.is_dataclass(o) else getattr(o, "__name__", str(o))
+                           for o in options if o is not type(None))
+    hint = ""
+    if path == "plan" and isinstance(value, list):    # YAML reads [0-3] and [[0, 1], [2, 3]] as lists
+        hint = " (quote a plan string, plan: '[0-1]x1 | [2-3]x1', or give plan.stages and plan.replicas)"
+    raise ValueError(f"config key '{path}' must be {expected}, got {value!r}{hint}")
 
 
 def dump_config(config: Any) -> str:

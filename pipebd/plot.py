@@ -99,7 +99,9 @@ def plot_report(report: Any, path: str | os.PathLike | None = None, *, dpi: int 
     if evaluated and not stages:
         _accuracy_curves(axes[1], report)
     if path is not None:
-        fig.savefig(path, dpi=dpi, format=fmt)
+        from .checkpoint import atomic_write     # whole or not at all: a full disk leaves any older file
+
+        atomic_write(os.fspath(path), lambda f: fig.savefig(f, dpi=dpi, format=fmt))
     return fig
 
 

@@ -16,6 +16,7 @@ The ranks' spans share one time axis: ``Recorder.align`` starts it when the last
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,5 +140,8 @@ def chrome_trace(tracks: list[tuple[str, list[Span]]]) -> dict:
 
 
 def write_chrome_trace(path: str, tracks: list[tuple[str, list[Span]]]) -> None:
-    with open(path, "w") as f:
-        json.dump(chrome_trace(tracks), f)
+    """Write the trace to ``path`` whole or not at all (a full disk leaves any older file)."""
+    from .checkpoint import atomic_write
+
+    events = chrome_trace(tracks)
+    atomic_write(os.fspath(path), lambda f: json.dump(events, f), mode="w")

@@ -59,8 +59,23 @@ def test_check_refuses_what_run_would_refuse(capsys):
                               ("world_size=0", "world_size must be an integer >= 1"),
                               ("max_inflight=0", "max_inflight must be an integer >= 1"),
                               ("num_workers=-1", "num_workers must be >= 0"),
-                              ("optimizer.lr=-1", "optimizer.lr must be >= 0"),
+                              ("optimizer.lr=-1", "optimizer.lr must be > 0 and finite"),
+                              # A non-finite rate failed in training as a non-finite loss (exit 1);
+                              # a rate of 0 trained nothing and exited 0.
+                              ("optimizer.lr=.inf", "optimizer.lr must be > 0 and finite, got inf"),
+                              ("optimizer.lr=0", "optimizer.lr must be > 0 and finite, got 0"),
+                              ("optimizer.momentum=.inf", "optimizer.momentum must be >= 0 and finite"),
+                              ("optimizer.weight_decay=.inf", "optimizer.weight_decay must be >= 0 and finite"),
+                              ("final_loss.temperature=0", "final_loss.temperature must be > 0"),
                               ("device=tpu", "device 'tpu' is not a torch device"),
+                              ("device=meta", "config key 'device' must be cpu, cuda or cuda:N, got 'meta'"),
+                              ("seed=99999999999999999999999", "config key 'seed' must fit in 64 bits"),
+                              ("data.seed=-99999999999999999999999", "config key 'data.seed' must fit in 64 bits"),
+                              ("data.samples=10000000000000", r"data.samples=10000000000000 synthetic inputs of "
+                                                              r"shape \(3, 32, 32\) cannot be made: "),
+                              ("plan=[0-3]", r"config key 'plan' must be a mapping or str, got \['0-3'\] \(quote"),
+                              ("checkpoint_dir=/proc/pipebd-ck", "config key 'checkpoint_dir': cannot write in "
+                                                                  "'/proc/pipebd-ck'"),
                               ("plan=[0-1]x1 | garbage", "cannot read stage 'garbage'"),
                               ("plan=[0]x1 | [1-3]x2", r"needs 3 ranks"),
                               ("checkpoint_every=5", "checkpoint_every needs checkpoint_dir"),
@@ -87,6 +102,23 @@ def test_config_errors_name_the_key(tmp_path, text, message):
     with pytest.raises(ValueError) as info:
         load_config(str(path))
     assert message in str(info.value)
+
+
+def test_config_files_paths_and_kinds(tmp_path, monkeypatch, capsys, caplog):
+    with pytest.raises(ValueError, match=f"config file '{tmp_path}' is a directory"):
+        load_config(str(tmp_path))
+    codistill = str(Path(__file__).parents[1] / "configs" / "codistill.yaml")
+    assert main(["check", codistill]) == 2
+    assert f"(a codistill config? pipebd codistill {codistill} --check)" in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))     # "~" is the home directory, not a folder named "~"
+    config = load_config(None, ["trace=~/runs/t.json", "plot=~/p.png", "checkpoint_dir=~/ck"])
+    assert (config.trace, config.plot, config.checkpoint_dir) == (f"{tmp_path}/runs/t.json", f"{tmp_path}/p.png",
+                                                                  f"{tmp_path}/ck")
+    # momentum is SGD's: with Adam a changed one is said to be unused
+    with caplog.at_level("WARNING", logger="pipebd"):
+        load_config(None, ["optimizer.name=adam", "optimizer.momentum=0.5"]).optimizer.build()
+        load_config(None, ["optimizer.name=adam"]).optimizer.build()      # the default: nothing to say
+    assert [r.getMessage() for r in caplog.records] == ["pipebd: optimizer.momentum=0.5 is not used by adam (sgd only)"]
 
 
 def test_duplicate_keys_are_refused_in_overrides_too_but_merges_may_override(tmp_path, capsys):
@@ -153,8 +185,14 @@ def test_cli_makes_output_folders_and_refuses_unwritable_outputs_before_training
     blocker = tmp_path / "file"
     blocker.write_text("")
     under_a_file = blocker / "sub" / "t.json"
+    (tmp_path / "dangling.json").symlink_to(blocker / "x.json")
     for override, message in ((f"trace={under_a_file}", f"config key 'trace': cannot write '{under_a_file}': "
                                                          f"{blocker} is not a directory"),
+                              # Failed after training: written where the link points, under a file.
+                              (f"trace={tmp_path / 'dangling.json'}", f"config key 'trace': cannot write "
+                                                                      f"'{tmp_path / 'dangling.json'}': {blocker} is not"),
+                              (f"trace={tmp_path / 'new'}/", f"config key 'trace': cannot write '{tmp_path / 'new'}/': "
+                                                             f"it is a directory"),
                               (f"plot={tmp_path}", f"config key 'plot': cannot write '{tmp_path}': it is a directory"),
                               (f"plot={tmp_path / 'p.txt'}", f"config key 'plot': cannot plot to '{tmp_path / 'p.txt'}': "
                                                              f"matplotlib writes no .txt files"),
@@ -164,6 +202,9 @@ def test_cli_makes_output_folders_and_refuses_unwritable_outputs_before_training
         for command in (["check", *TINY[:2]], ["run", *TINY[:2]], ["codistill", "--check"], ["codistill"]):
             assert main([*command, "--set", "steps=1", "--set", override]) == 2, (command, override)
             assert f"pipebd: error: {message}" in capsys.readouterr().err, (command, override)
+    for command in (["check", *TINY[:2]], ["run", *TINY[:2]], ["codistill"]):    # the plot overwrote the trace
+        assert main([*command, "--set", f"trace={trace}", "--set", f"plot={trace.parent}/./t.json"]) == 2
+        assert f"config keys 'trace' and 'plot' name the same file" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib", None)    # as if not installed
     assert main(["run", *TINY, "--set", f"plot={plot}"]) == 2
     assert "pipebd: error: config key 'plot': plotting needs matplotlib" in capsys.readouterr().err
@@ -188,9 +229,20 @@ def test_cli_profile_prints_costs_plan_and_predictions(capsys):
 def test_cli_profile_checks_steps_before_measuring(monkeypatch, capsys):
     monkeypatch.setattr(pipebd.Distiller, "profile", lambda *a, **k: pytest.fail("measured"))
     for override, message in (("steps=0", "steps must be an integer >= 1"),
-                              ("max_inflight=0", "max_inflight must be an integer >= 1")):
+                              ("max_inflight=0", "max_inflight must be an integer >= 1"),
+                              # It checks the whole config it profiles, as run would.
+                              ("strategy=foo", "strategy must be one of"),
+                              ("plan=foo", "cannot read stage 'foo'"),
+                              ("checkpoint_every=-5", "checkpoint_every must be an integer >= 1"),
+                              ("trace=/proc/pipebd/t.json", "config key 'trace': cannot write")):
         assert main(["profile", "--set", "model={pair: mlp}", "--set", override]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_cli_profile_simulates_one_range_per_rank_only_when_it_is_not_the_auto_plan(capsys):
+    assert main(["profile", *TINY]) == 0
+    sims = [line for line in capsys.readouterr().out.splitlines() if line.startswith("simulated")]
+    assert [line.split(":")[0] for line in sims] == ["simulated pipebd [0-3]x1", "simulated baseline [0-3]x1"]
 
 
 def test_auto_plans_need_not_give_every_rank_a_row(capsys):
@@ -367,7 +419,9 @@ def test_cli_codistill_checks_and_refuses_bad_configs(capsys):
                               ("data.test_fraction=1.5", "data.test_fraction must be between 0 and 1"),
                               ("plan=auto", "unknown config key 'plan'"),
                               ("world_size=3", "world_size 3 must be 1 or a multiple of n=2"),
-                              ("timeout=-1", "timeout must be between 0.001 and 2147483 seconds")):
+                              ("timeout=-1", "timeout must be between 0.001 and 2147483 seconds"),
+                              ("data.samples=1", "data.samples=1 leaves no training rows once "
+                                                 "data.test_fraction=0.2 (1 rows) is held out")):
         assert main(["codistill", "--set", override, "--set", "steps=1"]) == 2, override
         assert message in capsys.readouterr().err, override
     for override, message in (("steps=0", "steps must be an integer >= 1"),
@@ -389,3 +443,15 @@ def test_an_output_that_is_a_named_pipe_is_not_opened_by_the_check(tmp_path):
     checker.start()
     checker.join(10)
     assert result == [None]
+
+
+def test_a_trace_or_plot_write_that_fails_leaves_the_older_file(tmp_path):
+    """Outputs are written whole or not at all: a failed write (a full disk, here an entry that
+    does not serialize) leaves the file from before and no temporary file."""
+    from pipebd.trace import Span, write_chrome_trace
+    path = tmp_path / "t.json"
+    write_chrome_trace(str(path), [("rank 0", [Span("teacher", 0.0, 1.0, 0, 0)])])
+    before = path.read_text()
+    with pytest.raises(TypeError):
+        write_chrome_trace(str(path), [("rank 0", [Span("teacher", 0.0, 1.0, object(), 0)])])
+    assert path.read_text() == before and os.listdir(tmp_path) == ["t.json"]
