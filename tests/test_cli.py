@@ -204,7 +204,7 @@ def test_cli_makes_output_folders_and_refuses_unwritable_outputs_before_training
             assert f"pipebd: error: {message}" in capsys.readouterr().err, (command, override)
     for command in (["check", *TINY[:2]], ["run", *TINY[:2]], ["codistill"]):    # the plot overwrote the trace
         assert main([*command, "--set", f"trace={trace}", "--set", f"plot={trace.parent}/./t.json"]) == 2
-        assert f"config keys 'trace' and 'plot' name the same file" in capsys.readouterr().err
+        assert "config keys 'trace' and 'plot' name the same file" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib", None)    # as if not installed
     assert main(["run", *TINY, "--set", f"plot={plot}"]) == 2
     assert "pipebd: error: config key 'plot': plotting needs matplotlib" in capsys.readouterr().err
