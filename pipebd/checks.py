@@ -6,6 +6,7 @@ import numbers
 import operator
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -37,19 +38,24 @@ def check_integer(name: str, value: Any) -> int:
 
 
 def check_real(name: str, value: Any) -> float:
-    """``value`` as a float: a real number (numpy's too, not a bool) or a one-element floating
-    tensor, else TypeError. Ranges are the caller's to check."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
-        return float(value.detach())
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    """``value`` as a float: a real number (numpy's too, not a bool), a 0-d numpy array of one, or
+    a one-element real tensor, else TypeError. Ranges are the caller's to check."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
+            return float(value.detach())
+    elif isinstance(value, np.ndarray):
+        if value.ndim == 0 and value.dtype.kind in "iuf":
+            return float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
         return float(value)
     raise TypeError(f"{name} must be a real number, got {value!r}")
 
 
 def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
+    """``value`` as a bool when it is one (numpy's too), else TypeError: 0 and 1 are not taken."""
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
+    return bool(value)
 
 
 def check_device(device: str | None) -> str:

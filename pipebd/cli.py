@@ -101,13 +101,18 @@ def check_outputs(config: RunConfig | CodistillConfig) -> None:
     written in, a plot without matplotlib or in a format it cannot write, a trace and a plot at
     one path, a checkpoint_dir that cannot be written in. Leaves nothing behind;
     ``write_outputs`` makes the folders."""
-    if config.trace and config.plot and os.path.realpath(config.trace) == os.path.realpath(config.plot):
+    files = [p for p in (config.trace, config.plot) if p and not checkpoint.writes_in_place(p)]
+    if len(files) == 2 and os.path.realpath(files[0]) == os.path.realpath(files[1]):
         raise ValueError(f"config keys 'trace' and 'plot' name the same file {config.plot!r}: the plot would "
                          f"overwrite the trace")
     for key in ("trace", "plot"):
         path = getattr(config, key)
         if not path:
             continue
+        if checkpoint.writes_in_place(path):   # a FIFO, a device, /dev/stdout: written into as it is
+            if os.access(path, os.W_OK):
+                continue
+            raise ValueError(f"config key '{key}': cannot write {path!r}: no permission to write it")
         target = os.path.realpath(path)        # a symbolic link is written where it points
         folder = os.path.dirname(target)
         while not os.path.exists(folder):      # the nearest folder that exists must take the new ones
@@ -144,21 +149,20 @@ def check_outputs(config: RunConfig | CodistillConfig) -> None:
 
 
 def _write_refused(target: str, folder: str) -> str | None:
-    """Why ``target`` (or a new file in ``folder``, when it does not exist) cannot be written, by
-    trying it: opened to append, or a temporary file made and removed. Permission bits alone
-    would pass a root user, and a read-only or pseudo file system."""
+    """Why ``target`` cannot be written as ``checkpoint.write_output`` writes it, by trying: a
+    temporary file made and removed in ``folder``, else the existing file opened to append.
+    Permission bits alone would pass a root user, and a read-only or pseudo file system."""
     try:
-        if os.path.exists(target):
-            if not os.path.isfile(target):   # opening a FIFO would block; a device file is what it is
-                return None if os.access(target, os.W_OK) else "no permission to write it"
-            with open(target, "a"):
-                pass
-        else:
-            with tempfile.TemporaryFile(dir=folder):
-                pass
+        with tempfile.TemporaryFile(dir=folder):
+            return None
     except OSError as err:
-        return f"{err.strerror or err} ({target if os.path.exists(target) else folder})"
-    return None
+        if not os.path.isfile(target):
+            return f"{err.strerror or err} ({folder})"
+    try:
+        with open(target, "a"):
+            return None
+    except OSError as err:
+        return f"{err.strerror or err} ({target})"
 
 
 def check(config: RunConfig) -> tuple[Distiller, TensorDataset]:
@@ -286,17 +290,22 @@ def codistill(config: CodistillConfig) -> None:
 
 def write_outputs(report: Report | CodistillReport, config: RunConfig | CodistillConfig) -> None:
     """Write the trace and plot the config asks for (checked by ``check_outputs`` before training),
-    creating missing folders."""
+    creating missing folders; OSError naming each that failed, after trying both."""
     outputs = (("trace", config.trace, report.save_trace, " (open in https://ui.perfetto.dev or chrome://tracing)"),
                ("plot", config.plot, report.plot, ""))
+    failed = []
     for what, path, write, note in outputs:
         if path:
             try:
-                os.makedirs(os.path.dirname(os.path.realpath(path)), exist_ok=True)
+                if not checkpoint.writes_in_place(path):
+                    os.makedirs(os.path.dirname(os.path.realpath(path)), exist_ok=True)
                 write(path)
-            except OSError as err:   # checked before training, but the file system may have changed
-                raise OSError(f"config key '{what}': cannot write {path!r}: {err}") from err
+            except (OSError, RuntimeError) as err:   # checked before training, but the system may have changed
+                failed.append(f"config key '{what}': cannot write {path!r}: {err}")
+                continue
             print(f"{what} written to {path}{note}")
+    if failed:   # after trying each: one that fails does not cost the other
+        raise OSError("; ".join(failed))
 
 
 def main(argv: list[str] | None = None) -> int:

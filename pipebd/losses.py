@@ -62,6 +62,9 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     """
     sets = _check_logits(student_logits, teacher_logits, temperature, reduction, alpha, backend)
     ignore_index, teacher_grad = check_integer("ignore_index", ignore_index), check_bool("teacher_grad", teacher_grad)
+    if not (isinstance(temperature, Tensor) and temperature.is_floating_point()):
+        temperature = check_real("temperature", temperature)   # a numpy scalar, an integer tensor: as a float
+    alpha = check_real("alpha", alpha)
     if alpha > 0:
         labels = _check_labels(labels, student_logits, ignore_index)
     else:

@@ -12,6 +12,7 @@ caller's matplotlib state.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 # One colour per span kind: compute in blues and greens, communication in red, waiting in greys.
@@ -27,7 +28,8 @@ BREAKDOWN = (("compute", "#31a354"), ("communication", "#de2d26"), ("waiting", "
 
 def image_format(path: str | os.PathLike) -> str:
     """The format ``plot_report`` writes ``path`` in: its suffix (``.svg``, ``.pdf``, ...), PNG
-    when it has none. ValueError for a suffix matplotlib cannot write, ImportError without
+    when it has none. ValueError for a suffix matplotlib cannot write (or .pgf without the TeX
+    system it needs), ImportError without
     matplotlib: both before anything is drawn (the CLI asks before training)."""
     try:
         from matplotlib.backend_bases import FigureCanvasBase
@@ -38,6 +40,13 @@ def image_format(path: str | os.PathLike) -> str:
     if suffix and suffix not in supported:
         raise ValueError(f"cannot plot to {os.fspath(path)!r}: matplotlib writes no .{suffix} files "
                          f"(it writes {', '.join('.' + s for s in sorted(supported))})")
+    if suffix == "pgf":   # drawn by measuring text with a TeX system
+        import matplotlib
+
+        tex = matplotlib.rcParams["pgf.texsystem"]
+        if shutil.which(tex) is None:
+            raise ValueError(f"cannot plot to {os.fspath(path)!r}: .pgf files need {tex} (a TeX system), "
+                             f"which is not installed")
     return suffix or "png"
 
 
@@ -99,9 +108,9 @@ def plot_report(report: Any, path: str | os.PathLike | None = None, *, dpi: int 
     if evaluated and not stages:
         _accuracy_curves(axes[1], report)
     if path is not None:
-        from .checkpoint import atomic_write     # whole or not at all: a full disk leaves any older file
+        from .checkpoint import write_output     # whole or not at all: a full disk leaves any older file
 
-        atomic_write(os.fspath(path), lambda f: fig.savefig(f, dpi=dpi, format=fmt))
+        write_output(path, lambda f: fig.savefig(f, dpi=dpi, format=fmt))
     return fig
 
 

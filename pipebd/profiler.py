@@ -299,9 +299,11 @@ def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5,
     (default: ``measure_comm`` on spawned local ranks). The profile's ``sync_batchnorm`` and
     ``num_workers`` are the job's."""
     warmup, repeats = check_int("warmup", warmup, 0), check_int("repeats", repeats, 1)
-    key = _cache_key(job, world_size, warmup, repeats)   # num_workers included: it changes what is measured
-    path = os.path.join(cache_dir(), f"profile-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json")
-    if cache and os.path.exists(path):
+    path = None
+    if cache:
+        key = _cache_key(job, world_size, warmup, repeats)   # num_workers included: it changes what is measured
+        path = os.path.join(cache_dir(), f"profile-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json")
+    if path is not None and os.path.exists(path):
         try:
             return dataclasses.replace(Profile.load_file(path), **_job_options(job))
         except (OSError, ValueError, TypeError, KeyError):
@@ -312,7 +314,7 @@ def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5,
             comm = functools.partial(measure_comm, world_size, job.device)
         p2p, allreduce = comm()
         profile = dataclasses.replace(profile, p2p=p2p, allreduce=allreduce)   # refits the comm models
-    if cache:
+    if path is not None:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             profile.save(path)
@@ -364,6 +366,8 @@ def _describe(fn: Any) -> str:
         return "none"
     if isinstance(fn, nn.Module):
         return f"{fn!r}|{_source_hash(type(fn))}|{_settings(fn)}"
+    if isinstance(fn, functools.partial):   # its arguments, as a temperature, set what it computes
+        return f"partial({_describe(fn.func)}, {fn.args!r}, {sorted(fn.keywords.items())!r})"
     code = _source_hash(fn) if inspect.isfunction(fn) else _source_hash(type(fn))
     return f"{getattr(fn, '__qualname__', type(fn).__qualname__)}|{code}"
 
@@ -373,7 +377,8 @@ _PLAIN = (bool, int, float, str, type(None))
 
 def _settings(obj: Any) -> str:
     """The plain attributes of ``obj`` (numbers, strings, tuples of them): what sets a block's or
-    a dataset's cost without showing in its repr or parameters (a repeat count, a resolution)."""
+    a dataset's cost without showing in its repr or parameters (a repeat count, a resolution).
+    One that changes as it runs (a counter) makes every run measure again: a cost, not an error."""
     attrs = getattr(obj, "__dict__", {})
     plain = {k: v for k, v in attrs.items() if not k.startswith("_") and k != "training" and (   # the runtime sets modes
         isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v)))}
@@ -381,9 +386,10 @@ def _settings(obj: Any) -> str:
 
 
 def _source_hash(obj: Any) -> str:
-    """A digest of the source of a function, or of a class and its bases outside torch and the
-    standard library (the torch version is in the key already); the name alone where there is no
-    source (a class made in an interactive session). Classes are looked up once per process."""
+    """A digest of the source of a function, or of a class and its bases outside torch (the torch
+    version is in the key already) and the builtins; the name alone where the source cannot be
+    read (a class made in an interactive session, a file since edited into invalid Python).
+    Classes are looked up once per process."""
     return _class_source_hash(obj) if isinstance(obj, type) else _digest((obj,))
 
 
@@ -400,7 +406,7 @@ def _digest(items: tuple) -> str:
             continue
         try:
             parts.append(inspect.getsource(item))
-        except (OSError, TypeError):
+        except Exception:   # OSError, TypeError, a SyntaxError from the file as it is now
             parts.append(f"{module}.{getattr(item, '__qualname__', repr(item))}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 

@@ -60,9 +60,11 @@ class Recorder:
         """Put the spans of the ranks of the default process group on one time axis whose zero is
         the moment the last rank entered this exchange (a collective: every rank calls it after
         ``restart``, then restarts its clock as it leaves). Ranks leave a barrier up to
-        milliseconds apart; without this a receive could show as ending before its send. The ranks' origins are compared on the wall clock, so across
-        hosts the spans line up only as well as the hosts' clocks agree; the elapsed time each
-        rank reports is its own clock's, and this exchange is not part of it."""
+        milliseconds apart; without this a receive could show as ending before its send. The
+        ranks' origins are compared on the wall clock, so across hosts the spans line up only as
+        well as the hosts' clocks agree (a host whose clock is behind shows its spans early, even
+        before zero); the elapsed time each rank reports is its own clock's, and this exchange is
+        not part of it."""
         import torch.distributed as dist
 
         mine = time.time() - self.now()          # this rank's origin on the wall clock
@@ -141,7 +143,7 @@ def chrome_trace(tracks: list[tuple[str, list[Span]]]) -> dict:
 
 def write_chrome_trace(path: str, tracks: list[tuple[str, list[Span]]]) -> None:
     """Write the trace to ``path`` whole or not at all (a full disk leaves any older file)."""
-    from .checkpoint import atomic_write
+    from .checkpoint import write_output
 
     events = chrome_trace(tracks)
-    atomic_write(os.fspath(path), lambda f: json.dump(events, f), mode="w")
+    write_output(path, lambda f: json.dump(events, f), mode="w")

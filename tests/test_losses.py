@@ -64,3 +64,21 @@ def test_block_losses():
     assert resolve_block_loss("l1")(a, b).item() == pytest.approx(F.l1_loss(a, b).item())
     with pytest.raises(ValueError, match="unknown block_loss 'cosine'"):
         resolve_block_loss("cosine")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_numpy_scalars_and_integer_tensors_are_taken_as_their_values(backend):
+    import numpy as np
+    g = torch.Generator().manual_seed(1)
+    s, t, labels = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g), torch.arange(5)
+    expected = pipebd.soft_target_loss(s, t, 2.0, alpha=0.5, labels=labels, backend=backend)
+    for temperature, alpha in ((np.float32(2.0), np.float64(0.5)), (np.array(2), np.array(0.5)),
+                               (torch.tensor(2), torch.tensor(0.5)), (np.int64(2), 0.5)):
+        got = pipebd.soft_target_loss(s, t, temperature, alpha=alpha, labels=labels, backend=backend,
+                                      teacher_grad=np.bool_(False), ignore_index=np.int64(-100))
+        assert got.item() == pytest.approx(expected.item(), rel=1e-6), (temperature, alpha)
+    for bad in (np.bool_(True), torch.tensor(True), np.array([2.0]), 2j):   # not one real number
+        with pytest.raises(TypeError, match="temperature must be a real number"):
+            pipebd.soft_target_loss(s, t, bad, backend=backend)
+    with pytest.raises(TypeError, match="teacher_grad must be True or False, got 0"):
+        pipebd.soft_target_loss(s, t, 2.0, teacher_grad=0, backend=backend)

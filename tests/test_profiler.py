@@ -5,6 +5,7 @@ a sleep never ends early, and a call's overhead on top of it is well under 3 ms 
 """
 
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -146,7 +147,17 @@ def test_what_the_repr_hides_is_part_of_the_cache_key(tmp_path, monkeypatch):
         keys.append(key(edited))
         profiler._class_source_hash.cache_clear()       # a new run is a new process
     assert keys[0] != keys[1]
+    # Edited into invalid Python while the old module still runs: the key falls back to the name.
+    (tmp_path / "edited_block.py").write_text(BLOCK_SOURCE.format(extra=" *"))
+    assert key(edited) not in keys
     assert key(job(d)) == key(job(d))             # and the same blocks hit the same entry
+    # A partial's arguments set what the loss computes.
+    half, double = (dataclasses.replace(job(d), block_loss=functools.partial(scaled_mse, scale=s)) for s in (0.5, 2))
+    assert key(half) != key(double) and key(half) == key(dataclasses.replace(half))
+
+
+def scaled_mse(s, t, scale):
+    return scale * (s - t).pow(2).mean()
 
 
 def test_measure_comm_on_two_gloo_ranks():
