@@ -16,7 +16,6 @@ The ranks' spans share one time axis: ``Recorder.align`` starts it when the last
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
