@@ -92,12 +92,12 @@ class EmulatedProfile(NamedTuple):
                    profile.batch_size, profile.device)
 
     def save(self, path: str, measured: "Profile | None" = None, **source: Any) -> None:
-        """Write as JSON (atomically), with the measured profile and ``source`` facts beside it."""
-        from pipebd.checkpoint import atomic_write
+        """Write as JSON (``pipebd.outputs.write_output``), with the measured profile and ``source`` facts beside it."""
+        from pipebd.outputs import write_output
         data = {"kind": _KIND, "teacher": [_row(c) for c in self.teacher], "student": [_row(c) for c in self.student],
                 "batch_size": self.batch_size, "device": self.device, "source": source,
                 "measured": None if measured is None else measured.to_dict()}
-        atomic_write(path, lambda f: f.write(json.dumps(data, indent=1)), "w")
+        write_output(path, lambda f: f.write(json.dumps(data, indent=1)), "w")
 
     @classmethod
     def load(cls, path: str) -> "EmulatedProfile":

@@ -55,7 +55,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
@@ -205,12 +204,12 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb", *, o
     """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then rename
     it over ``path``: readers see the old file or the new one, never a part, and a failed write
     leaves the old one. The file gets the permissions of a plain ``open`` (0666 less the umask).
-    With ``or_in_place``, a folder that takes no new file does not stop ``path`` being written
-    in place when it is a file already."""
+    With ``or_in_place``, a file ``path`` whose folder takes no new file, or over which the
+    rename is not permitted, is written in place instead (``write`` is then called again)."""
     folder = os.path.dirname(path) or "."
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX)
-    except OSError:
+    except PermissionError:
         if not (or_in_place and os.path.isfile(path)):
             raise
         return _write_in_place(path, write, mode)
@@ -222,7 +221,13 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb", *, o
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except PermissionError:   # a sticky folder: the file is another user's
+            if not (or_in_place and os.path.isfile(path)):
+                raise
+            os.unlink(tmp)
+            return _write_in_place(path, write, mode)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -239,52 +244,9 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb", *, o
         os.close(dir_fd)
 
 
-def writes_in_place(path: str) -> bool:
-    """Whether the output ``path`` is written into rather than replaced: it exists and is not a
-    regular file or folder (a FIFO, a terminal), or it lies under /dev or /proc, whose links
-    lead to whatever a descriptor is open on (``/dev/stdout`` to the log file stdout is
-    redirected to, which a rename would replace; ``/dev/fd/63`` to a pipe)."""
-    if not os.path.exists(path):
-        return False
-    top = os.path.abspath(path).split(os.sep)[1:2]
-    return top in (["dev"], ["proc"]) or not (os.path.isfile(path) or os.path.isdir(path))
-
-
-def write_output(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write an output the user names (a trace, a plot): atomically (see ``atomic_write``) where
-    the folder allows it, at the file a symbolic link points to, else in place over the existing
-    file; directly into a FIFO, device or descriptor (see ``writes_in_place``)."""
-    path = os.fspath(path)
-    if writes_in_place(path):
-        return _write_in_place(path, write, mode)
-    atomic_write(os.path.realpath(path), write, mode, or_in_place=True)
-
-
 def _write_in_place(path: str, write: Callable[[Any], None], mode: str) -> None:
-    """Open ``path`` and write; a path naming one of this process's descriptors is written
-    through that descriptor, at its position (opened anew, a log file stdout is redirected to
-    would be written from its start, over the log)."""
-    fd = _descriptor(path)
-    if fd is None:
-        with open(path, mode) as f:
-            write(f)
-        return
-    for stream in (sys.stdout, sys.stderr):   # what was printed before comes first
-        stream.flush()
-    with os.fdopen(os.dup(fd), mode) as f:
+    with open(path, mode) as f:
         write(f)
-
-
-def _descriptor(path: str) -> int | None:
-    """The descriptor ``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N`` or ``/proc/self/fd/N`` names."""
-    path = os.path.abspath(path)
-    named = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
-    if path in named:
-        return named[path]
-    folder, name = os.path.split(path)
-    if folder in ("/dev/fd", "/proc/self/fd", f"/proc/{os.getpid()}/fd") and name.isdigit():
-        return int(name)
-    return None
 
 
 def _cpu(obj: Any) -> Any:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from . import checkpoint, datasets
+from . import checkpoint, datasets, outputs
 from .api import Distiller
 from .report import Report
 from .codistill import Codistillation, CodistillReport
@@ -99,34 +99,17 @@ def check_outputs(config: RunConfig | CodistillConfig) -> None:
     """Refuse, before any training, an output that could not be written after it (the run's time
     would be lost with it): a path that is a directory, a directory that cannot be created or
     written in, a plot without matplotlib or in a format it cannot write, a trace and a plot at
-    one path, a checkpoint_dir that cannot be written in. Leaves nothing behind;
-    ``write_outputs`` makes the folders."""
-    files = [p for p in (config.trace, config.plot) if p and not checkpoint.writes_in_place(p)]
+    one path, a checkpoint_dir that cannot be written in; as ``pipebd.outputs.refusal`` says.
+    Leaves nothing behind (folders are made as the outputs are written)."""
+    files = [p for p in (config.trace, config.plot) if p and outputs.is_file(p)]
     if len(files) == 2 and os.path.realpath(files[0]) == os.path.realpath(files[1]):
         raise ValueError(f"config keys 'trace' and 'plot' name the same file {config.plot!r}: the plot would "
                          f"overwrite the trace")
     for key in ("trace", "plot"):
         path = getattr(config, key)
-        if not path:
-            continue
-        if checkpoint.writes_in_place(path):   # a FIFO, a device, /dev/stdout: written into as it is
-            if os.access(path, os.W_OK):
-                continue
-            raise ValueError(f"config key '{key}': cannot write {path!r}: no permission to write it")
-        target = os.path.realpath(path)        # a symbolic link is written where it points
-        folder = os.path.dirname(target)
-        while not os.path.exists(folder):      # the nearest folder that exists must take the new ones
-            folder = os.path.dirname(folder)
-        if os.path.isdir(target) or path.endswith((os.sep, "/")):
-            reason = "it is a directory"
-        elif not os.path.isdir(folder):
-            reason = f"{folder} is not a directory"
-        else:
-            refused = _write_refused(target, folder)
-            if refused is None:
-                continue
-            reason = refused
-        raise ValueError(f"config key '{key}': cannot write {path!r}: {reason}")
+        reason = path and outputs.refusal(path)
+        if reason:
+            raise ValueError(f"config key '{key}': cannot write {path!r}: {reason}")
     if config.checkpoint_dir:
         folder = os.path.abspath(config.checkpoint_dir)
         while not os.path.exists(folder):      # where its first new folder would be made
@@ -146,23 +129,6 @@ def check_outputs(config: RunConfig | CodistillConfig) -> None:
             image_format(config.plot)
         except ValueError as err:
             raise ValueError(f"config key 'plot': {err}") from None
-
-
-def _write_refused(target: str, folder: str) -> str | None:
-    """Why ``target`` cannot be written as ``checkpoint.write_output`` writes it, by trying: a
-    temporary file made and removed in ``folder``, else the existing file opened to append.
-    Permission bits alone would pass a root user, and a read-only or pseudo file system."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return None
-    except OSError as err:
-        if not os.path.isfile(target):
-            return f"{err.strerror or err} ({folder})"
-    try:
-        with open(target, "a"):
-            return None
-    except OSError as err:
-        return f"{err.strerror or err} ({target})"
 
 
 def check(config: RunConfig) -> tuple[Distiller, TensorDataset]:
@@ -291,14 +257,12 @@ def codistill(config: CodistillConfig) -> None:
 def write_outputs(report: Report | CodistillReport, config: RunConfig | CodistillConfig) -> None:
     """Write the trace and plot the config asks for (checked by ``check_outputs`` before training),
     creating missing folders; OSError naming each that failed, after trying both."""
-    outputs = (("trace", config.trace, report.save_trace, " (open in https://ui.perfetto.dev or chrome://tracing)"),
-               ("plot", config.plot, report.plot, ""))
+    files = (("trace", config.trace, report.save_trace, " (open in https://ui.perfetto.dev or chrome://tracing)"),
+             ("plot", config.plot, report.plot, ""))
     failed = []
-    for what, path, write, note in outputs:
+    for what, path, write, note in files:
         if path:
             try:
-                if not checkpoint.writes_in_place(path):
-                    os.makedirs(os.path.dirname(os.path.realpath(path)), exist_ok=True)
                 write(path)
             except (OSError, RuntimeError) as err:   # checked before training, but the system may have changed
                 failed.append(f"config key '{what}': cannot write {path!r}: {err}")

@@ -9,7 +9,7 @@ full-batch step however the batch is sliced (Goyal et al., 2017, remark 3).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +62,7 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     """
     sets = _check_logits(student_logits, teacher_logits, temperature, reduction, alpha, backend)
     ignore_index, teacher_grad = check_integer("ignore_index", ignore_index), check_bool("teacher_grad", teacher_grad)
-    if not (isinstance(temperature, Tensor) and temperature.is_floating_point()):
-        temperature = check_real("temperature", temperature)   # a numpy scalar, an integer tensor: as a float
-    alpha = check_real("alpha", alpha)
+    temperature, alpha = _number("temperature", temperature), _number("alpha", alpha)
     if alpha > 0:
         labels = _check_labels(labels, student_logits, ignore_index)
     else:
@@ -72,9 +70,10 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     if not teacher_grad:
         sets = sets.detach()
     if _use_triton(backend, student_logits):
-        if isinstance(temperature, Tensor) and temperature.requires_grad:
-            raise ValueError("a temperature that requires grad is differentiated only by backend='torch'; "
-                             "the Triton kernels take it as a number")
+        for name, value in (("temperature", temperature), ("alpha", alpha)):
+            if isinstance(value, Tensor) and value.requires_grad:
+                raise ValueError(f"{name} that requires grad is differentiated only by backend='torch'; "
+                                 f"the Triton kernels take it as a number")
         from pipebd.kernels.softmax_kd import fused_soft_target_loss
         return fused_soft_target_loss(student_logits, sets, labels, temperature, alpha, ignore_index,
                                       reduction, teacher_grad)
@@ -137,6 +136,12 @@ def _check_logits(student: Tensor, teacher: Tensor, temperature: float, reductio
                          f"{tuple(teacher.shape)}")
     _check_options(temperature, reduction, alpha, backend)
     return teacher if teacher.dim() == 3 else teacher.unsqueeze(0)
+
+
+def _number(name: str, value: Any) -> float | Tensor:
+    """A floating tensor as it is (it may be learned), any other real number as a float (a numpy
+    scalar, an integer tensor); checked by ``_check_options`` before."""
+    return value if isinstance(value, Tensor) and value.is_floating_point() else check_real(name, value)
 
 
 def _check_options(temperature: float | Tensor, reduction: str, alpha: float, backend: str) -> None:

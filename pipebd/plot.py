@@ -108,7 +108,7 @@ def plot_report(report: Any, path: str | os.PathLike | None = None, *, dpi: int 
     if evaluated and not stages:
         _accuracy_curves(axes[1], report)
     if path is not None:
-        from .checkpoint import write_output     # whole or not at all: a full disk leaves any older file
+        from .outputs import write_output     # a file whole or not at all: a full disk leaves any older one
 
         write_output(path, lambda f: fig.savefig(f, dpi=dpi, format=fmt))
     return fig

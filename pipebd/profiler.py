@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Dataset
 
-from .checkpoint import atomic_write
+from .outputs import write_output
 from .checks import check_int, integer
 from .data import PREFETCH, batch_loader
 from .plan import Plan
@@ -211,7 +211,7 @@ class Profile:
         return cls(**data)
 
     def save(self, path: str) -> None:
-        atomic_write(path, lambda f: f.write(json.dumps(self.to_dict(), indent=1)), "w")
+        write_output(path, lambda f: f.write(json.dumps(self.to_dict(), indent=1)), "w")
 
     @classmethod
     def load_file(cls, path: str) -> "Profile":
@@ -367,12 +367,22 @@ def _describe(fn: Any) -> str:
     if isinstance(fn, nn.Module):
         return f"{fn!r}|{_source_hash(type(fn))}|{_settings(fn)}"
     if isinstance(fn, functools.partial):   # its arguments, as a temperature, set what it computes
-        return f"partial({_describe(fn.func)}, {fn.args!r}, {sorted(fn.keywords.items())!r})"
+        args = [_argument(a) for a in fn.args] + [f"{k}={_argument(v)}" for k, v in sorted(fn.keywords.items())]
+        return f"partial({_describe(fn.func)}, {', '.join(args)})"
     code = _source_hash(fn) if inspect.isfunction(fn) else _source_hash(type(fn))
     return f"{getattr(fn, '__qualname__', type(fn).__qualname__)}|{code}"
 
 
 _PLAIN = (bool, int, float, str, type(None))
+
+
+def _argument(value: Any) -> str:
+    """A partial's argument as the key holds it: no memory address, which differs in each process."""
+    if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(x, _PLAIN) for x in value)):
+        return repr(value)
+    if callable(value):
+        return _describe(value)
+    return f"{type(value).__module__}.{type(value).__qualname__}{_settings(value)}"
 
 
 def _settings(obj: Any) -> str:

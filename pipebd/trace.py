@@ -141,8 +141,9 @@ def chrome_trace(tracks: list[tuple[str, list[Span]]]) -> dict:
 
 
 def write_chrome_trace(path: str, tracks: list[tuple[str, list[Span]]]) -> None:
-    """Write the trace to ``path`` whole or not at all (a full disk leaves any older file)."""
-    from .checkpoint import write_output
+    """Write the trace to ``path`` as ``pipebd.outputs.write_output`` does: a file whole or not at
+    all (a full disk leaves any older file)."""
+    from .outputs import write_output
 
     events = chrome_trace(tracks)
-    write_output(path, lambda f: json.dump(events, f), mode="w")
+    write_output(path, lambda f: f.write(json.dumps(events) + "\n"), mode="w")

@@ -397,7 +397,8 @@ def test_bad_input_gets_a_clear_error(backend):
 def test_the_backends_agree_on_a_nan_teacher_row_and_a_learned_temperature():
     """A teacher row that is all -inf (or holds a NaN) has no distribution: the loss is NaN and
     so is that row's gradient, on both backends (the torch one gave 0). A temperature tensor that
-    requires grad is learned with the torch backend; Triton refuses it rather than drop its grad."""
+    requires grad is learned with the torch backend (an alpha too); Triton refuses it rather than
+    drop its grad."""
     s = torch.randn(3, 7)
     t = torch.randn(3, 7)
     t[1] = -INF
@@ -416,6 +417,11 @@ def test_the_backends_agree_on_a_nan_teacher_row_and_a_learned_temperature():
     assert T.grad is not None and T.grad != 0
     with pytest.raises(ValueError, match="temperature that requires grad .* backend='torch'"):
         pipebd.soft_target_loss(s, torch.randn(3, 7), T, backend="triton")
+    alpha, labels = torch.tensor(0.3, requires_grad=True), torch.tensor([0, 4, 6])   # so is a learned mix
+    pipebd.soft_target_loss(s, torch.randn(3, 7), 2.0, alpha=alpha, labels=labels, backend="torch").backward()
+    assert alpha.grad is not None and alpha.grad != 0
+    with pytest.raises(ValueError, match="alpha that requires grad .* backend='torch'"):
+        pipebd.soft_target_loss(s, torch.randn(3, 7), 2.0, alpha=alpha, labels=labels, backend="triton")
     assert pipebd.soft_target_loss(s, s, torch.tensor(2.0), backend="triton").abs() < 1e-6   # a plain tensor is a number
 
 
