@@ -200,19 +200,12 @@ def block_path(directory: str, block: int) -> str:
 TMP_PREFIX = ".tmp-"
 
 
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb", *, or_in_place: bool = False) -> None:
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then rename
     it over ``path``: readers see the old file or the new one, never a part, and a failed write
-    leaves the old one. The file gets the permissions of a plain ``open`` (0666 less the umask).
-    With ``or_in_place``, a file ``path`` whose folder takes no new file, or over which the
-    rename is not permitted, is written in place instead (``write`` is then called again)."""
+    leaves the old one. The file gets the permissions of a plain ``open`` (0666 less the umask)."""
     folder = os.path.dirname(path) or "."
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX)
-    except PermissionError:
-        if not (or_in_place and os.path.isfile(path)):
-            raise
-        return _write_in_place(path, write, mode)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX)
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -221,13 +214,7 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb", *, o
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            os.replace(tmp, path)
-        except PermissionError:   # a sticky folder: the file is another user's
-            if not (or_in_place and os.path.isfile(path)):
-                raise
-            os.unlink(tmp)
-            return _write_in_place(path, write, mode)
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -242,11 +229,6 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb", *, o
         pass
     finally:
         os.close(dir_fd)
-
-
-def _write_in_place(path: str, write: Callable[[Any], None], mode: str) -> None:
-    with open(path, mode) as f:
-        write(f)
 
 
 def _cpu(obj: Any) -> Any:

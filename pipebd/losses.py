@@ -139,9 +139,12 @@ def _check_logits(student: Tensor, teacher: Tensor, temperature: float, reductio
 
 
 def _number(name: str, value: Any) -> float | Tensor:
-    """A floating tensor as it is (it may be learned), any other real number as a float (a numpy
-    scalar, an integer tensor); checked by ``_check_options`` before."""
-    return value if isinstance(value, Tensor) and value.is_floating_point() else check_real(name, value)
+    """A floating tensor as a 0-d one (it may be learned; 0-d, it changes neither the loss's
+    shape nor its dtype), any other real number as a float (a numpy scalar, an integer tensor);
+    checked by ``_check_options`` before."""
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value.reshape(())
+    return check_real(name, value)
 
 
 def _check_options(temperature: float | Tensor, reduction: str, alpha: float, backend: str) -> None:

@@ -377,9 +377,22 @@ _PLAIN = (bool, int, float, str, type(None))
 
 
 def _argument(value: Any) -> str:
-    """A partial's argument as the key holds it: no memory address, which differs in each process."""
-    if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(x, _PLAIN) for x in value)):
+    """A partial's argument as the key holds it: values, not memory addresses (which differ in
+    each process); a tensor or array by a digest of its contents."""
+    if isinstance(value, _PLAIN):
         return repr(value)
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__}({', '.join(_argument(v) for v in value)})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_argument(k)}: {_argument(v)}" for k, v in sorted(value.items(), key=repr)) + "}"
+    if isinstance(value, np.generic):
+        return repr(value.item())
+    if isinstance(value, torch.Tensor):      # as bytes: numpy has no bfloat16
+        value = value.detach().cpu().contiguous()
+        data = value.reshape(-1).view(torch.uint8).numpy().tobytes()
+        return f"Tensor{tuple(value.shape)}{value.dtype}:{hashlib.sha256(data).hexdigest()[:16]}"
+    if isinstance(value, np.ndarray):
+        return f"ndarray{value.shape}{value.dtype}:{hashlib.sha256(value.tobytes()).hexdigest()[:16]}"
     if callable(value):
         return _describe(value)
     return f"{type(value).__module__}.{type(value).__qualname__}{_settings(value)}"

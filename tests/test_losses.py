@@ -77,6 +77,11 @@ def test_numpy_scalars_and_integer_tensors_are_taken_as_their_values(backend):
         got = pipebd.soft_target_loss(s, t, temperature, alpha=alpha, labels=labels, backend=backend,
                                       teacher_grad=np.bool_(False), ignore_index=np.int64(-100))
         assert got.item() == pytest.approx(expected.item(), rel=1e-6), (temperature, alpha)
+    # A one-element floating tensor may be learned; it changes neither the shape nor the dtype.
+    rows = pipebd.soft_target_loss(s, t, 2.0, "none", alpha=0.5, labels=labels, backend=backend)
+    got = pipebd.soft_target_loss(s, t, torch.tensor([2.0]), "none", labels=labels, backend=backend,
+                                  alpha=torch.tensor([[0.5]], dtype=torch.float64))
+    assert got.shape == rows.shape and got.dtype == rows.dtype and torch.allclose(got, rows)
     for bad in (np.bool_(True), torch.tensor(True), np.array([2.0]), 2j):   # not one real number
         with pytest.raises(TypeError, match="temperature must be a real number"):
             pipebd.soft_target_loss(s, t, bad, backend=backend)

@@ -43,15 +43,17 @@ def in_thread(fn, timeout=60):
 
 
 @LINUX_FDS
-@pytest.mark.parametrize("spelling", ["/dev/stdout", "//dev/stdout", "/dev/fd/1", "link"])
+@pytest.mark.parametrize("spelling", ["/dev/stdout", "//dev/stdout", "/dev/fd/1", "/proc/self/fd/1",
+                                      "/proc/thread-self/fd/1", "/proc/self/task/PID/fd/1", "link"])
 def test_a_trace_to_stdout_goes_into_the_log_stdout_is_redirected_to(tmp_path, spelling):
     """Opened anew, or renamed over, the log file stdout is redirected to lost the log: the
     trace is written through descriptor 1, after what was printed, whatever names it."""
     log, link = tmp_path / "log.txt", tmp_path / "trace.json"
     link.symlink_to("/dev/stdout")
     path = str(link) if spelling == "link" else spelling
-    script = ("import pipebd.trace as t; print('the log', flush=True); "
-              f"t.write_chrome_trace({path!r}, [('rank 0', [t.Span('teacher', 0.0, 1.0, 0, 0)])]); "
+    script = ("import os, pipebd.trace as t; print('the log', flush=True); "
+              f"t.write_chrome_trace({path!r}.replace('PID', str(os.getpid())), "
+              "[('rank 0', [t.Span('teacher', 0.0, 1.0, 0, 0)])]); "
               "print('more log', flush=True)")
     with open(log, "w") as out:
         subprocess.run([sys.executable, "-c", script], stdout=out, check=True, timeout=120)
@@ -93,23 +95,19 @@ def test_directories_and_files_are_told_apart_by_what_they_are(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_a_fifo_is_checked_without_opening_it_and_refused_without_a_reader(tmp_path):
-    # Opening a FIFO waits for a reader: neither the check nor a write may wait forever.
+    # Opening a FIFO waits for a reader: neither the check nor a write may wait for one.
     fifo = tmp_path / "trace.json"
     os.mkfifo(fifo)
     assert in_thread(lambda: main(["check", *TINY, "--set", f"trace={fifo}"])) == 0
     with pytest.raises(OSError, match="no process reads the FIFO"):
         in_thread(lambda: write_chrome_trace(str(fifo), SPANS))
-    got = []
-    reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
-    reader.start()
-    for _ in range(100):   # once the reader has it open
-        try:
-            write_chrome_trace(str(fifo), SPANS)
-            break
-        except OSError:
-            threading.Event().wait(0.05)
-    reader.join(30)
-    assert got and got[0].startswith('{"traceEvents"')
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        in_thread(lambda: write_chrome_trace(str(fifo), SPANS))
+        os.set_blocking(reader, True)
+        assert os.read(reader, 1 << 16).startswith(b'{"traceEvents"')
+    finally:
+        os.close(reader)
 
 
 def refuse(*args, **kwargs):
@@ -132,21 +130,51 @@ def test_a_folder_that_takes_no_new_file_still_lets_an_existing_one_be_written(t
         atomic_write(str(existing), lambda f: f.write(b"x"))
 
 
-def test_a_rename_that_is_not_permitted_writes_in_place_and_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where, code", [("rename", errno.EPERM), ("rename", errno.EBUSY), ("folder", errno.EROFS)])
+def test_an_existing_file_is_overwritten_in_place_when_a_rename_is_refused_not_when_the_disk_is_full(
+        tmp_path, monkeypatch, capsys, where, code):
+    """The rename is refused for another user's file in a sticky folder (EPERM), a file mounted
+    on its own (EBUSY), a read-only folder holding a writable mounted file (EROFS). A full disk
+    keeps the old file whole."""
     path = tmp_path / "t.json"
     path.write_text("old")
-    with monkeypatch.context() as m:    # a sticky folder, the file another user's
-        m.setattr(os, "replace", lambda *a: refuse())
+
+    def refused(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+    with monkeypatch.context() as m:
+        if where == "folder":
+            m.setattr(tempfile, "mkstemp", refused)
+            m.setattr(tempfile, "TemporaryFile", refused)
+            assert main(["check", *TINY, "--set", f"trace={path}"]) == 0
+        else:
+            m.setattr(os, "replace", refused)
         write_chrome_trace(str(path), SPANS)
     assert path.read_text().startswith('{"traceEvents"') and os.listdir(tmp_path) == ["t.json"]
     path.write_text("old")
+    for fail in ("mkstemp", "fsync"):
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        with monkeypatch.context() as m:
+            m.setattr(tempfile if fail == "mkstemp" else os, fail, full)
+            with pytest.raises(OSError, match="No space left"):
+                write_chrome_trace(str(path), SPANS)
+        assert path.read_text() == "old" and os.listdir(tmp_path) == ["t.json"], fail
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(tempfile, "mkstemp", full)
-    with pytest.raises(OSError, match="No space left"):
-        write_chrome_trace(str(path), SPANS)
-    assert path.read_text() == "old"
+
+def test_another_users_file_in_a_sticky_folder_is_overwritten_without_a_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "t.json"
+    path.write_text("old")
+    monkeypatch.setattr(outputs, "_may_replace", lambda target: False)
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: pytest.fail("a temporary file"))
+    write_chrome_trace(str(path), SPANS)
+    assert path.read_text().startswith('{"traceEvents"')
+
+
+def test_links_that_loop_and_names_too_long_are_refused(tmp_path):
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    assert "Too many levels of symbolic links" in outputs.refusal(str(loop))
+    assert "File name too long" in outputs.refusal(str(tmp_path / ("x" * 300 + ".json")))
 
 
 def test_a_sticky_folder_lets_only_owners_replace_a_file(tmp_path, monkeypatch):

@@ -154,6 +154,9 @@ def test_what_the_repr_hides_is_part_of_the_cache_key(tmp_path, monkeypatch):
     # A partial's arguments set what the loss computes.
     half, double = (dataclasses.replace(job(d), block_loss=functools.partial(scaled_mse, scale=s)) for s in (0.5, 2))
     assert key(half) != key(double) and key(half) == key(dataclasses.replace(half))
+    weights = [dataclasses.replace(job(d), block_loss=functools.partial(scaled_mse, scale=torch.full((2,), w)))
+               for w in (1.0, 1.0, 3.0)]     # a tensor by its values, not its address
+    assert key(weights[0]) == key(weights[1]) != key(weights[2])
 
 
 def scaled_mse(s, t, scale):
