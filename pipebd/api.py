@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .checks import check_device, check_int
+from .checks import check_device, check_factory, check_int
 from .data import PROBE_ROWS, _tensors, check_workers, dataset_length, probe_batch
 from .losses import SoftTargetLoss, out_of_range, resolve_block_loss
 from .plan import Plan, default_plan
@@ -68,9 +68,9 @@ class Distiller:
         if len(self.teacher) != len(self.student):
             raise ValueError(f"teacher has {len(self.teacher)} blocks but student has "
                              f"{len(self.student)}; blockwise distillation pairs them one to one")
+        check_factory("optimizer", optimizer)
+        check_factory("scheduler", scheduler)
         self.optimizer = optimizer or functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
-        if scheduler is not None and not callable(scheduler):
-            raise TypeError(f"scheduler must be a callable optimizer -> scheduler, got {type(scheduler).__name__}")
         self.scheduler = scheduler
         self.block_loss = resolve_block_loss(block_loss)
         if isinstance(final_loss, SoftTargetLoss) and final_loss.reduction != "batchmean":
@@ -185,6 +185,7 @@ class Distiller:
             fingerprint = teacher_fingerprint(self.teacher, job.boundary[0].shape, job.boundary[0].dtype)
             if states:
                 fingerprint = checkpoint.check_teacher(directory, fingerprint)
+                checkpoint.check_every(directory, every)
         for block, state in states.items():
             self.student[block].load_state_dict(state["weights"])
         job.start = {block: state["step"] for block, state in states.items()}
@@ -202,7 +203,7 @@ class Distiller:
                     optimizer = self.optimizer(self.student[block].parameters())
                     scheduler = self.scheduler(optimizer) if self.scheduler is not None else None
                     checkpoint.save_block(directory, block, 0, self.student[block], optimizer, scheduler)
-            checkpoint.start(directory, key, teacher=fingerprint)
+            checkpoint.start(directory, key, teacher=fingerprint, checkpoint_every=every)
         job.checkpoint_dir, job.checkpoint_every = directory, every
 
     def profile(self, dataset: Any, batch_size: int, world_size: int, *, threads: int | None = None,
@@ -294,7 +295,8 @@ class Distiller:
         if isinstance(plan, str):
             if plan == "auto":
                 return default_plan(n, world_size)
-            raise ValueError(f"plan must be None, 'auto' or a pipebd.Plan, got {plan!r}")
+            raise ValueError(f"plan must be None, 'auto' or a pipebd.Plan, got {plan!r} (for a plan written as "
+                             f"the CLI takes it: pipebd.Plan.parse({plan!r}))")
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be None, 'auto' or a pipebd.Plan, got {type(plan).__name__}")
         plan.validate(n, world_size)

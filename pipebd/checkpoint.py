@@ -257,6 +257,13 @@ def save_block(directory: str, block: int, step: int, student: nn.Module, optimi
     atomic_write(block_path(directory, block), lambda f: torch.save(state, f))
 
 
+# Why a resume with another value of a run's key is refused (the rest: the batches).
+_DIFFERENCE = {"num_blocks": "the checkpoint holds a state for each of its blocks",
+               "n": "the checkpoint holds a state for each of its models",
+               "mode": "the models would distill from other predictions",
+               "exchange_every": "the steps at which the models distill from each other would differ"}
+
+
 def _read_run(directory: str | None, key: RunKey | CodistillKey, resume: bool) -> dict | None:
     """The run recorded in ``directory`` if this run resumes it, None for a fresh start; raises
     ValueError when it belongs to another run or ``resume=False`` would overwrite it."""
@@ -291,15 +298,19 @@ def _read_run(directory: str | None, key: RunKey | CodistillKey, resume: bool) -
     for name, value in asdict(key).items():
         if saved.get(name) != value:
             raise ValueError(f"the checkpoint in {directory} is of a run with {name}={saved.get(name)!r}, "
-                             f"this run has {name}={value!r}: its batches would differ")
+                             f"this run has {name}={value!r}: {_DIFFERENCE.get(name, 'its batches would differ')}")
     return saved
 
 
 def _load(path: str, what: str, field: str, value: int) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read the checkpoint of {what} ({path}): {err}") from err
+    except OSError as err:
+        raise ValueError(f"cannot read the checkpoint of {what} ({path}): {err.strerror or err}") from err
+    except Exception as err:   # torch's own text would advise weights_only=False: never for a damaged file
+        raise ValueError(f"cannot read the checkpoint of {what} ({path}): the file is damaged or not a pipebd "
+                         f"checkpoint ({type(err).__name__}); restore it, or start the run afresh in an empty "
+                         f"directory") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT or state.get(field) != value:
         raise ValueError(f"{path} is not a pipebd checkpoint of {what} (format {FORMAT})")
     return state
@@ -324,6 +335,17 @@ def check_teacher(directory: str, fingerprint: list[float]) -> list[float]:
                 "the run will not end as an uninterrupted one would", directory,
                 [f"{v:.4g}" for v in saved[:4]], [f"{v:.4g}" for v in fingerprint[:4]])
     return saved
+
+
+def check_every(directory: str, every: int | None) -> None:
+    """Warn when a resumed run would save only after its last step while the run it continues
+    saved every few steps (``checkpoint_every`` is not carried over: a resume sets its own)."""
+    with open(os.path.join(directory, RUN_FILE)) as f:
+        saved = json.load(f).get("checkpoint_every")
+    if every is None and isinstance(saved, int):
+        log.warning("pipebd: the run in %s saved every %d steps; this one saves only after its last step. "
+                    "Pass checkpoint_every=%d (--set checkpoint_every=%d) to keep saving as it did",
+                    directory, saved, saved, saved)
 
 
 def read(directory: str | None, key: RunKey, steps: int, resume: bool) -> dict[int, dict]:
@@ -375,12 +397,12 @@ def save_model(directory: str, model: int, step: int, module: nn.Module, optimiz
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def commit(directory: str, key: CodistillKey, step: int, *, first: bool = False) -> None:
+def commit(directory: str, key: CodistillKey, step: int, every: int | None, *, first: bool = False) -> None:
     """Record ``step`` as the run's checkpoint (every model's file for it is on disk) and
     remove the step directories of older checkpoints. Only the ``first`` commit of a fit,
     before any rank trains, also removes later ones (a killed run's unfinished steps): during
     training a model that is ahead may already be writing the next step's directory."""
-    start(directory, key, step=step)
+    start(directory, key, step=step, checkpoint_every=every)
     for name in os.listdir(directory):
         saved = _step_of(name)
         if saved is not None and (saved < step or (first and saved != step)):
@@ -391,6 +413,17 @@ def _step_of(name: str) -> int | None:
     """The step of a checkpoint's directory name (``step12``), or None for other names."""
     digits = name.removeprefix("step")
     return int(digits) if digits != name and digits.isascii() and digits.isdigit() else None
+
+
+def saved_model_state(directory: str, model: int) -> dict | None:
+    """Model ``model``'s saved state in the codistillation checkpoint in ``directory``, or None
+    where there is none to read (``Codistillation.fit`` says why)."""
+    try:
+        with open(os.path.join(directory, RUN_FILE)) as f:
+            step = json.load(f)["step"]
+        return _load(model_path(directory, step, model), f"model {model}", "model", model)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_codistill(directory: str | None, key: CodistillKey, steps: int, resume: bool) -> tuple[int, dict[int, dict]]:

@@ -58,6 +58,17 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
+_FACTORIES = {"optimizer": "lambda params: torch.optim.SGD(params, lr=0.1)",
+              "scheduler": "lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 10)"}
+
+
+def check_factory(name: str, factory: Any) -> None:
+    """``factory`` is None or a callable that makes one (each block or model gets its own), else TypeError."""
+    if factory is not None and not callable(factory):
+        raise TypeError(f"{name} must be a factory such as {_FACTORIES[name]} (each block or model gets its "
+                        f"own), got a {type(factory).__name__}")
+
+
 def check_device(device: str | None) -> str:
     """``device`` (None: CUDA when available, else the CPU) as a string torch accepts, else ValueError."""
     if device is None:

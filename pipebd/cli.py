@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,8 +62,10 @@ def check_seeds(config: RunConfig | CodistillConfig) -> None:
 
 def check_config_device(device: str | None) -> None:
     """The config's device: a CPU or CUDA device (what the runtime runs on), naming the key."""
-    if device is not None and check_device(device).split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"config key 'device' must be cpu, cuda or cuda:N, got {device!r}")
+    if device is not None and (str(device).split(":")[0] not in ("cpu", "cuda")
+                               or check_device(device).split(":")[0] not in ("cpu", "cuda")):
+        hint = " (null, the default, picks cuda when there is one)" if str(device).lower() in ("none", "auto") else ""
+        raise ValueError(f"config key 'device' must be cpu, cuda or cuda:N, got {device!r}{hint}")
 
 
 def check_backend(key: str, backend: str, device: str | None) -> None:
@@ -84,12 +87,18 @@ def build_pair(config: RunConfig) -> tuple[nn.Module, nn.Module, tuple[int, ...]
     name, args = config.model.pair, config.model.args
     if name not in PAIRS:
         raise ValueError(f"model.pair must be one of {sorted(PAIRS)}, got {name!r}")
+    if "seed" in args:
+        raise ValueError("model.args.seed: the models are initialized from the top-level seed (which also "
+                         "orders the batches); set seed instead")
     with warnings.catch_warnings(record=True) as caught:
         try:
             teacher, student = PAIRS[name].build(**args, seed=config.seed)
             shape = PAIRS[name].input_shape(**args)
         except Exception as err:
-            raise ValueError(f"model.args {args} do not build model.pair {name!r}: {err}") from err
+            hint = ""
+            if isinstance(err, TypeError) and "unexpected keyword argument" in str(err):
+                hint = f" (model.args are the arguments of model.pair {name!r}; for its defaults: --set 'model.args={{}}')"
+            raise ValueError(f"model.args {args} do not build model.pair {name!r}: {err}{hint}") from err
     for w in caught:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return teacher, student, shape
@@ -232,6 +241,31 @@ def _schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, cosine_steps:
     return warmup(optimizer, warmup_steps, then=cosine) if warmup_steps else cosine
 
 
+def _check_cosine_resume(config: CodistillConfig) -> None:
+    """Refuse to resume a ``cosine`` run for more steps than its decay spans: the checkpoint's
+    schedule is kept, and past its end CosineAnnealingLR's rate rises again."""
+    if not (config.cosine and config.resume and config.checkpoint_dir):
+        return
+    state = checkpoint.saved_model_state(config.checkpoint_dir, 0)
+    spans = _find_key(state.get("scheduler") if state else None, "T_max")
+    if isinstance(spans, int) and config.steps > spans:
+        raise ValueError(f"cosine: true decays the learning rate over the first run's steps={spans}, and a resume "
+                         f"keeps that schedule (past its end the rate would rise again): resume with steps <= "
+                         f"{spans}, or start afresh in another checkpoint_dir to train for steps={config.steps}")
+
+
+def _find_key(tree: Any, key: str) -> Any:
+    """The first value of ``key`` in nested dicts and lists (a scheduler's state), else None."""
+    if isinstance(tree, dict) and key in tree:
+        return tree[key]
+    children = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, list) else ()
+    for child in children:
+        found = _find_key(child, key)
+        if found is not None:
+            return found
+    return None
+
+
 def check_codistill(config: CodistillConfig) -> None:
     """``check`` for a codistill config: its values, then ``Codistillation.fit``'s checks of them."""
     cd, train, test = build_codistill(config)
@@ -244,6 +278,7 @@ def check_codistill(config: CodistillConfig) -> None:
 def codistill(config: CodistillConfig) -> None:
     cd, train, test = build_codistill(config)
     check_outputs(config)
+    _check_cosine_resume(config)
     report = cd.fit(train, batch_size=config.batch_size, steps=config.steps, world_size=config.world_size,
                     seed=config.seed, eval_data=test, eval_every=config.eval_every,
                     checkpoint_dir=config.checkpoint_dir, checkpoint_every=config.checkpoint_every,

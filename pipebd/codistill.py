@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint
-from .checks import check_device, check_int, check_integer, check_real
+from .checks import check_device, check_factory, check_int, check_integer, check_real
 from .api import _device_of, _samples
 from .batchnorm import replica_batchnorm
 from .data import PROBE_ROWS, BatchOrder, StepRows, _tensors, check_workers, dataset_length, feed, probe_batch
@@ -189,7 +189,11 @@ class Codistillation:
                  temperature: float = 1.0, burn_in: int = 0, exchange_every: int = 100,
                  mode: str = "codistill", ignore_index: int = -100, backend: str = "auto",
                  device: str | None = None):
-        if callable(models) and not isinstance(models, nn.Module):
+        if isinstance(models, nn.Module) and not isinstance(models, nn.ModuleList):
+            # An nn.Sequential is iterable: its layers would be taken as the models.
+            raise TypeError(f"models must be a factory (lambda i: a new model) or a list of models, got one "
+                            f"{type(models).__name__}; for copies of it pass lambda i: copy.deepcopy(model)")
+        if callable(models):
             self.model_fn, self._models = models, None
             n = 2 if n is None else n
         else:
@@ -219,9 +223,8 @@ class Codistillation:
         burn_in, exchange_every = check_int("burn_in", burn_in, 0), check_int("exchange_every", exchange_every, 1)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        for name, fn in (("optimizer", optimizer), ("scheduler", scheduler)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be a callable, got {type(fn).__name__}")
+        check_factory("optimizer", optimizer)
+        check_factory("scheduler", scheduler)
         self.n, self.mode, self.alpha, self.temperature = n, mode, float(alpha), float(temperature)
         self.burn_in, self.exchange_every, self.ignore_index, self.backend = burn_in, exchange_every, ignore_index, backend
         self.optimizer = optimizer or functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
@@ -284,7 +287,8 @@ class Codistillation:
         world_size = int(world_size)   # checked: an integer
         with contextlib.ExitStack() as held:    # the checkpoint directory, until the run has ended
             self._checkpoints(job, checkpoint_dir, checkpoint_every, resume, held)
-            log.info("pipebd: %s of %d models on %d rank(s)", self.mode, self.n, world_size)
+            log.info("pipebd: %s of %d model%s on %d rank(s)", self.mode, self.n, "" if self.n == 1 else "s",
+                     world_size)
             if job.first_distilled is None and job.alpha > 0 and job.n > 1:
                 why = (f"burn_in={job.burn_in}" if job.mode == "online" else
                        f"with burn_in={job.burn_in} and exchange_every={job.exchange_every} the first checkpoint "
@@ -323,6 +327,8 @@ class Codistillation:
         key = checkpoint.CodistillKey(job.n, job.mode, job.batch_size, job.seed, dataset_length(job.dataset),
                                       job.exchange_every)
         start, states = checkpoint.read_codistill(directory, key, job.steps, resume)
+        if states and first_rank:
+            checkpoint.check_every(directory, every)
         checkpoint.check(states, job.models, job.optimizer, job.scheduler, what="model", warn=first_rank)
         job.start = start
         if states and job.exchanges:
@@ -345,7 +351,7 @@ class Codistillation:
                     optimizer = job.optimizer(model.parameters())
                     scheduler = job.scheduler(optimizer) if job.scheduler is not None else None
                     checkpoint.save_model(directory, i, 0, model, optimizer, scheduler, {}, [])
-            checkpoint.commit(directory, key, start, first=True)
+            checkpoint.commit(directory, key, start, every, first=True)
         job.checkpoint_dir, job.checkpoint_every, job.key = directory, every, key
 
     def _job(self, dataset: Any, batch_size: int, steps: int, world_size: int, seed: int,
@@ -643,7 +649,7 @@ class _Rank:
             if self.world_size > 1:
                 dist.barrier()
             if self.rank == 0:
-                checkpoint.commit(job.checkpoint_dir, job.key, done)
+                checkpoint.commit(job.checkpoint_dir, job.key, done, job.checkpoint_every)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> None:

@@ -169,6 +169,7 @@ class CodistillConfig:
 
 # Keys of a codistill config that a run config does not have.
 _CODISTILL_ONLY = {f.name for f in dataclasses.fields(CodistillConfig)} - {f.name for f in dataclasses.fields(RunConfig)}
+_RUN_ONLY = {f.name for f in dataclasses.fields(RunConfig)} - {f.name for f in dataclasses.fields(CodistillConfig)}
 
 
 class _Loader(yaml.SafeLoader):
@@ -239,6 +240,8 @@ def load_config(path: str | None = None, overrides: list[str] = (), kind: type =
         model = raw.get("model")
         if kind is RunConfig and (set(raw) & _CODISTILL_ONLY or (isinstance(model, dict) and "kind" in model)):
             raise ValueError(f"{err} (a codistill config? pipebd codistill {path or 'CONFIG'} --check)") from None
+        if kind is CodistillConfig and (set(raw) & _RUN_ONLY or (isinstance(model, dict) and "pair" in model)):
+            raise ValueError(f"{err} (a run config? pipebd check {path or 'CONFIG'})") from None
         raise
     for key in ("trace", "plot", "checkpoint_dir"):      # "~/runs/t.json" means the home directory, as in a shell
         if getattr(config, key):

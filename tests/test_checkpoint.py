@@ -112,7 +112,21 @@ def test_resume_from_an_empty_directory_starts_at_step_0(tmp_path, reference):
     assert report.start == [0] * BLOCKS
     record = json.loads((tmp_path / "new" / "run.json").read_text())
     assert record == {"kind": "distill", "num_blocks": BLOCKS, "batch_size": BATCH, "seed": 0, "dataset_len": len(DATA),
-                      "teacher": teacher_fingerprint(d.teacher, (D,), torch.float32)}
+                      "teacher": teacher_fingerprint(d.teacher, (D,), torch.float32), "checkpoint_every": None}
+
+
+def test_a_resume_without_checkpoint_every_is_warned_that_it_saves_only_at_the_end(tmp_path, caplog):
+    distiller().fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
+    for every, warned in ((None, True), (3, False)):
+        caplog.clear()
+        steps = 2 * STEPS if every is None else 3 * STEPS
+        with caplog.at_level("WARNING", logger="pipebd"):
+            distiller().fit(DATA, BATCH, steps, checkpoint_dir=tmp_path, checkpoint_every=every, resume=True,
+                            progress=False)
+        message = f"the run in {tmp_path} saved every 2 steps; this one saves only after its last step"
+        assert (message in caplog.text) == warned, caplog.text
+        if not warned:
+            assert json.loads((tmp_path / "run.json").read_text())["checkpoint_every"] == 3
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -137,7 +151,7 @@ def saved(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(resume=False), r"already holds a pipebd run \(run.json\); pass resume=True"),
-    (dict(batch_size=8), "batch_size=7, this run has batch_size=8"),
+    (dict(batch_size=8), "batch_size=7, this run has batch_size=8: its batches would differ"),
     (dict(seed=1), "seed=0, this run has seed=1"),
     (dict(steps=6), "block 0 of the checkpoint in .* has trained 10 steps, more than steps=6"),
     (dict(steps=10), "every block of the checkpoint .* has completed steps=10; pass a larger steps"),
@@ -173,8 +187,10 @@ def test_a_checkpoint_that_does_not_fit_is_named_before_anything_is_loaded(saved
         assert max_diff(weights(d), before) == 0.0
     with open(checkpoint.block_path(saved, 2), "wb") as f:
         f.write(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read the checkpoint of block 2"):
+    with pytest.raises(ValueError, match="cannot read the checkpoint of block 2 .* the file is damaged or not a "
+                                         "pipebd checkpoint .*; restore it") as caught:
         distiller().fit(DATA, BATCH, 20, checkpoint_dir=saved, resume=True, progress=False)
+    assert "weights_only" not in str(caught.value)     # torch's advice to load unsafely
 
 
 @pytest.mark.parametrize("record", ['"kind"', "5", "null", "[1, 2]"])
@@ -247,7 +263,7 @@ def test_changed_optimizer_or_scheduler_settings_are_kept_and_named_once(saved, 
     d = distiller(scheduler=scheduler)
     d.optimizer = optimizer
     with caplog.at_level(logging.WARNING, logger="pipebd"):
-        d.fit(DATA, BATCH, STEPS, checkpoint_dir=saved, resume=True, progress=False)
+        d.fit(DATA, BATCH, STEPS, checkpoint_dir=saved, checkpoint_every=5, resume=True, progress=False)
     assert max_diff(weights(d), reference) < 1e-5
     if warned is None:
         assert pipebd_warnings(caplog) == []
@@ -353,7 +369,7 @@ def test_a_resume_with_another_teacher_is_warned_about(saved, caplog):
         d.teacher[2][0].weight.mul_(1.5)
     modes = [m.training for b in d.teacher for m in b.modules()]
     with caplog.at_level(logging.WARNING, logger="pipebd"):
-        d.fit(DATA, BATCH, 12, checkpoint_dir=saved, resume=True, progress=False)
+        d.fit(DATA, BATCH, 12, checkpoint_dir=saved, checkpoint_every=5, resume=True, progress=False)
     [message] = pipebd_warnings(caplog)
     assert "the teacher gives other outputs than the one the checkpoint" in message
     assert [m.training for b in d.teacher for m in b.modules()] == modes

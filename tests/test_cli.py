@@ -66,8 +66,10 @@ def test_check_refuses_what_run_would_refuse(capsys):
                               ("optimizer.momentum=.inf", "optimizer.momentum must be >= 0 and finite"),
                               ("optimizer.weight_decay=.inf", "optimizer.weight_decay must be >= 0 and finite"),
                               ("final_loss.temperature=0", "final_loss.temperature must be > 0"),
-                              ("device=tpu", "device 'tpu' is not a torch device"),
+                              ("device=tpu", "config key 'device' must be cpu, cuda or cuda:N, got 'tpu'"),
                               ("device=meta", "config key 'device' must be cpu, cuda or cuda:N, got 'meta'"),
+                              ("device=gpu", "config key 'device' must be cpu, cuda or cuda:N, got 'gpu'"),
+                              ("device=None", r"got 'None' \(null, the default, picks cuda when there is one\)"),
                               ("seed=99999999999999999999999", "config key 'seed' must fit in 64 bits"),
                               ("data.seed=-99999999999999999999999", "config key 'data.seed' must fit in 64 bits"),
                               ("data.samples=10000000000000", r"data.samples=10000000000000 synthetic inputs of "
@@ -109,6 +111,9 @@ def test_config_files_paths_and_kinds(tmp_path, monkeypatch, capsys, caplog):
     codistill = str(Path(__file__).parents[1] / "configs" / "codistill.yaml")
     assert main(["check", codistill]) == 2
     assert f"(a codistill config? pipebd codistill {codistill} --check)" in capsys.readouterr().err
+    run = codistill.replace("codistill.yaml", "default.yaml")
+    assert main(["codistill", run, "--check"]) == 2
+    assert f"(a run config? pipebd check {run})" in capsys.readouterr().err
     monkeypatch.setenv("HOME", str(tmp_path))     # "~" is the home directory, not a folder named "~"
     config = load_config(None, ["trace=~/runs/t.json", "plot=~/p.png", "checkpoint_dir=~/ck"])
     assert (config.trace, config.plot, config.checkpoint_dir) == (f"{tmp_path}/runs/t.json", f"{tmp_path}/p.png",
@@ -371,6 +376,13 @@ def test_cli_codistill_is_the_api_call_it_describes(tmp_path, capsys):
     assert ensemble == expected_ensemble
     for (loss, accuracy), (expected_loss, expected_accuracy) in zip(rows, expected_rows):
         assert accuracy == expected_accuracy and loss == pytest.approx(expected_loss, rel=2e-3)   # 4 digits printed
+    # With the cosine, a resume for more steps than it spans would raise the rate again: refused.
+    cosine = [*CODISTILL, "--set", "world_size=1", "--set", f"checkpoint_dir={tmp_path / 'cosine'}"]
+    assert main(["codistill", *cosine, "--set", "steps=8"]) == 0
+    capsys.readouterr()
+    assert main(["codistill", *cosine, "--set", "steps=12", "--resume"]) == 2
+    assert ("cosine: true decays the learning rate over the first run's steps=8, and a resume keeps that "
+            "schedule" in capsys.readouterr().err)
 
 
 def test_check_refuses_triton_on_a_cpu_without_the_interpreter(monkeypatch, capsys):
@@ -396,7 +408,9 @@ def test_check_refuses_triton_on_a_cpu_without_the_interpreter(monkeypatch, caps
     # It built mismatched blocks before, refused at the shape probe without naming the key.
     ("depth=0", "model.args {'depth': 0} do not build model.pair 'cnn': depth must be an integer >= 1, got 0"),
     ("depht=3", "model.args {'depht': 3} do not build model.pair 'cnn': cnn_pair() got an unexpected keyword "
-                "argument 'depht'"),
+                "argument 'depht' (model.args are the arguments of model.pair 'cnn'; for its defaults: "
+                "--set 'model.args={}')"),
+    ("seed=1", "model.args.seed: the models are initialized from the top-level seed"),
 ])
 def test_model_args_that_do_not_build_are_config_errors_naming_them(capsys, args, message):
     with warnings.catch_warnings(record=True) as caught:

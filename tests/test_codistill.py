@@ -303,6 +303,8 @@ def test_an_exchange_that_fails_surfaces_as_a_clear_error(how):
     ({}, dict(eval_data=(torch.randn(3, FEATURES), torch.tensor([0, -1, 2]))),
      r"eval_data labels must be in \[0, 5\) .* got \[-1\]"),
     ({}, dict(threads=1.5), "threads must be an integer >= 1, got 1.5"),
+    (dict(optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)), {},
+     "optimizer must be a factory such as lambda params: .* got a SGD"),
 ])
 def test_bad_input_is_refused_before_training(monkeypatch, kwargs, fit, message):
     monkeypatch.setattr(pipebd.codistill, "spawn_tasks", lambda *a, **k: pytest.fail("workers were started"))
@@ -312,8 +314,12 @@ def test_bad_input_is_refused_before_training(monkeypatch, kwargs, fit, message)
         pipebd.Codistillation(initial_models(2), **kwargs).fit(data, **{"batch_size": 4, "steps": 2, **fit})
 
 
-def test_models_that_share_parameters_are_refused():
+def test_models_that_share_parameters_or_one_model_are_refused():
     shared = initial_models(2)
+    for one in (shared[0], nn.Sequential(nn.Linear(FEATURES, CLASSES), nn.Linear(CLASSES, CLASSES))):
+        with pytest.raises(TypeError, match="models must be a factory .* got one Sequential"):   # not its layers
+            pipebd.Codistillation(one, n=2)
+    assert pipebd.Codistillation(nn.ModuleList(initial_models(2))).n == 2
     with pytest.raises(ValueError, match="models 0 and 1 share parameters"):
         pipebd.Codistillation([shared[0], shared[0]])
     shared[1][0] = shared[0][0]

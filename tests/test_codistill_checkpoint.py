@@ -116,9 +116,9 @@ def test_commit_removes_later_steps_only_at_the_start(tmp_path):
     key = checkpoint.CodistillKey(2, "codistill", BATCH, 3, 61, K)
     for name in ("step4", "step6", "step9", "stepped", "other"):
         os.makedirs(tmp_path / name)
-    checkpoint.commit(str(tmp_path), key, 6)       # during training: step 9 may be in the making
+    checkpoint.commit(str(tmp_path), key, 6, None)       # during training: step 9 may be in the making
     assert listing(tmp_path) == ["other", "run.json", "step6", "step9", "stepped"]
-    checkpoint.commit(str(tmp_path), key, 6, first=True)   # a fit starting from step 6
+    checkpoint.commit(str(tmp_path), key, 6, None, first=True)   # a fit starting from step 6
     assert listing(tmp_path) == ["other", "run.json", "step6", "stepped"]
     assert json.loads((tmp_path / "run.json").read_text())["step"] == 6
 
@@ -133,8 +133,9 @@ def saved(tmp_path):
     (dict(resume=False), r"already holds a pipebd run \(run.json\); pass resume=True"),
     (dict(steps=12), "has completed steps=12; pass a larger steps"),
     (dict(steps=8), "has trained 12 steps, more than steps=8"),
-    (dict(exchange_every=5), "run with exchange_every=4, this run has exchange_every=5"),
-    (dict(mode="online"), "run with mode='codistill', this run has mode='online'"),
+    (dict(exchange_every=5), "run with exchange_every=4, this run has exchange_every=5: the steps at which the "
+                             "models distill from each other would differ"),
+    (dict(mode="online"), "run with mode='codistill', this run has mode='online': the models would distill"),
     (dict(optimizer=lambda p: torch.optim.Adam(p)), "model 0 was saved with optimizer SGD, this run has Adam"),
 ])
 def test_bad_resumes_are_refused_before_anything_is_loaded(saved, change, message):

@@ -100,6 +100,12 @@ def test_other_bad_arguments(no_spawn):
         d.profile(DATA, 4, 2, timeout=None)
     with pytest.raises(ValueError, match="plan must be None, 'auto' or a pipebd.Plan, got 'fastest'"):
         d.fit(DATA, batch_size=4, steps=1, world_size=2, plan="fastest")
+    with pytest.raises(ValueError, match=r"written as the CLI takes it: pipebd.Plan.parse\('\[0-1\]x1 \| \[2-3\]x1'\)"):
+        d.fit(DATA, batch_size=4, steps=1, world_size=2, plan="[0-1]x1 | [2-3]x1")
+    sgd = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)    # one optimizer, not a factory
+    for name, made in (("optimizer", sgd), ("scheduler", torch.optim.lr_scheduler.StepLR(sgd, 10))):
+        with pytest.raises(TypeError, match=f"{name} must be a factory such as lambda .* got a {type(made).__name__}"):
+            pipebd.Distiller(*mlp_pair(num_blocks=4), **{name: made})
     with pytest.raises(ValueError, match="needs labels"):
         class NeedsLabels(nn.Module):
             needs_labels = True
