@@ -168,8 +168,8 @@ def run(config: RunConfig) -> None:
 
 def profile(config: RunConfig) -> None:
     """Print the block profile, the auto plan and the simulator's predictions for the config's
-    world size and steps, next to one block range per rank and the baseline."""
-    from .plan import default_plan
+    world size and steps, next to the config's plan, one block range per rank and the baseline."""
+    from .plan import Plan, default_plan
     from .planner import auto_plan
     from .simulator import simulate, simulate_baseline
 
@@ -181,12 +181,19 @@ def profile(config: RunConfig) -> None:
     best = auto_plan(prof, config.world_size)
     print(f"auto: {best}")
     print(simulate(prof, best.plan, steps, max_inflight))
-    one_range = default_plan(distiller.num_blocks, config.world_size)
-    # The others only where every replica gets a row of the batch, as fit would require.
-    if max(one_range.replicas) <= config.batch_size and one_range != best.plan:
-        print(simulate(prof, one_range, steps, max_inflight))
+    shown = [best.plan]
+    configured = config.fit_plan()
+    # The config's own plan, then one block range per rank; each once, and only where every
+    # replica gets a row of the batch, as fit would require.
+    for plan in ([configured] if isinstance(configured, Plan) else []) + [default_plan(distiller.num_blocks,
+                                                                                       config.world_size)]:
+        if max(plan.replicas) <= config.batch_size and plan not in shown:
+            print(simulate(prof, plan, steps, max_inflight))
+            shown.append(plan)
     if config.world_size <= config.batch_size:
         print(simulate_baseline(prof, config.world_size, steps))
+    if config.trace or config.plot:
+        print("(profile runs no training, so it writes no trace or plot)")
 
 
 def build_codistill(config: CodistillConfig) -> tuple[Codistillation, TensorDataset, tuple[Tensor, Tensor]]:

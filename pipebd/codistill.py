@@ -643,7 +643,7 @@ class _Rank:
                     bad = checkpoint.diverged(self.models[i], self.finite[i])
                     if bad:
                         raise NonFiniteLoss(f"non-finite weights ({', '.join(bad[:3])}) of model {i} after step "
-                                            f"{done - 1}; the checkpoint of an earlier step is kept")
+                                            f"{done - 1}; the checkpoint of an earlier step is kept", (done - 1, i))
                     checkpoint.save_model(job.checkpoint_dir, i, done, self.models[i], self.optimizers[i],
                                           self.schedulers.get(i), self.snapshots[i], self.sources)
             if self.world_size > 1:
@@ -670,7 +670,7 @@ class _Rank:
         losses = self.losses[step]
         if not torch.isfinite(losses).all():
             i = next(i for i in self.own if not torch.isfinite(losses[i]))
-            raise NonFiniteLoss(f"non-finite loss ({losses[i].item()}) of model {i} at step {step}")
+            raise NonFiniteLoss(f"non-finite loss ({losses[i].item()}) of model {i} at step {step}", (step, i))
 
     def result(self) -> _RankResult:
         state = {i: {k: v.detach().cpu() for k, v in self.models[i].state_dict().items()} for i in self.own} \

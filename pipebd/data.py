@@ -98,20 +98,39 @@ def load_rows(dataset: Dataset | torch.Tensor, index: torch.Tensor,
     if _tensors(dataset):
         tensors = dataset.tensors
         return tensors[0][index], (tensors[1][index] if labels and len(tensors) > 1 else None)
+    rows = index.tolist()
     if seeds is None:
-        pairs = [split_item(dataset[i]) for i in index.tolist()]
+        pairs = [_item(dataset, i) for i in rows]
     else:
         generator = torch.random.default_generator
         state, pairs = generator.get_state(), []
         try:
-            for i, seed in zip(index.tolist(), seeds, strict=True):
+            for i, seed in zip(rows, seeds, strict=True):
                 generator.manual_seed(seed)
-                pairs.append(split_item(dataset[i]))
+                pairs.append(_item(dataset, i))
         finally:
             generator.set_state(state)
-    x = default_collate([p[0] for p in pairs])
-    y = default_collate([p[1] for p in pairs]) if labels and pairs[0][1] is not None else None
+    try:
+        x = default_collate([p[0] for p in pairs])
+        y = default_collate([p[1] for p in pairs]) if labels and pairs[0][1] is not None else None
+    except Exception as err:
+        shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+        _note(err, f"pipebd: while batching dataset items [{shown}] (every sample must have the same shape)")
+        raise
     return x, y
+
+
+def _item(dataset: Dataset, i: int) -> tuple[Any, Any]:
+    try:
+        return split_item(dataset[i])
+    except Exception as err:   # the user's __getitem__: say which item, the traceback says where
+        _note(err, f"pipebd: while reading dataset item {i}")
+        raise
+
+
+def _note(err: BaseException, note: str) -> None:
+    if hasattr(err, "add_note"):   # Python 3.11+
+        err.add_note(note)
 
 
 PROBE_ROWS = 2   # BatchNorm without running statistics cannot take a batch of one, even in eval mode

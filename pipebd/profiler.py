@@ -313,6 +313,14 @@ def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5,
         if comm is None:
             comm = functools.partial(measure_comm, world_size, job.device)
         p2p, allreduce = comm()
+        noisy = _noisy_comm(p2p, allreduce)
+        if noisy:    # a busy machine: once more, and an entry measured so is not kept
+            p2p, allreduce = comm()
+            noisy = _noisy_comm(p2p, allreduce)
+            if noisy:
+                log.warning("pipebd: %s, measured twice; the machine may be busy. The plan uses these figures, "
+                            "but they are not cached: the next profile measures again", noisy)
+                path = None
         profile = dataclasses.replace(profile, p2p=p2p, allreduce=allreduce)   # refits the comm models
     if path is not None:
         try:
@@ -322,6 +330,21 @@ def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5,
             log.warning("pipebd: the profile was not cached (%s; set PIPEBD_CACHE_DIR to a writable "
                         "directory): %s", path, err)
     return dataclasses.replace(profile, **_job_options(job))
+
+
+def _noisy_comm(p2p: list, allreduce: list) -> str | None:
+    """What in the transfer timings cannot be a transfer's cost: the largest message no slower
+    than the smallest (the fit would then charge bytes nothing), else None."""
+    series = [("point-to-point", [(n, t) for n, t in p2p])]
+    series += [(f"allreduce on {k} ranks", [(n, t) for j, n, t in allreduce if j == k])
+               for k in sorted({k for k, _, _ in allreduce})]
+    for what, points in series:
+        if len(points) > 1:
+            (small, t_small), (large, t_large) = min(points), max(points)
+            if t_large <= t_small:
+                return (f"a {what} of {large >> 10} KiB took {t_large * 1e3:.3f} ms, no longer than one of "
+                        f"{small >> 10} KiB ({t_small * 1e3:.3f} ms)")
+    return None
 
 
 def _job_options(job: Job) -> dict[str, Any]:

@@ -101,6 +101,10 @@ class Report:
             lines.append(f"{s:>5} {blocks:>7} {ranks:>9} {st.utilization:>6.1%} {st.communication:>6.1%} "
                          f"{st.waiting:>6.1%} {st.idle:>6.1%}"
                          + (f" {sim.stage_utilization[s]:>9.1%}" if sim is not None else ""))
+        used = sum(len(st.ranks) for st in self.stages)
+        if used < self.world_size:   # a plan may leave ranks out (auto does where more would not pay)
+            idle = f"rank {used}" if used == self.world_size - 1 else f"ranks {used}-{self.world_size - 1}"
+            lines.append(f"{idle} idle: the plan uses {used} of {self.world_size}")
         lines.append(f"teacher block runs: {self.teacher_block_runs}")
         if any(self.start):
             lines.append(f"resumed: blocks had completed steps {self.start}")

@@ -215,15 +215,20 @@ def test_cli_makes_output_folders_and_refuses_unwritable_outputs_before_training
     assert fits == []
 
 
-def test_cli_profile_prints_costs_plan_and_predictions(capsys):
+def test_cli_profile_prints_costs_plan_and_predictions(tmp_path, capsys):
     code = main(["profile", "--set", "model={pair: emulated, args: {profile: unbalanced, scale: 0.2}}",
-                 "--set", "batch_size=16", "--set", "steps=10", "--set", "world_size=3", "--set", "data.samples=32"])
+                 "--set", "batch_size=16", "--set", "steps=10", "--set", "world_size=3", "--set", "data.samples=32",
+                 "--set", "plan=[0-4]x2 | [5]x1", "--set", f"trace={tmp_path / 't.json'}"])
     out = capsys.readouterr().out
     assert code == 0
     assert "teacher ms" in out and "allreduce: 2 ranks" in out
     auto = next(line for line in out.splitlines() if line.startswith("auto: plan"))
     sims = [line for line in out.splitlines() if line.startswith("simulated")]
-    assert len(sims) == 3 and sims[-1].startswith("simulated baseline")
+    # The auto plan, the config's plan, one range per rank (a poor plan: auto differs from both).
+    assert len(sims) == 4 and sims[1].startswith("simulated pipebd [0-4]x2 | [5]x1")
+    assert sims[-1].startswith("simulated baseline"), sims
+    sims = sims[:1] + sims[2:]
+    assert "writes no trace or plot" in out and not (tmp_path / "t.json").exists()
     # Over only 10 steps pipeline fill counts, so the auto plan (optimal in steady state) need
     # not beat one range per rank by much here; both beat the baseline by far on this profile.
     rate = [float(line.split(": ")[1].split()[0]) for line in sims]

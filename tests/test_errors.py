@@ -241,6 +241,37 @@ def test_worker_that_dies_silently_is_reported(attempt):
     assert info.value.rank == 1
 
 
+def test_a_rank_failing_in_the_users_dataset_shows_the_users_file_line_and_item(tmp_path):
+    # cloudpickle 3.1 names code it pickles by value "<dynamic-code>": no file, no source line.
+    script = tmp_path / "train.py"
+    script.write_text("import torch, pipebd\n"
+                      "from pipebd.models import mlp_pair\n"
+                      "class Corrupt(torch.utils.data.Dataset):\n"
+                      "    def __len__(self): return 64\n"
+                      "    def __getitem__(self, i):\n"
+                      "        if i == 50: raise KeyError('sample 50 is corrupt')\n"
+                      "        return torch.randn(16)\n"
+                      "if __name__ == '__main__':\n"
+                      "    teacher, student = mlp_pair(num_blocks=2)\n"
+                      "    pipebd.Distiller(teacher, student, device='cpu').fit(Corrupt(), 16, 8, world_size=2,"
+                      " timeout=60, progress=False)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f'File "{script}", line 6, in __getitem__\n' in proc.stderr, proc.stderr
+    assert "if i == 50: raise KeyError('sample 50 is corrupt')" in proc.stderr
+    assert "pipebd: while reading dataset item 50\n" in proc.stderr
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_samples_of_other_shapes_are_named_by_their_items():
+    from pipebd.data import load_rows
+    items = [torch.randn(4), torch.randn(4), torch.randn(5)]
+    with pytest.raises(RuntimeError) as info:
+        load_rows(items, torch.tensor([0, 2]), None, labels=False)
+    assert info.value.__notes__ == ["pipebd: while batching dataset items [0, 2] (every sample must have the same "
+                                    "shape)"]
+
+
 def test_a_script_without_a_main_guard_is_told_why(tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text("import torch, pipebd\n"
@@ -354,3 +385,6 @@ def test_non_finite_loss_names_stage_block_and_step():
     with pytest.raises(pipebd.NonFiniteLoss, match=f"non-finite loss \\(nan\\) at stage \\d, block \\d, step {step}") as info:
         distiller().fit(data, batch_size=4, steps=step + 2, world_size=2, timeout=60)
     assert isinstance(info.value, pipebd.WorkerError)
+    # Stage 1 trains on stage 0's relayed NaN too, maybe first: the cause is the earliest block.
+    cause = str(info.value).split("\nthen, probably as a consequence")[0]
+    assert cause.startswith("rank 0 (stage 0") and f"at stage 0, block 0, step {step}" in cause, str(info.value)

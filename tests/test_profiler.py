@@ -89,6 +89,23 @@ def test_cache_hit_miss_and_corrupt_file(monkeypatch):
     assert len(calls) == 4
 
 
+def test_transfer_timings_that_cannot_be_costs_are_measured_again_and_not_cached(caplog):
+    noisy = ([(4096, 2e-3), (4 << 20, 1.8e-3)], NO_COMM[1])          # 4 MiB no slower than 4 KiB
+    measured = []
+    for answers, cached in (([noisy, NO_COMM], True), ([noisy, noisy], False)):
+        answers = list(answers)
+        distiller = emulated(blocks=3 if cached else 1)               # a cache entry of its own
+        with caplog.at_level("WARNING", logger="pipebd"):
+            caplog.clear()
+            profile = profiler.profile_job(job(distiller), 3, warmup=0, repeats=1,
+                                           comm=lambda: measured.append(1) or answers.pop(0))
+        assert profile.p2p == (NO_COMM if cached else noisy)[0]
+        assert ("measured twice; the machine may be busy" in caplog.text) != cached
+        calls = len(measured)
+        profiler.profile_job(job(distiller), 3, warmup=0, repeats=1, comm=lambda: measured.append(1) or NO_COMM)
+        assert len(measured) == calls + (0 if cached else 1)        # read from the cache, or measured again
+
+
 def test_a_cache_that_cannot_be_written_is_warned_about(monkeypatch, tmp_path, caplog):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("PIPEBD_CACHE_DIR", str(tmp_path / "file"))      # not a directory

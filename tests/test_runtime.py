@@ -1,6 +1,7 @@
 """Properties of the teacher relay beyond equal weights: who touches the data, no_grad teacher,
 bounded run-ahead, and the report and trace built from the recorded spans."""
 
+import dataclasses
 import json
 import os
 import time
@@ -143,6 +144,9 @@ def test_report_and_trace(tmp_path):
     assert report.stages[1].communication > 0  # the replicated stage allreduces its gradients
     text = str(report)
     assert "samples/s" in text and "[1-3]x2" in text and "teacher block runs: [48, 48, 48, 48]" in text
+    assert " idle: the plan uses" not in text       # a plan that leaves ranks out says so
+    assert "rank 3 idle: the plan uses 3 of 4" in str(dataclasses.replace(report, world_size=4))
+    assert "ranks 3-4 idle: the plan uses 3 of 5" in str(dataclasses.replace(report, world_size=5))
 
     path = tmp_path / "trace.json"
     report.save_trace(str(path))

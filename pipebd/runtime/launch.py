@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import itertools
+import marshal
 import multiprocessing as mp
 import multiprocessing.connection
 import numbers
@@ -23,6 +25,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
@@ -203,6 +206,27 @@ def _broadcast_from_rank0(modules: list[torch.nn.Module], device: torch.device) 
                 tensor.data.copy_(buf)
 
 
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, keeping the file name of the code it pickles by value (a class or function of
+    the user's script): cloudpickle 3.1 writes ``<dynamic-code>``, so a rank's traceback showed
+    neither the user's file nor the line that failed. The workers run this interpreter, so the
+    code objects travel as ``marshal`` writes them, whole."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, types.CodeType):
+            try:
+                return marshal.loads, (marshal.dumps(obj),)
+            except ValueError:   # a constant marshal cannot write (code made by hand): cloudpickle's way
+                pass
+        return super().reducer_override(obj)
+
+
+def _dumps(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -223,7 +247,8 @@ def _worker(rank: int, world_size: int, port: int, payload: bytes, backend: str,
         report.send(("ok", cloudpickle.dumps(value) if rank == 0 else None))
         dist.destroy_process_group()
     except BaseException as err:
-        report.send(("error", time.time(), traceback.format_exc(), isinstance(err, NonFiniteLoss)))
+        where = err.where or () if isinstance(err, NonFiniteLoss) else None   # (step, block) of a NaN
+        report.send(("error", time.time(), traceback.format_exc(), where))
         sys.exit(1)
 
 
@@ -283,7 +308,7 @@ def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s:
             ends.append(hold_end)   # held until the ranks have ended; the caller's death closes it
             # Not daemonic: a rank may start DataLoader workers. _stop ends every rank.
             p = ctx.Process(target=_worker, name=f"pipebd-rank{r}", daemon=False,
-                            args=(r, world_size, port, cloudpickle.dumps(task), backend, timeout_s, send_end,
+                            args=(r, world_size, port, _dumps(task), backend, timeout_s, send_end,
                                   watch_end))
             p.start()
             send_end.close()  # the child holds the only write end: its exit means EOF here
@@ -329,7 +354,7 @@ def _collect(procs: list, conns: dict) -> tuple[Any, list, list[int]]:
                 if rank not in started:
                     text = (f"rank {rank} {how} before it started; its output above says why. A script "
                             f"that starts ranks when it is imported needs `if __name__ == \"__main__\":`\n")
-                msg = ("error", time.time(), text, False)
+                msg = ("error", time.time(), text, None)
             if msg[0] == "started":
                 started.add(rank)
                 continue
@@ -366,8 +391,8 @@ def _end(p: Any, kill: bool) -> None:
 
 
 def _worker_error(errors: list, role: Callable[[int], str], silent: list[int]) -> WorkerError:
-    """The first error (by the time it happened), with the last line of each later one, and the
-    ranks that never reported: a rank that stalls makes its peers time out, so the first error
+    """The first error (by the time it happened; for a NaN, the earliest step and block), with
+    the last line of each later one, and the ranks that never reported: a rank that stalls makes its peers time out, so the first error
     is a peer's, and the stalled rank is named only here."""
     def happened(error: tuple) -> tuple[float, int]:
         when, text, _, rank = error
@@ -375,7 +400,9 @@ def _worker_error(errors: list, role: Callable[[int], str], silent: list[int]) -
         return when + (_REACTION_S if lines and _LOST_PEER.search(lines[-1]) else 0.0), rank
 
     errors.sort(key=happened)
-    _, tb, non_finite, rank = errors[0]
+    if errors[0][2] is not None:   # a NaN, which every later stage then sees: the earliest step and block
+        errors.sort(key=lambda error: (error[2] is None, error[2] or (), happened(error)))
+    _, tb, where, rank = errors[0]
     message = f"rank {rank}{role(rank)} failed:\n{tb.rstrip()}"
     others = [f"rank {r}: {t.strip().splitlines()[-1]}" for _, t, _, r in errors[1:]]
     if others:
@@ -384,4 +411,4 @@ def _worker_error(errors: list, role: Callable[[int], str], silent: list[int]) -
         ranks = ", ".join(f"{r}{role(r)}" for r in silent)
         message += (f"\nrank(s) {ranks} had not reported {_GRACE_S:g} s after that and were stopped "
                     f"(if the error above is a timeout, a stalled rank among these may be the cause)")
-    return (NonFiniteWorkerError if non_finite else WorkerError)(rank, message)
+    return (NonFiniteWorkerError if where is not None else WorkerError)(rank, message)

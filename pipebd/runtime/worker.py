@@ -133,7 +133,15 @@ class GradBucket:
 
 
 class NonFiniteLoss(FloatingPointError):
-    """A block's loss became NaN or infinite; the message names the stage, block and step."""
+    """A block's loss became NaN or infinite; the message names the stage, block and step, and
+    ``where`` is ``(step, block)`` (a model's index for codistillation): a NaN relayed on is seen
+    by every later stage, and the earliest is the one to report."""
+
+    where: tuple[int, int] | None = None
+
+    def __init__(self, message: str, where: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.where = where
 
 
 class RankRuntime:
@@ -258,7 +266,8 @@ class RankRuntime:
                     bad = checkpoint.diverged(self.student[i], self.finite[i])
                     if bad:
                         raise NonFiniteLoss(f"non-finite weights ({', '.join(bad[:3])}) at stage {self.stage}, "
-                                            f"block {i} after step {step}; its checkpoint of an earlier step is kept")
+                                            f"block {i} after step {step}; its checkpoint of an earlier step is kept",
+                                            (step, i))
                     checkpoint.save_block(self.job.checkpoint_dir, i, step + 1, self.student[i],
                                           self.optimizers[i], self.schedulers.get(i))
 
@@ -278,7 +287,7 @@ class RankRuntime:
                 if len(bad):
                     t = self.checked[b] + int(bad[0])
                     raise NonFiniteLoss(f"non-finite loss ({self.losses[t, b].item()}) at stage "
-                                        f"{self.stage}, block {b}, step {t}")
+                                        f"{self.stage}, block {b}, step {t}", (t, b))
         for b in due:
             self.checked[b] = step + 1
 
