@@ -325,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                             ("codistill", "train n classifiers on a labelled task, each distilling from the "
                                           "others (codistillation or online distillation), and print the report")):
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("config", nargs="?", help="YAML file (default: built-in defaults)")
+        shows = "pipebd codistill --check" if name == "codistill" else "pipebd check"
+        p.add_argument("config", nargs="?", help=f"YAML file; without one, the built-in defaults, which "
+                                                 f"`{shows}` prints (configs/*.yaml set others)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set steps=10 --set "
                             + ("mode=online" if name == "codistill" else "'plan=[0-1]x1 | [2-3]x1'"))
