@@ -241,6 +241,13 @@ def test_worker_that_dies_silently_is_reported(attempt):
     assert info.value.rank == 1
 
 
+def failing_script(script):
+    """Run the user's ``script``, which must fail; its completed process."""
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stdout
+    return proc
+
+
 def test_a_rank_failing_in_the_users_dataset_shows_the_users_file_line_and_item(tmp_path):
     # cloudpickle 3.1 names code it pickles by value "<dynamic-code>": no file, no source line.
     script = tmp_path / "train.py"
@@ -255,8 +262,7 @@ def test_a_rank_failing_in_the_users_dataset_shows_the_users_file_line_and_item(
                       "    teacher, student = mlp_pair(num_blocks=2)\n"
                       "    pipebd.Distiller(teacher, student, device='cpu').fit(Corrupt(), 16, 8, world_size=2,"
                       " timeout=60, progress=False)\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
+    proc = failing_script(script)
     assert f'File "{script}", line 6, in __getitem__\n' in proc.stderr, proc.stderr
     assert "if i == 50: raise KeyError('sample 50 is corrupt')" in proc.stderr
     assert "pipebd: while reading dataset item 50\n" in proc.stderr
@@ -279,8 +285,7 @@ def test_a_script_without_a_main_guard_is_told_why(tmp_path):
                       "teacher, student = mlp_pair(num_blocks=2)\n"
                       "pipebd.Distiller(teacher, student, device='cpu').fit(torch.randn(8, 16), 4, 1, world_size=2,"
                       " timeout=60)\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
+    proc = failing_script(script)
     assert "exited with code 1 before it started" in proc.stderr
     assert 'needs `if __name__ == "__main__":`' in proc.stderr
 
