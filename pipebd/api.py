@@ -185,7 +185,7 @@ class Distiller:
             fingerprint = teacher_fingerprint(self.teacher, job.boundary[0].shape, job.boundary[0].dtype)
             if states:
                 fingerprint = checkpoint.check_teacher(directory, fingerprint)
-                checkpoint.check_every(directory, every)
+                checkpoint.check_every(directory, every, job.steps - min(st["step"] for st in states.values()))
         for block, state in states.items():
             self.student[block].load_state_dict(state["weights"])
         job.start = {block: state["step"] for block, state in states.items()}
@@ -295,8 +295,8 @@ class Distiller:
         if isinstance(plan, str):
             if plan == "auto":
                 return default_plan(n, world_size)
-            raise ValueError(f"plan must be None, 'auto' or a pipebd.Plan, got {plan!r} (for a plan written as "
-                             f"the CLI takes it: pipebd.Plan.parse({plan!r}))")
+            hint = f" (for a plan written as the CLI takes it: pipebd.Plan.parse({plan!r}))" if "[" in plan else ""
+            raise ValueError(f"plan must be None, 'auto' or a pipebd.Plan, got {plan!r}{hint}")
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be None, 'auto' or a pipebd.Plan, got {type(plan).__name__}")
         plan.validate(n, world_size)

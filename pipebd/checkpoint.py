@@ -59,6 +59,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -232,8 +233,12 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
 
 
 def _cpu(obj: Any) -> Any:
+    """``obj`` with its tensors on the CPU and numpy scalars as Python numbers (a setting such as
+    ``lr=np.float64(0.1)``), which ``torch.load(weights_only=True)`` would refuse."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
+    if isinstance(obj, np.generic):
+        return obj.item()
     if isinstance(obj, dict):
         return {k: _cpu(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -308,6 +313,13 @@ def _load(path: str, what: str, field: str, value: int) -> dict:
     except OSError as err:
         raise ValueError(f"cannot read the checkpoint of {what} ({path}): {err.strerror or err}") from err
     except Exception as err:   # torch's own text would advise weights_only=False: never for a damaged file
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            unsafe = []
+        if unsafe:   # written by an older pipebd from a setting such as lr=np.float64(0.1)
+            raise ValueError(f"cannot read the checkpoint of {what} ({path}): it holds {', '.join(unsafe)}, which "
+                             f"pipebd does not load (torch.load weights_only); start the run afresh") from err
         raise ValueError(f"cannot read the checkpoint of {what} ({path}): the file is damaged or not a pipebd "
                          f"checkpoint ({type(err).__name__}); restore it, or start the run afresh in an empty "
                          f"directory") from err
@@ -337,12 +349,13 @@ def check_teacher(directory: str, fingerprint: list[float]) -> list[float]:
     return saved
 
 
-def check_every(directory: str, every: int | None) -> None:
-    """Warn when a resumed run would save only after its last step while the run it continues
-    saved every few steps (``checkpoint_every`` is not carried over: a resume sets its own)."""
+def check_every(directory: str, every: int | None, remaining: int) -> None:
+    """Warn when a resumed run with ``remaining`` steps to train would save only after its last
+    step while the run it continues saved every fewer steps (``checkpoint_every`` is not carried
+    over: a resume sets its own)."""
     with open(os.path.join(directory, RUN_FILE)) as f:
         saved = json.load(f).get("checkpoint_every")
-    if every is None and isinstance(saved, int):
+    if every is None and isinstance(saved, int) and saved < remaining:
         log.warning("pipebd: the run in %s saved every %d steps; this one saves only after its last step. "
                     "Pass checkpoint_every=%d (--set checkpoint_every=%d) to keep saving as it did",
                     directory, saved, saved, saved)

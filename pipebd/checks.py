@@ -66,7 +66,7 @@ def check_factory(name: str, factory: Any) -> None:
     """``factory`` is None or a callable that makes one (each block or model gets its own), else TypeError."""
     if factory is not None and not callable(factory):
         raise TypeError(f"{name} must be a factory such as {_FACTORIES[name]} (each block or model gets its "
-                        f"own), got a {type(factory).__name__}")
+                        f"own), got an instance of {type(factory).__name__}")
 
 
 def check_device(device: str | None) -> str:

@@ -193,7 +193,7 @@ class Codistillation:
             # An nn.Sequential is iterable: its layers would be taken as the models.
             raise TypeError(f"models must be a factory (lambda i: a new model) or a list of models, got one "
                             f"{type(models).__name__}; for copies of it pass lambda i: copy.deepcopy(model)")
-        if callable(models):
+        if callable(models) and not isinstance(models, nn.Module):   # an nn.ModuleList is callable too
             self.model_fn, self._models = models, None
             n = 2 if n is None else n
         else:
@@ -327,9 +327,9 @@ class Codistillation:
         key = checkpoint.CodistillKey(job.n, job.mode, job.batch_size, job.seed, dataset_length(job.dataset),
                                       job.exchange_every)
         start, states = checkpoint.read_codistill(directory, key, job.steps, resume)
-        if states and first_rank:
-            checkpoint.check_every(directory, every)
         checkpoint.check(states, job.models, job.optimizer, job.scheduler, what="model", warn=first_rank)
+        if states and first_rank:
+            checkpoint.check_every(directory, every, job.steps - start)
         job.start = start
         if states and job.exchanges:
             for step in job.restored_exchanges():

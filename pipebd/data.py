@@ -115,7 +115,8 @@ def load_rows(dataset: Dataset | torch.Tensor, index: torch.Tensor,
         y = default_collate([p[1] for p in pairs]) if labels and pairs[0][1] is not None else None
     except Exception as err:
         shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
-        _note(err, f"pipebd: while batching dataset items [{shown}] (every sample must have the same shape)")
+        _note(err, f"pipebd: while batching dataset items [{shown}] (samples must collate: tensors of one "
+                   f"shape and dtype, or tuples of them)")
         raise
     return x, y
 

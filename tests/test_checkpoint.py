@@ -115,6 +115,17 @@ def test_resume_from_an_empty_directory_starts_at_step_0(tmp_path, reference):
                       "teacher": teacher_fingerprint(d.teacher, (D,), torch.float32), "checkpoint_every": None}
 
 
+def test_numpy_settings_are_saved_as_numbers_that_load(tmp_path):
+    # torch.load(weights_only=True) refuses numpy scalars: an lr of np.float64 made every resume fail.
+    import numpy as np
+    runs = [distiller(), distiller()]
+    for d in runs:
+        d.optimizer = lambda p: torch.optim.SGD(p, lr=np.float64(0.05), momentum=np.float32(0.5))
+    runs[0].fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, progress=False)
+    report = runs[1].fit(DATA, BATCH, STEPS + 2, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert report.start == [STEPS] * BLOCKS
+
+
 def test_a_resume_without_checkpoint_every_is_warned_that_it_saves_only_at_the_end(tmp_path, caplog):
     distiller().fit(DATA, BATCH, STEPS, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
     for every, warned in ((None, True), (3, False)):
@@ -191,6 +202,11 @@ def test_a_checkpoint_that_does_not_fit_is_named_before_anything_is_loaded(saved
                                          "pipebd checkpoint .*; restore it") as caught:
         distiller().fit(DATA, BATCH, 20, checkpoint_dir=saved, resume=True, progress=False)
     assert "weights_only" not in str(caught.value)     # torch's advice to load unsafely
+    import numpy as np
+    torch.save({"lr": np.float64(0.1)}, checkpoint.block_path(saved, 2))    # an older pipebd's numpy setting
+    with pytest.raises(ValueError, match="cannot read the checkpoint of block 2 .* it holds numpy.*, which pipebd "
+                                         "does not load"):
+        distiller().fit(DATA, BATCH, 20, checkpoint_dir=saved, resume=True, progress=False)
 
 
 @pytest.mark.parametrize("record", ['"kind"', "5", "null", "[1, 2]"])

@@ -304,7 +304,7 @@ def test_an_exchange_that_fails_surfaces_as_a_clear_error(how):
      r"eval_data labels must be in \[0, 5\) .* got \[-1\]"),
     ({}, dict(threads=1.5), "threads must be an integer >= 1, got 1.5"),
     (dict(optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)), {},
-     "optimizer must be a factory such as lambda params: .* got a SGD"),
+     "optimizer must be a factory such as lambda params: .* got an instance of SGD"),
 ])
 def test_bad_input_is_refused_before_training(monkeypatch, kwargs, fit, message):
     monkeypatch.setattr(pipebd.codistill, "spawn_tasks", lambda *a, **k: pytest.fail("workers were started"))
@@ -319,7 +319,8 @@ def test_models_that_share_parameters_or_one_model_are_refused():
     for one in (shared[0], nn.Sequential(nn.Linear(FEATURES, CLASSES), nn.Linear(CLASSES, CLASSES))):
         with pytest.raises(TypeError, match="models must be a factory .* got one Sequential"):   # not its layers
             pipebd.Codistillation(one, n=2)
-    assert pipebd.Codistillation(nn.ModuleList(initial_models(2))).n == 2
+    listed = pipebd.Codistillation(nn.ModuleList(initial_models(3)))        # a list of models, not a factory
+    assert listed.n == 3 and len(listed.models) == 3
     with pytest.raises(ValueError, match="models 0 and 1 share parameters"):
         pipebd.Codistillation([shared[0], shared[0]])
     shared[1][0] = shared[0][0]

@@ -98,13 +98,14 @@ def test_other_bad_arguments(no_spawn):
             d.fit(DATA, batch_size=4, steps=1, world_size=2, timeout=timeout)
     with pytest.raises(TypeError, match="timeout must be a number of seconds"):
         d.profile(DATA, 4, 2, timeout=None)
-    with pytest.raises(ValueError, match="plan must be None, 'auto' or a pipebd.Plan, got 'fastest'"):
+    with pytest.raises(ValueError, match="plan must be None, 'auto' or a pipebd.Plan, got 'fastest'$"):
         d.fit(DATA, batch_size=4, steps=1, world_size=2, plan="fastest")
     with pytest.raises(ValueError, match=r"written as the CLI takes it: pipebd.Plan.parse\('\[0-1\]x1 \| \[2-3\]x1'\)"):
         d.fit(DATA, batch_size=4, steps=1, world_size=2, plan="[0-1]x1 | [2-3]x1")
     sgd = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)    # one optimizer, not a factory
     for name, made in (("optimizer", sgd), ("scheduler", torch.optim.lr_scheduler.StepLR(sgd, 10))):
-        with pytest.raises(TypeError, match=f"{name} must be a factory such as lambda .* got a {type(made).__name__}"):
+        with pytest.raises(TypeError, match=f"{name} must be a factory such as lambda .* got an instance of "
+                                            f"{type(made).__name__}"):
             pipebd.Distiller(*mlp_pair(num_blocks=4), **{name: made})
     with pytest.raises(ValueError, match="needs labels"):
         class NeedsLabels(nn.Module):
@@ -274,8 +275,8 @@ def test_samples_of_other_shapes_are_named_by_their_items():
     items = [torch.randn(4), torch.randn(4), torch.randn(5)]
     with pytest.raises(RuntimeError) as info:
         load_rows(items, torch.tensor([0, 2]), None, labels=False)
-    assert info.value.__notes__ == ["pipebd: while batching dataset items [0, 2] (every sample must have the same "
-                                    "shape)"]
+    assert info.value.__notes__ == ["pipebd: while batching dataset items [0, 2] (samples must collate: tensors "
+                                    "of one shape and dtype, or tuples of them)"]
 
 
 def test_a_script_without_a_main_guard_is_told_why(tmp_path):
