@@ -97,7 +97,8 @@ def build_pair(config: RunConfig) -> tuple[nn.Module, nn.Module, tuple[int, ...]
         except Exception as err:
             hint = ""
             if isinstance(err, TypeError) and "unexpected keyword argument" in str(err):
-                hint = f" (model.args are the arguments of model.pair {name!r}; for its defaults: --set 'model.args={{}}')"
+                hint = (f" (model.args are the arguments of model.pair {name!r}; for its defaults: "
+                        f"--set 'model.args={{}}')")
             raise ValueError(f"model.args {args} do not build model.pair {name!r}: {err}{hint}") from err
     for w in caught:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)

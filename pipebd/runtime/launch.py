@@ -392,8 +392,8 @@ def _end(p: Any, kill: bool) -> None:
 
 def _worker_error(errors: list, role: Callable[[int], str], silent: list[int]) -> WorkerError:
     """The first error (by the time it happened; for a NaN, the earliest step and block), with
-    the last line of each later one, and the ranks that never reported: a rank that stalls makes its peers time out, so the first error
-    is a peer's, and the stalled rank is named only here."""
+    the last line of each later one, and the ranks that never reported: a rank that stalls makes
+    its peers time out, so the first error is a peer's, and the stalled rank is named only here."""
     def happened(error: tuple) -> tuple[float, int]:
         when, text, _, rank = error
         lines = text.strip().splitlines()
