@@ -314,15 +314,15 @@ def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5,
             comm = functools.partial(measure_comm, world_size, job.device)
         p2p, allreduce = comm()
         # On a CPU a larger message no faster than a small one is a busy machine (on a GPU link
-        # 4 KiB and 1 MiB may well cost the same): once more, and an entry measured so is not kept.
+        # 4 KiB and 1 MiB may well cost the same): measured once more, then said.
         noisy = _noisy_comm(p2p, allreduce) if torch.device(job.device).type == "cpu" else None
         if noisy:
             p2p, allreduce = comm()
             noisy = _noisy_comm(p2p, allreduce)
             if noisy:
                 log.warning("pipebd: %s, measured twice; the machine may be busy. The plan uses these figures, "
-                            "but they are not cached: the next profile measures again", noisy)
-                path = None
+                            "and they are cached%s", noisy,
+                            f": to measure again, delete {path}" if path is not None else "")
         profile = dataclasses.replace(profile, p2p=p2p, allreduce=allreduce)   # refits the comm models
     if path is not None:
         try:
