@@ -92,7 +92,8 @@ class EmulatedProfile(NamedTuple):
                    profile.batch_size, profile.device)
 
     def save(self, path: str, measured: "Profile | None" = None, **source: Any) -> None:
-        """Write as JSON (``pipebd.outputs.write_output``), with the measured profile and ``source`` facts beside it."""
+        """Write as JSON (``pipebd.outputs.write_output``), with the measured profile and
+        ``source`` facts beside it."""
         from pipebd.outputs import write_output
         data = {"kind": _KIND, "teacher": [_row(c) for c in self.teacher], "student": [_row(c) for c in self.student],
                 "batch_size": self.batch_size, "device": self.device, "source": source,

@@ -62,10 +62,12 @@ def check_seeds(config: RunConfig | CodistillConfig) -> None:
 
 def check_config_device(device: str | None) -> None:
     """The config's device: a CPU or CUDA device (what the runtime runs on), naming the key."""
-    if device is not None and (str(device).split(":")[0] not in ("cpu", "cuda")
-                               or check_device(device).split(":")[0] not in ("cpu", "cuda")):
+    if device is None:
+        return
+    if str(device).split(":")[0] not in ("cpu", "cuda"):
         hint = " (null, the default, picks cuda when there is one)" if str(device).lower() in ("none", "auto") else ""
         raise ValueError(f"config key 'device' must be cpu, cuda or cuda:N, got {device!r}{hint}")
+    check_device(device)   # cuda:x
 
 
 def check_backend(key: str, backend: str, device: str | None) -> None:

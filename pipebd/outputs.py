@@ -46,11 +46,12 @@ def descriptor(path: str | os.PathLike) -> int | None:
     for _ in range(40):                       # the kernel's own limit on links followed
         path = "/" + os.path.abspath(path).lstrip("/")
         folder, name = os.path.split(path)
-        for candidate in (path, os.path.join(os.path.realpath(folder), name)):
+        resolved = os.path.join(os.path.realpath(folder), name)
+        for candidate in (path, resolved):
             match = _FD.fullmatch(candidate)
             if match and match[1] in (None, str(os.getpid())):
                 return int(match[2])
-        path = os.path.join(os.path.realpath(folder), name)
+        path = resolved
         if not name or not os.path.islink(path):
             return None
         path = os.path.join(os.path.dirname(path), os.readlink(path))
@@ -60,8 +61,11 @@ def descriptor(path: str | os.PathLike) -> int | None:
 def is_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is written as a file (new or regular), not into a descriptor, FIFO or
     device. A path that cannot be looked up (a loop of links) counts as a file: ``refusal`` says why."""
-    if descriptor(path) is not None:
-        return False
+    return descriptor(path) is None and _regular_or_new(path)
+
+
+def _regular_or_new(path: str | os.PathLike) -> bool:
+    """``is_file`` for a path known to name no descriptor."""
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:
@@ -83,7 +87,7 @@ def refusal(path: str | os.PathLike) -> str | None:
         return f"descriptor {fd} is open for reading only" if flags & os.O_ACCMODE == os.O_RDONLY else None
     if path.endswith((os.sep, "/")) or os.path.isdir(path):
         return "it is a directory"
-    if not is_file(path):
+    if not _regular_or_new(path):
         mode = os.stat(path).st_mode
         if stat.S_ISSOCK(mode):
             return "it is a socket"
@@ -138,7 +142,7 @@ def write_output(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         with os.fdopen(os.dup(fd), mode) as f:
             write(f)
         return
-    if not is_file(path):
+    if not _regular_or_new(path):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
         except OSError as err:

@@ -29,8 +29,8 @@ BREAKDOWN = (("compute", "#31a354"), ("communication", "#de2d26"), ("waiting", "
 def image_format(path: str | os.PathLike) -> str:
     """The format ``plot_report`` writes ``path`` in: its suffix (``.svg``, ``.pdf``, ...), PNG
     when it has none. ValueError for a suffix matplotlib cannot write (or .pgf without the TeX
-    system it needs), ImportError without
-    matplotlib: both before anything is drawn (the CLI asks before training)."""
+    system it needs), ImportError without matplotlib: both before anything is drawn (the CLI
+    asks before training)."""
     try:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError as err:

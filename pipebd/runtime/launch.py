@@ -247,7 +247,7 @@ def _worker(rank: int, world_size: int, port: int, payload: bytes, backend: str,
         report.send(("ok", cloudpickle.dumps(value) if rank == 0 else None))
         dist.destroy_process_group()
     except BaseException as err:
-        where = err.where or () if isinstance(err, NonFiniteLoss) else None   # (step, block) of a NaN
+        where = (err.where or ()) if isinstance(err, NonFiniteLoss) else None   # (step, block) of a NaN
         report.send(("error", time.time(), traceback.format_exc(), where))
         sys.exit(1)
 
