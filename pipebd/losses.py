@@ -42,15 +42,17 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
 
         (1 - alpha) * T^2 * KL(p_t || softmax(s_r / T)) + alpha * cross_entropy(s_r, labels_r)
 
-    ``student_logits`` is [rows, V]. ``teacher_logits`` is [rows, V], or [n, rows, V] for a
-    teacher that is the average of n prediction sets: ``p_t = mean_k softmax(t_k / T)``
+    ``student_logits`` is [rows, V], or [batch, ..., V] (a sequence model's [batch, positions,
+    V]), whose every position is a row. ``teacher_logits`` has the student's shape, or [n, *that]
+    for a teacher that is the average of n prediction sets: ``p_t = mean_k softmax(t_k / T)``
     (codistillation). Teacher entries of probability zero (``-inf`` logits) contribute nothing.
 
     ``alpha`` mixes in the hard-label cross-entropy (at temperature 1) and then needs ``labels``
-    [rows] (integers in [0, V), or ``ignore_index`` for rows with no hard term). ``reduction``:
-    ``"batchmean"`` (sum over rows / rows; ignored rows count in the denominator, unlike
-    ``F.cross_entropy``'s mean, so that a batch split into slices sums to the full-batch loss),
-    ``"sum"`` or ``"none"`` (one value per row). The loss is float32 (float64 for float64 input).
+    of the student's shape less V (integers in [0, V), or ``ignore_index`` for rows with no hard
+    term). ``reduction``: ``"batchmean"`` (sum over rows / rows, so a mean over all positions;
+    ignored rows count in the denominator, unlike ``F.cross_entropy``'s mean, so that a batch
+    split into slices sums to the full-batch loss), ``"sum"`` or ``"none"`` (one value per row,
+    in the student's shape less V). The loss is float32 (float64 for float64 input).
 
     The gradient wrt the student is ``(1 - alpha) * T * (softmax(s/T) - p_t)`` plus
     ``alpha * (softmax(s) - onehot(labels))`` per row. The teacher gets no gradient unless
@@ -69,15 +71,18 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
         labels = None
     if not teacher_grad:
         sets = sets.detach()
-    if _use_triton(backend, student_logits):
+    positions = student_logits.shape[:-1]     # [batch, ...]: each position is a row
+    student = student_logits.reshape(-1, student_logits.shape[-1])
+    if _use_triton(backend, student):
         for name, value in (("temperature", temperature), ("alpha", alpha)):
             if isinstance(value, Tensor) and value.requires_grad:
                 raise ValueError(f"{name} that requires grad is differentiated only by backend='torch'; "
                                  f"the Triton kernels take it as a number")
         from pipebd.kernels.softmax_kd import fused_soft_target_loss
-        return fused_soft_target_loss(student_logits, sets, labels, temperature, alpha, ignore_index,
-                                      reduction, teacher_grad)
-    return _torch_soft_target_loss(student_logits, sets, labels, temperature, alpha, ignore_index, reduction)
+        loss = fused_soft_target_loss(student, sets, labels, temperature, alpha, ignore_index, reduction, teacher_grad)
+    else:
+        loss = _torch_soft_target_loss(student, sets, labels, temperature, alpha, ignore_index, reduction)
+    return loss.reshape(positions) if reduction == "none" else loss
 
 
 def _torch_soft_target_loss(student: Tensor, sets: Tensor, labels: Tensor | None, temperature: float,
@@ -124,18 +129,19 @@ def _check_logits(student: Tensor, teacher: Tensor, temperature: float, reductio
             raise TypeError(f"{name} must be a tensor, got {type(logits).__name__}")
         if not logits.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {logits.dtype}")
-    if student.dim() != 2 or teacher.dim() not in (2, 3):
-        raise ValueError(f"soft-target loss needs student logits [rows, classes] and teacher logits "
-                         f"[rows, classes] or [n, rows, classes], got student {tuple(student.shape)} "
-                         f"and teacher {tuple(teacher.shape)}")
-    if student.shape != teacher.shape[-2:]:
+    if student.dim() < 2 or teacher.dim() not in (student.dim(), student.dim() + 1):
+        raise ValueError(f"soft-target loss needs student logits [rows, classes] (or [batch, ..., classes]) "
+                         f"and teacher logits of that shape or [n, *that shape], got student "
+                         f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}")
+    if student.shape != teacher.shape[teacher.dim() - student.dim():]:
         raise ValueError(f"student logits {tuple(student.shape)} and teacher logits "
                          f"{tuple(teacher.shape)} differ in shape")
     if min(teacher.shape) == 0:
         raise ValueError(f"soft-target loss needs at least one row, class and teacher set, got teacher "
                          f"{tuple(teacher.shape)}")
     _check_options(temperature, reduction, alpha, backend)
-    return teacher if teacher.dim() == 3 else teacher.unsqueeze(0)
+    sets = teacher if teacher.dim() > student.dim() else teacher.unsqueeze(0)
+    return sets.reshape(len(sets), -1, student.shape[-1])
 
 
 def _number(name: str, value: Any) -> float | Tensor:
@@ -160,15 +166,17 @@ def _check_options(temperature: float | Tensor, reduction: str, alpha: float, ba
 
 
 def _check_labels(labels: Tensor | None, student: Tensor, ignore_index: int) -> Tensor:
-    rows, classes = student.shape
+    """``labels`` as int64 [rows], checked against the student's logits [..., classes]."""
+    positions, classes = tuple(student.shape[:-1]), student.shape[-1]
     if labels is None:
         raise ValueError("alpha > 0 mixes in a hard-label cross-entropy and needs labels [rows]")
     labels = torch.as_tensor(labels, device=student.device)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
-    if labels.shape != (rows,):
-        raise ValueError(f"labels must have shape ({rows},) for {rows} rows of logits, got {tuple(labels.shape)}")
-    labels = labels.to(torch.int64).contiguous()
+    if labels.shape != positions:
+        raise ValueError(f"labels must have shape {positions} for logits {tuple(student.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    labels = labels.reshape(-1).to(torch.int64).contiguous()
     bad = out_of_range(labels, classes, ignore_index)
     if bad:
         raise ValueError(f"labels must be in [0, {classes}) or ignore_index={ignore_index}, got {bad}")

@@ -87,3 +87,32 @@ def test_numpy_scalars_and_integer_tensors_are_taken_as_their_values(backend):
             pipebd.soft_target_loss(s, t, bad, backend=backend)
     with pytest.raises(TypeError, match="teacher_grad must be True or False, got 0"):
         pipebd.soft_target_loss(s, t, 2.0, teacher_grad=0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_with_positions_are_rows(backend):
+    # [batch, positions, V] is [batch * positions, V] (a mean over all positions), labels
+    # [batch, positions], and "none" keeps [batch, positions]; with an ensemble teacher too.
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(3, 4, 9, generator=g, requires_grad=True)
+    sets = torch.randn(2, 3, 4, 9, generator=g)
+    labels = torch.randint(0, 9, (3, 4), generator=g)
+    labels[0, 1] = -100
+    flat_s = s.detach().reshape(12, 9).requires_grad_()
+    for t in (sets[0], sets):
+        for reduction in ("batchmean", "sum", "none"):
+            got = pipebd.soft_target_loss(s, t, 2.0, reduction, labels=labels, alpha=0.3, backend=backend)
+            want = pipebd.soft_target_loss(flat_s, t.reshape(*t.shape[:-3], 12, 9), 2.0, reduction,
+                                           labels=labels.reshape(12), alpha=0.3, backend=backend)
+            assert got.shape == ((3, 4) if reduction == "none" else ())
+            torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-6, atol=1e-7)
+            s.grad = flat_s.grad = None
+            got.sum().backward()
+            want.sum().backward()
+            torch.testing.assert_close(s.grad.reshape(12, 9), flat_s.grad, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match=r"labels must have shape \(3, 4\) for logits \(3, 4, 9\), got \(12,\)"):
+        pipebd.soft_target_loss(s, sets[0], alpha=0.3, labels=labels.reshape(12), backend=backend)
+    with pytest.raises(ValueError, match=r"student \(3, 4, 9\) and teacher \(12, 9\)"):
+        pipebd.soft_target_loss(s, sets[0].reshape(12, 9), backend=backend)
+    with pytest.raises(ValueError, match=r"logits \(3, 4, 9\) and teacher logits \(2, 3, 4, 8\) differ in shape"):
+        pipebd.soft_target_loss(s, sets[..., :8], backend=backend)
