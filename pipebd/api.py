@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ from .profiler import COMM_REPEATS, Profile, comm_task, profile_job
 from .report import Report, build_report
 from .runtime.launch import (LOOPS, check_timeout, init_spmd, kept_as_given, pin_device, run_rank, run_spmd, spawn,
                              torchrun_env)
-from .runtime.worker import Job, TensorSpec
+from .runtime.worker import Job, TensorSpec, load_trained_state
 from .simulator import simulate
 
 log = logging.getLogger("pipebd")
@@ -57,17 +57,10 @@ class Distiller:
             for i, b in enumerate(blocks):
                 if not isinstance(b, nn.Module):
                     raise TypeError(f"{name} block {i} is a {type(b).__name__}, not an nn.Module")
-        for i, block in enumerate(self.student):
-            kinds = {(p.dtype, p.device) for p in block.parameters() if p.requires_grad}
-            if not kinds:
-                raise ValueError(f"student block {i} ({type(block).__name__}) has no trainable parameters; "
-                                 f"every student block is trained")
-            if len(kinds) > 1:
-                raise ValueError(f"student block {i} has trainable parameters of several dtypes or devices "
-                                 f"({sorted(map(str, kinds))}); each block's gradients share one buffer")
         if len(self.teacher) != len(self.student):
             raise ValueError(f"teacher has {len(self.teacher)} blocks but student has "
                              f"{len(self.student)}; blockwise distillation pairs them one to one")
+        _check_trainable(self.teacher, self.student)
         check_factory("optimizer", optimizer)
         check_factory("scheduler", scheduler)
         self.optimizer = optimizer or functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
@@ -271,7 +264,7 @@ class Distiller:
         if batch_size < widest and not auto:   # auto plans fit the batch
             raise ValueError(f"batch_size {batch_size} is smaller than the widest stage's replica "
                              f"count ({widest}); every replica needs at least one row")
-        boundary, labels = self._probe(dataset)
+        boundary, labels, inplace = self._probe(dataset)
         if threads is None and world_size > 1 and torchrun_env() is None:
             threads = max(1, (os.cpu_count() or 1) // world_size)   # spawned workers share the cores
         return Job(strategy=strategy, plan=resolved, num_blocks=self.num_blocks,
@@ -281,7 +274,7 @@ class Distiller:
                    boundary=boundary, labels=labels, device=self.device, max_inflight=max_inflight,
                    threads=threads, progress=sys.stderr.isatty() if progress is None else progress,
                    scheduler=self.scheduler, timeout=timeout, sync_batchnorm=sync_batchnorm,
-                   num_workers=num_workers)
+                   num_workers=num_workers, inplace=inplace)
 
     def _resolve_plan(self, plan: Plan | str | None, strategy: str, world_size: int) -> Plan:
         n = self.num_blocks
@@ -302,9 +295,11 @@ class Distiller:
         plan.validate(n, world_size)
         return plan
 
-    def _probe(self, dataset: Any) -> tuple[list[TensorSpec], TensorSpec | None]:
+    def _probe(self, dataset: Any) -> tuple[list[TensorSpec], TensorSpec | None, dict[str, frozenset[int]]]:
         """Run the first samples through every teacher and student block to learn the boundary
-        shapes and catch mismatches before any process starts."""
+        shapes and catch mismatches before any process starts, and which blocks change their
+        input in place (``Job.inplace``). Random ops in the blocks leave the caller's generators
+        as they were."""
         needs_labels = bool(getattr(self.final_loss, "needs_labels", False))
         x, y = probe_batch(dataset, labels=needs_labels)
         if not isinstance(x, Tensor):
@@ -312,17 +307,22 @@ class Distiller:
         if needs_labels and y is None:
             raise ValueError("final_loss needs labels but dataset items carry none (use (x, y) items)")
         labels = TensorSpec(tuple(torch.as_tensor(y).shape[1:]), torch.as_tensor(y).dtype) if needs_labels else None
-        with kept_as_given(self.teacher + self.student), torch.no_grad():
+        inplace: dict[str, set[int]] = {"teacher": set(), "student": set()}
+        with kept_as_given(self.teacher + self.student), torch.no_grad(), _caller_rng():
             for m in self.teacher + self.student:
                 m.eval()
             a = x.to(_device_of(self.teacher[0]))
             boundary = [TensorSpec(tuple(a.shape[1:]), a.dtype)]
             for i, (t, s) in enumerate(zip(self.teacher, self.student)):
-                out = _call_block(t, a, f"teacher block {i}")
+                out = _call_block(t, a, f"teacher block {i}", inplace["teacher"], i)
                 if not isinstance(out, Tensor):
                     raise TypeError(f"teacher block {i} returned a {type(out).__name__}; "
                                     f"blocks must return one tensor")
-                s_out = _call_block(s, a.to(_device_of(s)), f"student block {i}")
+                if out.dim() == 0 or len(out) != len(a):
+                    raise ValueError(f"teacher block {i} returned {_rows(out)} for an input of {_samples(a)}: "
+                                     f"blocks must keep the batch in dim 0 (batch_first=True for PyTorch's "
+                                     f"recurrent and transformer layers)")
+                s_out = _call_block(s, a.to(_device_of(s)), f"student block {i}", inplace["student"], i)
                 if not isinstance(s_out, Tensor) or s_out.shape != out.shape:
                     got = tuple(s_out.shape[1:]) if isinstance(s_out, Tensor) else type(s_out).__name__
                     raise ValueError(f"student block {i} outputs shape {got} per sample but "
@@ -333,7 +333,13 @@ class Distiller:
                 target = out.to(s_out.device)
                 loss_args = (s_out, target, torch.as_tensor(y).to(s_out.device)) if last and needs_labels \
                     else (s_out, target)
-                loss = loss_fn(*loss_args)
+                try:
+                    loss = loss_fn(*loss_args)
+                except TypeError as err:
+                    if not last or needs_labels or self.final_loss is None:
+                        raise
+                    raise TypeError(f"final_loss failed on (student logits, teacher logits): {err}. A final loss "
+                                    f"is also given the labels only if it has needs_labels = True") from err
                 if not isinstance(loss, Tensor) or loss.dim() != 0:
                     raise ValueError(f"the loss of block {i} must return a scalar tensor, got "
                                      f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
@@ -341,7 +347,7 @@ class Distiller:
                 boundary.append(TensorSpec(tuple(a.shape[1:]), a.dtype))
         if needs_labels:
             self._check_all_labels(dataset, classes=s_out.shape[-1])
-        return boundary, labels
+        return boundary, labels, {k: frozenset(v) for k, v in inplace.items()}
 
     def _check_all_labels(self, dataset: Any, classes: int) -> None:
         """With the labels all at hand (a TensorDataset), check them against the classes of the
@@ -358,7 +364,46 @@ class Distiller:
     def _load_states(self, results: list) -> None:
         for r in results:
             for block, state in r.state.items():
-                self.student[block].load_state_dict(state)
+                load_trained_state(self.student[block], state)
+
+
+def _check_trainable(teacher: list[nn.Module], student: list[nn.Module]) -> None:
+    """Refuse student blocks that ``fit`` could not train as given: one without trainable
+    parameters, one whose trainable parameters have several dtypes or devices (they share one
+    gradient buffer), and a trainable parameter held by two blocks. Each block has its own
+    optimizer and may train on another rank, so shared weights would be updated apart and one
+    copy would win. A teacher's parameter inside its own student block is frozen with the
+    teacher (the block's other parameters train); inside another block it is refused, since the
+    rank that trains that block may not hold the teacher block."""
+    owner: dict[int, list[int]] = {}   # parameter -> the teacher blocks that hold it
+    for j, block in enumerate(teacher):
+        for p in block.parameters():
+            owner.setdefault(id(p), []).append(j)
+    trained: dict[int, tuple[int, str]] = {}
+    for i, block in enumerate(student):
+        params = [(name, p) for name, p in block.named_parameters() if p.requires_grad and i not in owner.get(id(p), ())]
+        for name, p in params:
+            if id(p) in owner:
+                raise ValueError(f"student block {i}'s parameter {name!r} belongs to teacher block {owner[id(p)][0]}, "
+                                 f"which stays frozen: give the student a copy (copy.deepcopy) or freeze it "
+                                 f"(requires_grad_(False))")
+            if id(p) in trained:
+                j, first = trained[id(p)]
+                raise ValueError(f"student blocks {j} and {i} share a trainable parameter ({first!r} in block {j}, "
+                                 f"{name!r} in block {i}): each block has its own optimizer and may train on "
+                                 f"another rank, so shared weights cannot stay shared; give each block its own "
+                                 f"copy (copy.deepcopy) or freeze the shared one (requires_grad_(False))")
+            trained[id(p)] = (i, name)
+        if not params:
+            frozen = any(i in owner.get(id(p), ()) for p in block.parameters())
+            raise ValueError(f"student block {i} ({type(block).__name__}) has no trainable parameters"
+                             + (f" but teacher block {i}'s, which stay frozen (to start the student from the "
+                                f"teacher, pass copy.deepcopy(teacher[{i}]))" if frozen else "")
+                             + "; every student block is trained")
+        kinds = {(p.dtype, p.device) for _, p in params}
+        if len(kinds) > 1:
+            raise ValueError(f"student block {i} has trainable parameters of several dtypes or devices "
+                             f"({sorted(map(str, kinds))}); each block's gradients share one buffer")
 
 
 def teacher_fingerprint(teacher: list[nn.Module], shape: tuple[int, ...], dtype: torch.dtype) -> list[float]:
@@ -368,7 +413,7 @@ def teacher_fingerprint(teacher: list[nn.Module], shape: tuple[int, ...], dtype:
     as its mean, its mean absolute value and eight of its entries. The input is one sample; a
     teacher that cannot take one (BatchNorm without running statistics) gets ``PROBE_ROWS``,
     and the first one's output counts."""
-    with kept_as_given(teacher), torch.no_grad():
+    with kept_as_given(teacher), torch.no_grad(), _caller_rng():
         try:
             out = _teacher_output(teacher, shape, dtype, 1)
         except Exception:
@@ -397,9 +442,26 @@ def _device_of(module: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _call_block(block: nn.Module, x: Tensor, name: str) -> Any:
+def _rows(x: Tensor) -> str:
+    return "a 0-d tensor" if x.dim() == 0 else f"{len(x)} rows"
+
+
+def _call_block(block: nn.Module, x: Tensor, name: str, inplace: set[int], index: int) -> Any:
+    """``block(x)``, adding ``index`` to ``inplace`` if the block changed ``x`` in place."""
+    version = x._version
     try:
-        return block(x)
+        out = block(x)
     except Exception as err:
-        raise ValueError(f"{name} failed on an input of shape {tuple(x.shape[1:])} per sample "
-                         f"(probed with {_samples(x)}): {err}") from err
+        raise ValueError(f"{name} failed on an input of shape {tuple(x.shape[1:])} and dtype {x.dtype} per "
+                         f"sample (probed with {_samples(x)}): {err}") from err
+    if x._version != version:
+        inplace.add(index)
+    return out
+
+
+@contextlib.contextmanager
+def _caller_rng() -> Iterator[None]:
+    """The caller's CPU generator (and CUDA's, where initialized) as they were, after the body."""
+    devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield

@@ -48,7 +48,7 @@ from .runtime.exchange import PeerLogits, Transfer, WeightExchange, packed_sizes
 from .runtime.launch import (_broadcast_from_rank0, backend_for, check_timeout, init_spmd, kept_as_given, spawn_tasks,
                              torch_threads, torchrun_env)
 from .runtime.redistribute import slices
-from .runtime.worker import NonFiniteLoss, progress_bar
+from .runtime.worker import NonFiniteLoss, load_trained_state, progress_bar, trained_state
 from .trace import Recorder, Span, busy_time, write_chrome_trace
 
 log = logging.getLogger("pipebd")
@@ -305,11 +305,13 @@ class Codistillation:
             else:
                 tasks = [functools.partial(_run, job) for _ in range(world_size)]
                 g = world_size // self.n
+                parts = {**{f"model {i}": m for i, m in enumerate(job.models)}, "the dataset": job.dataset,
+                         "the optimizer factory": job.optimizer, "the scheduler factory": job.scheduler}
                 results = spawn_tasks(tasks, backend_for(self.device), timeout,
-                                      lambda r: f" (model {r // g}, replica {r % g})")
+                                      lambda r: f" (model {r // g}, replica {r % g})", parts)
             for r in results:
                 for i, state in r.state.items():
-                    self._models[i].load_state_dict(state)
+                    load_trained_state(self._models[i], state)
             return _build_report(job, world_size, results)
 
     def _checkpoints(self, job: _Job, directory: str | os.PathLike | None, every: int | None, resume: bool,
@@ -673,8 +675,7 @@ class _Rank:
             raise NonFiniteLoss(f"non-finite loss ({losses[i].item()}) of model {i} at step {step}", (step, i))
 
     def result(self) -> _RankResult:
-        state = {i: {k: v.detach().cpu() for k, v in self.models[i].state_dict().items()} for i in self.own} \
-            if self.leader else {}
+        state = {i: trained_state(self.models[i]) for i in self.own} if self.leader else {}
         losses = self.losses.cpu()
         return _RankResult(self.rank, self.own, self.recorder.elapsed, self.recorder.spans,
                            {i: losses[:, i].tolist() for i in self.own}, self.sources, self.eval_steps,

@@ -8,7 +8,9 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import pipebd
 from pipebd.data import BatchOrder
@@ -394,3 +396,73 @@ def test_non_finite_loss_names_stage_block_and_step():
     # Stage 1 trains on stage 0's relayed NaN too, maybe first: the cause is the earliest block.
     cause = str(info.value).split("\nthen, probably as a consequence")[0]
     assert cause.startswith("rank 0 (stage 0") and f"at stage 0, block 0, step {step}" in cause, str(info.value)
+
+
+def test_student_blocks_sharing_a_trainable_parameter_are_refused():
+    teacher, student = mlp_pair(num_blocks=4)
+    student[2] = student[1]
+    with pytest.raises(ValueError, match=r"student blocks 1 and 2 share a trainable parameter \('0.weight' in "
+                                         r"block 1, '0.weight' in block 2\)"):
+        pipebd.Distiller(teacher, student)
+    student = mlp_pair(num_blocks=4)[1]
+    student[3][0].weight = student[0][0].weight   # tied weights
+    with pytest.raises(ValueError, match="student blocks 0 and 3 share"):
+        pipebd.Distiller(teacher, student)
+    student[0][0].weight.requires_grad_(False)    # frozen, it may be shared
+    pipebd.Distiller(teacher, student)
+
+
+def test_a_student_block_holding_a_teacher_parameter(no_spawn):
+    teacher, student = mlp_pair(num_blocks=4)
+    student[0] = teacher[0]   # a forgotten copy.deepcopy
+    with pytest.raises(ValueError, match=r"student block 0 \(Sequential\) has no trainable parameters but teacher "
+                                         r"block 0's, which stay frozen .*copy.deepcopy\(teacher\[0\]\)"):
+        pipebd.Distiller(teacher, student)
+    student[0] = nn.Sequential(mlp_pair(num_blocks=4)[1][0], teacher[1])
+    with pytest.raises(ValueError, match="student block 0's parameter '1.0.weight' belongs to teacher block 1"):
+        pipebd.Distiller(teacher, student)
+    # Its own teacher block inside a student block is frozen with the teacher; the rest trains.
+    student[0] = nn.Sequential(teacher[0], nn.Linear(32, 32))
+    before = [p.clone() for p in teacher[0].parameters()]
+    pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=5, steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher[0].parameters()))
+
+
+class SequenceFirst(nn.Module):
+    """[batch, 16] -> [5, batch, 16], as an nn.LSTM with batch_first=False lays it out."""
+
+    def forward(self, x):
+        return x.unsqueeze(0).expand(5, -1, -1)
+
+
+def test_blocks_must_keep_the_batch_in_dim_0(no_spawn):
+    teacher, student = mlp_pair(num_blocks=2)
+    teacher[0], student[0] = SequenceFirst(), nn.Sequential(SequenceFirst(), nn.Linear(16, 16))
+    with pytest.raises(ValueError, match=r"teacher block 0 returned 5 rows for an input of 2 samples: blocks must "
+                                         r"keep the batch in dim 0 \(batch_first=True"):
+        pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=5, steps=1, world_size=2)
+
+
+def test_a_loss_without_gradient_is_named():
+    d = distiller(block_loss=lambda s, t: F.mse_loss(s, t).detach())
+    with pytest.raises(RuntimeError, match=r"the block_loss of block 0 returned a value that does not depend on "
+                                           r"the student's output \(no gradient\): tensor\("):
+        d.fit(DATA, batch_size=5, steps=1)
+
+
+def test_a_final_loss_given_no_labels_is_told_how_to_get_them(no_spawn):
+    data = TensorDataset(DATA, torch.zeros(30, dtype=torch.long))
+    d = distiller(final_loss=lambda s, t, labels: F.mse_loss(s, t))
+    with pytest.raises(TypeError, match=r"final_loss failed on \(student logits, teacher logits\): .*missing 1 "
+                                        r"required positional argument: 'labels'. .* needs_labels = True"):
+        d.fit(data, batch_size=5, steps=1, world_size=2)
+
+
+def test_a_block_that_cannot_be_pickled_is_named_before_any_rank_starts(monkeypatch):
+    teacher, student = mlp_pair(num_blocks=4)
+    student[2] = nn.utils.parametrizations.weight_norm(nn.Linear(32, 32))
+    monkeypatch.setattr(pipebd.runtime.launch, "_context", lambda: pytest.fail("a process was started"))
+    with pytest.raises(TypeError, match=r"(?s)student block 2 cannot be sent to the spawned ranks \(RuntimeError: "
+                                        r"Serialization of parametrized modules .*\); run it with world_size=1, "
+                                        r"or start the ranks with torchrun"):
+        pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=5, steps=1, world_size=2)

@@ -227,6 +227,21 @@ def _dumps(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _payloads(tasks: list[Callable[[int, int], Any]], parts: dict[str, Any]) -> list[bytes]:
+    try:
+        return [_dumps(task) for task in tasks]
+    except Exception as err:
+        culprit = "the work for the ranks"
+        for name, part in parts.items():
+            try:
+                _dumps(part)
+            except Exception:
+                culprit = name
+                break
+        raise TypeError(f"{culprit} cannot be sent to the spawned ranks ({type(err).__name__}: {err}); run it "
+                        f"with world_size=1, or start the ranks with torchrun, where each builds its own") from err
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -289,26 +304,33 @@ def spawn(job: Job, world_size: int, timeout_s: float) -> list[RankResult]:
         return f" (stage {where[0]}, replica {where[1]})" if where and job.strategy == "pipebd" else ""
 
     tasks = [functools.partial(_fit_task, job.for_rank(r)) for r in range(world_size)]
-    return spawn_tasks(tasks, backend_for(job.device), timeout_s, role)
+    parts = {**{f"teacher block {i}": m for i, m in job.teacher.items()},
+             **{f"student block {i}": m for i, m in job.student.items()},
+             "the dataset": job.dataset, "the optimizer factory": job.optimizer, "the scheduler factory": job.scheduler,
+             "block_loss": job.block_loss, "final_loss": job.final_loss}
+    return spawn_tasks(tasks, backend_for(job.device), timeout_s, role, parts)
 
 
 def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s: float,
-                role: Callable[[int], str] = lambda rank: "") -> Any:
+                role: Callable[[int], str] = lambda rank: "", parts: dict[str, Any] | None = None) -> Any:
     """Run ``tasks[r](r, world_size)`` on local worker process ``r`` of a fresh process group
     and return rank 0's result; a failure raises ``WorkerError`` with the first failing rank's
-    traceback (``role(rank)`` describes the rank in the message)."""
+    traceback (``role(rank)`` describes the rank in the message). A task that cannot be pickled
+    is a TypeError before any process starts, naming the first of ``parts`` (name -> object
+    the tasks hold) that cannot."""
     world_size = len(tasks)
+    payloads = _payloads(tasks, parts or {})
     ctx = _context()
     port = _free_port()
     procs, conns, ends = [], {}, []
     try:
-        for r, task in enumerate(tasks):
+        for r in range(world_size):
             recv_end, send_end = ctx.Pipe(duplex=False)
             watch_end, hold_end = ctx.Pipe(duplex=False)
             ends.append(hold_end)   # held until the ranks have ended; the caller's death closes it
             # Not daemonic: a rank may start DataLoader workers. _stop ends every rank.
             p = ctx.Process(target=_worker, name=f"pipebd-rank{r}", daemon=False,
-                            args=(r, world_size, port, _dumps(task), backend, timeout_s, send_end,
+                            args=(r, world_size, port, payloads[r], backend, timeout_s, send_end,
                                   watch_end))
             p.start()
             send_end.close()  # the child holds the only write end: its exit means EOF here

@@ -8,6 +8,7 @@ modules beyond calling them, moving them to the device and reading their paramet
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
@@ -71,6 +72,9 @@ class Job:
     checkpoint_every: int | None = None   # None: only after the last step (the caller saves step 0)
     sync_batchnorm: bool = False       # BatchNorm statistics over a replicated stage's whole batch
     num_workers: int = 0               # DataLoader worker processes per loading rank (0: load inline)
+    # "teacher"/"student" -> blocks the probe saw change their input in place: they get a copy,
+    # since their input is also another block's target (or input, or an activation being sent).
+    inplace: dict[str, frozenset[int]] = field(default_factory=dict)
 
     def start_of(self, block: int) -> int:
         return self.start.get(block, 0)
@@ -115,21 +119,71 @@ class RankResult:
 
 class GradBucket:
     """The gradients of one student block as views into one flat buffer, so a replicated stage
-    needs a single allreduce per block and no copies."""
+    needs a single allreduce per block and no copies. Each view has its parameter's strides
+    (``channels_last`` included), as autograd would make it.
+
+    The buffer ends with one slot per parameter, 1 where the parameter received a gradient this
+    step, summed by the allreduce with the gradients. A parameter that no replica gave one (a
+    branch not taken) is left out of the optimizer step, as after ``zero_grad()`` in a plain
+    loop: no weight decay, momentum or Adam state for it."""
 
     def __init__(self, module: nn.Module):
         self.params = [p for p in module.parameters() if p.requires_grad]
-        total = sum(p.numel() for p in self.params)
+        sizes = [p.numel() for p in self.params]
+        total = sum(sizes)
         dtype = self.params[0].dtype if self.params else torch.float32
         device = self.params[0].device if self.params else torch.device("cpu")
-        self.flat = torch.zeros(total, dtype=dtype, device=device)
+        self.flat = torch.zeros(total + len(self.params), dtype=dtype, device=device)
+        self.used = self.flat[total:]
+        self.grads = []
         offset = 0
-        for p in self.params:
-            p.grad = self.flat[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
+        for p, n in zip(self.params, sizes):
+            strides = torch.empty_like(p, device="meta").stride()   # p's own, if dense; else contiguous
+            self.grads.append(self.flat[offset:offset + n].as_strided(p.shape, strides))
+            offset += n
+        self.seen = [False] * len(self.params)
+        self.hooks = [p.register_post_accumulate_grad_hook(functools.partial(_seen, self.seen, j))
+                      for j, p in enumerate(self.params)]
+        self.attach()
 
-    def zero(self) -> None:
+    def attach(self) -> None:
+        for p, grad in zip(self.params, self.grads):
+            p.grad = grad
+
+    def mark(self) -> None:
+        """Write which parameters received a gradient into the buffer, before its allreduce."""
+        if all(self.seen):
+            self.used.fill_(1)
+        else:
+            self.used.copy_(torch.tensor(self.seen, dtype=self.used.dtype))
+
+    def step(self, optimizer: torch.optim.Optimizer, reduced: bool) -> None:
+        """Step ``optimizer`` over the parameters that received a gradient (on any replica, if the
+        buffer was ``reduced``), then zero the buffer for the next step."""
+        missing = []
+        if not all(self.seen):   # else every replica's sum holds this one's 1s
+            used = self.used.tolist() if reduced else self.seen
+            missing = [j for j, u in enumerate(used) if not u]
+        for j in missing:
+            self.params[j].grad = None
+        optimizer.step()
+        for j in missing:
+            self.params[j].grad = self.grads[j]
         self.flat.zero_()
+        self.seen[:] = [False] * len(self.seen)
+
+    def close(self) -> None:
+        """Take the hooks off the parameters and their gradients away (in the caller's process
+        they are the user's)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+        for p in self.params:
+            p.grad = None
+
+
+def _seen(seen: list[bool], index: int, param: Tensor) -> None:
+    seen[index] = True
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -198,10 +252,13 @@ class RankRuntime:
 
     def close(self) -> None:
         """Stop the loader processes of every feed, also when the loop failed (a traceback
-        that refers to a feed would keep them alive)."""
+        that refers to a feed would keep them alive), and take the gradient buckets off the
+        parameters."""
         for batches in self.feeds:
             batches.close()
         self.feeds.clear()
+        for bucket in self.buckets.values():
+            bucket.close()
 
     def rows(self, steps: list[int], lo: int, hi: int) -> StepRows:
         """Rows ``[lo, hi)`` of batches ``steps``, with labels only where the final loss takes them."""
@@ -216,8 +273,25 @@ class RankRuntime:
     @torch.no_grad()
     def teacher_forward(self, block: int, x: Tensor, step: int) -> Tensor:
         with self.recorder.span("teacher", step, block):
-            out = self.teacher[block](x)
+            # Random ops of the teacher (in eval mode: a sampling encoder) draw what one process does.
+            with stream(derived_seed(self.job.seed, "teacher", block, step, self.replica or 0), self.device):
+                out = self._call("teacher", block, x, step)
         self.teacher_rows[block] += x.shape[0]
+        return out
+
+    def _call(self, kind: str, block: int, x: Tensor, step: int) -> Any:
+        """``kind``'s ``block`` on ``x``, or on a copy of it if the probe saw the block change its
+        input in place. One that does so unseen (in training mode only, or for some data) is an
+        error rather than a wrong target."""
+        module = (self.teacher if kind == "teacher" else self.student)[block]
+        if block in self.job.inplace.get(kind, ()):
+            return module(x.clone())
+        version = x._version
+        out = module(x)
+        if x._version != version:
+            raise RuntimeError(f"{kind} block {block} changed its input in place at step {step}, which it did "
+                               f"not do on the first samples in eval mode; that input is also another block's "
+                               f"target or input. Make the operation out of place (inplace=False)")
         return out
 
     def train_block(self, block: int, x: Tensor, target: Tensor, labels: Tensor | None,
@@ -227,7 +301,7 @@ class RankRuntime:
         job = self.job
         with self.recorder.span("student", step, block):
             with stream(derived_seed(job.seed, "student", block, step, self.replica or 0), self.device):
-                out = self.student[block](x)
+                out = self._call("student", block, x, step)
             if block == job.num_blocks - 1 and job.final_loss is not None:
                 args = (out, target) if job.labels is None else (out, target, labels)
                 loss = job.final_loss(*args)
@@ -236,11 +310,17 @@ class RankRuntime:
             # Mean over this slice -> this slice's share of the mean over the global batch.
             if x.shape[0] != job.batch_size:
                 loss = loss * (x.shape[0] / job.batch_size)
+            if not loss.requires_grad:
+                name = "final_loss" if block == job.num_blocks - 1 and job.final_loss is not None else "block_loss"
+                raise RuntimeError(f"the {name} of block {block} returned a value that does not depend on the "
+                                   f"student's output (no gradient): {loss!r}")
             loss.backward()
         self.losses[step, block] = loss.detach()
-        if self.group_size > 1 and self.buckets[block].params:
+        if self.group_size > 1:
+            bucket = self.buckets[block]
+            bucket.mark()
             with self.recorder.span("allreduce", step, block):
-                return dist.all_reduce(self.buckets[block].flat, group=self.group, async_op=True)
+                return dist.all_reduce(bucket.flat, group=self.group, async_op=True)
         return None
 
     def finish_step(self, blocks: list[int], handles: list[Any], step: int) -> None:
@@ -253,8 +333,7 @@ class RankRuntime:
                     h.wait()
         with self.recorder.span("step", step):
             for i in blocks:
-                self.optimizers[i].step()
-                self.buckets[i].zero()
+                self.buckets[i].step(self.optimizers[i], reduced=self.group_size > 1)
                 if self.schedulers:
                     self.schedulers[i].step()
         self.check_finite(blocks, step)
@@ -297,15 +376,32 @@ class RankRuntime:
 
     def result(self) -> RankResult:
         for bucket in self.buckets.values():
-            for p in bucket.params:
-                p.grad = None
+            bucket.close()
         losses = self.losses.cpu()
         state = {}
         if self.replica == 0:
-            state = {i: {k: v.detach().cpu() for k, v in self.student[i].state_dict().items()}
-                     for i in self.blocks}
+            state = {i: trained_state(self.student[i]) for i in self.blocks}
         return RankResult(self.rank, self.stage, self.replica, self.recorder.elapsed, self.recorder.spans,
                           self.teacher_rows, {i: losses[:, i].tolist() for i in self.blocks}, state)
+
+
+def trained_state(module: nn.Module) -> dict[str, Tensor]:
+    """What a spawned rank sends back of a module it trained, on the CPU: its state dict and its
+    non-persistent buffers (a count, a mask that training changes), which the caller's copy
+    would otherwise keep as they were (``load_trained_state``)."""
+    state = module.state_dict()
+    state.update((name, b) for name, b in module.named_buffers() if name not in state)
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def load_trained_state(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load ``trained_state``'s result into the caller's ``module``."""
+    keys = module.state_dict().keys()
+    module.load_state_dict({k: v for k, v in state.items() if k in keys})
+    with torch.no_grad():
+        for name, value in state.items():
+            if name not in keys:
+                module.get_buffer(name).copy_(value)
 
 
 def progress_bar(total: int, desc: str, show: bool, unit: str = "step") -> Any:
