@@ -414,6 +414,7 @@ def teacher_fingerprint(teacher: list[nn.Module], shape: tuple[int, ...], dtype:
     teacher that cannot take one (BatchNorm without running statistics) gets ``PROBE_ROWS``,
     and the first one's output counts."""
     with kept_as_given(teacher), torch.no_grad(), _caller_rng():
+        torch.manual_seed(0)   # a sampling teacher draws the same each time
         try:
             out = _teacher_output(teacher, shape, dtype, 1)
         except Exception:

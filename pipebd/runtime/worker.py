@@ -213,12 +213,14 @@ class RankRuntime:
         self.student = {i: job.student[i].to(self.device).train() for i in self.blocks}
         # Copies with the same parameters, buffers and state-dict keys, where they hold BatchNorm.
         self.student = {i: replica_batchnorm(m, group, job.sync_batchnorm) for i, m in self.student.items()}
-        self.buckets = {i: GradBucket(self.student[i]) for i in self.blocks}
+        for m in self.teacher.values():   # after the students: one may hold its teacher block
+            m.eval()
         self.optimizers = {i: job.optimizer(self.student[i].parameters()) for i in self.blocks}
         self.schedulers = {i: job.scheduler(self.optimizers[i]) for i in self.blocks} if job.scheduler else {}
         for i in self.blocks:
             if i in job.resume_state:
                 checkpoint.load_training(f"block {i}", self.optimizers[i], self.schedulers.get(i), job.resume_state[i])
+        self.buckets = {i: GradBucket(self.student[i]) for i in self.blocks}   # last: nothing after it fails
         # What must stay finite for a save (not a block's buffers that are -inf by design).
         self.finite = {i: checkpoint.finite_entries(self.student[i]) for i in self.blocks} \
             if job.checkpoint_dir is not None and self.replica == 0 else {}
@@ -281,14 +283,15 @@ class RankRuntime:
 
     def _call(self, kind: str, block: int, x: Tensor, step: int) -> Any:
         """``kind``'s ``block`` on ``x``, or on a copy of it if the probe saw the block change its
-        input in place. One that does so unseen (in training mode only, or for some data) is an
-        error rather than a wrong target."""
+        input in place. A teacher block that does so unseen (for some data) is an error rather
+        than a wrong target."""
         module = (self.teacher if kind == "teacher" else self.student)[block]
         if block in self.job.inplace.get(kind, ()):
             return module(x.clone())
         version = x._version
         out = module(x)
-        if x._version != version:
+        # A student's input has served its other uses by now, unless a teacher block returned it.
+        if kind == "teacher" and x._version != version:
             raise RuntimeError(f"{kind} block {block} changed its input in place at step {step}, which it did "
                                f"not do on the first samples in eval mode; that input is also another block's "
                                f"target or input. Make the operation out of place (inplace=False)")
@@ -398,10 +401,12 @@ def load_trained_state(module: nn.Module, state: dict[str, Tensor]) -> None:
     """Load ``trained_state``'s result into the caller's ``module``."""
     keys = module.state_dict().keys()
     module.load_state_dict({k: v for k, v in state.items() if k in keys})
-    with torch.no_grad():
-        for name, value in state.items():
-            if name not in keys:
-                module.get_buffer(name).copy_(value)
+    for name, value in state.items():
+        if name not in keys:   # assigned: training may have reshaped or added it
+            prefix, _, attr = name.rpartition(".")
+            owner = module.get_submodule(prefix)
+            old = owner._buffers.get(attr)
+            owner.register_buffer(attr, value.to(old.device) if old is not None else value, persistent=False)
 
 
 def progress_bar(total: int, desc: str, show: bool, unit: str = "step") -> Any:
