@@ -173,3 +173,55 @@ def test_a_teacher_block_inside_its_student_block_stays_in_eval_mode():
     fit(teacher, [linear(10), nn.Sequential(teacher[1], nn.Linear(8, 8))])
     assert len(modes) > STEPS and not any(modes)
     assert teacher[1].training   # given in training mode, it comes back so
+
+
+class Noisy(nn.Module):
+    """A teacher block that samples in eval mode (a variational encoder)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.linear = linear(seed)
+
+    def forward(self, x):
+        return self.linear(x) + 0.1 * torch.randn_like(x)
+
+
+def test_a_random_teacher_draws_the_same_in_one_process_and_in_a_relay():
+    make = lambda: ([Noisy(0), Noisy(1), Noisy(2)], [linear(10), linear(11), linear(12)])   # noqa: E731
+    teacher, student = make()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    one = fit(teacher, student)
+    assert torch.equal(torch.get_rng_state(), state)   # the caller's generator is left as it was
+    assert max_diff(fit(*make(), world_size=3), one) <= TOL
+
+
+class SequenceHead(nn.Module):
+    """[batch, positions, 8] -> logits [batch, positions, 11]."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.out = nn.Linear(8, 11)
+
+    def forward(self, x):
+        return self.out(x.reshape(len(x), 4, 2).repeat_interleave(4, dim=-1))
+
+
+def test_sequence_logits_train_on_the_mean_soft_target_loss_over_positions():
+    labels = torch.randint(0, 11, (20, 4), generator=torch.Generator().manual_seed(1))
+    labels[::3, 1] = -100
+    data = torch.utils.data.TensorDataset(DATA, labels)
+    T, alpha = 2.0, 0.5
+
+    def formula(s, t, y):   # per position, averaged over every position (ignored ones too)
+        kl = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="none").sum(-1)
+        ce = F.cross_entropy(s.transpose(1, 2), y, ignore_index=-100, reduction="none")
+        return ((1 - alpha) * T * T * kl + alpha * ce).mean()
+
+    make = lambda: ([linear(0), SequenceHead(1)], [linear(10), SequenceHead(11)])   # noqa: E731
+    reference = plain_loop(*make(), final_loss=formula, labels=labels)
+    loss = pipebd.SoftTargetLoss(T, alpha=alpha)
+    assert max_diff(fit(*make(), data=data, final_loss=loss), reference) <= TOL
+    replicated = fit(*make(), world_size=2, plan=pipebd.Plan([[0, 1]], [2]), data=data, final_loss=loss)
+    assert max_diff(replicated, reference) <= TOL
