@@ -144,9 +144,6 @@ class GradBucket:
         self.seen = [False] * len(self.params)
         self.hooks = [p.register_post_accumulate_grad_hook(functools.partial(_seen, self.seen, j))
                       for j, p in enumerate(self.params)]
-        self.attach()
-
-    def attach(self) -> None:
         for p, grad in zip(self.params, self.grads):
             p.grad = grad
 
@@ -288,13 +285,14 @@ class RankRuntime:
         module = (self.teacher if kind == "teacher" else self.student)[block]
         if block in self.job.inplace.get(kind, ()):
             return module(x.clone())
+        if kind == "student":   # its input has served its other uses by now
+            return module(x)
         version = x._version
         out = module(x)
-        # A student's input has served its other uses by now, unless a teacher block returned it.
-        if kind == "teacher" and x._version != version:
-            raise RuntimeError(f"{kind} block {block} changed its input in place at step {step}, which it did "
-                               f"not do on the first samples in eval mode; that input is also another block's "
-                               f"target or input. Make the operation out of place (inplace=False)")
+        if x._version != version:
+            raise RuntimeError(f"teacher block {block} changed its input in place at step {step}, which it did "
+                               f"not do on the first samples; that input is also another block's target or "
+                               f"input. Make the operation out of place (inplace=False)")
         return out
 
     def train_block(self, block: int, x: Tensor, target: Tensor, labels: Tensor | None,
@@ -378,8 +376,6 @@ class RankRuntime:
         return progress_bar(total, f"pipebd {self.job.strategy}", show and self.job.progress)
 
     def result(self) -> RankResult:
-        for bucket in self.buckets.values():
-            bucket.close()
         losses = self.losses.cpu()
         state = {}
         if self.replica == 0:
