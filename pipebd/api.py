@@ -23,8 +23,8 @@ from .planner import auto_plan
 from .rng import check_seed
 from .profiler import COMM_REPEATS, Profile, comm_task, profile_job
 from .report import Report, build_report
-from .runtime.launch import (LOOPS, check_timeout, init_spmd, kept_as_given, pin_device, run_rank, run_spmd, spawn,
-                             torchrun_env)
+from .runtime.launch import (LOOPS, check_sendable, check_timeout, init_spmd, job_parts, kept_as_given, pin_device,
+                             run_rank, run_spmd, spawn, torchrun_env)
 from .runtime.worker import Job, TensorSpec, load_trained_state
 from .simulator import simulate
 
@@ -129,6 +129,8 @@ class Distiller:
         job = self._job(dataset, batch_size, steps, world_size, strategy, plan, seed, max_inflight,
                         threads, progress, timeout, sync_batchnorm, num_workers)
         batch_size, steps, world_size = job.batch_size, job.steps, int(world_size)   # checked: plain ints
+        if env is None and world_size > 1 and (plan == "auto" or checkpoint_dir is not None):
+            check_sendable(job_parts(job))   # before profiling and step-0 checkpoints, not after
         with contextlib.ExitStack() as held:    # the checkpoint directory, until the run has ended
             self._checkpoints(job, checkpoint_dir, checkpoint_every, resume, held)
             prediction = None
@@ -308,13 +310,14 @@ class Distiller:
             raise ValueError("final_loss needs labels but dataset items carry none (use (x, y) items)")
         labels = TensorSpec(tuple(torch.as_tensor(y).shape[1:]), torch.as_tensor(y).dtype) if needs_labels else None
         inplace: dict[str, set[int]] = {"teacher": set(), "student": set()}
+        mixing: list[str] = []
         with kept_as_given(self.teacher + self.student), torch.no_grad(), _caller_rng():
             for m in self.teacher + self.student:
                 m.eval()
             a = x.to(_device_of(self.teacher[0]))
             boundary = [TensorSpec(tuple(a.shape[1:]), a.dtype)]
             for i, (t, s) in enumerate(zip(self.teacher, self.student)):
-                out = _call_block(t, a, f"teacher block {i}", inplace["teacher"], i)
+                out = _call_block(t, a, f"teacher block {i}", inplace["teacher"], i, mixing)
                 if not isinstance(out, Tensor):
                     raise TypeError(f"teacher block {i} returned a {type(out).__name__}; "
                                     f"blocks must return one tensor")
@@ -322,7 +325,8 @@ class Distiller:
                     raise ValueError(f"teacher block {i} returned {_rows(out)} for an input of {_samples(a)}: "
                                      f"blocks must keep the batch in dim 0 (batch_first=True for PyTorch's "
                                      f"recurrent and transformer layers)")
-                s_out = _call_block(s, a.to(_device_of(s)), f"student block {i}", inplace["student"], i)
+                s_out = _call_block(s, a.to(_device_of(s)), f"student block {i}", inplace["student"], i,
+                                    mixing)
                 if not isinstance(s_out, Tensor) or s_out.shape != out.shape:
                     got = tuple(s_out.shape[1:]) if isinstance(s_out, Tensor) else type(s_out).__name__
                     raise ValueError(f"student block {i} outputs shape {got} per sample but "
@@ -345,6 +349,13 @@ class Distiller:
                                      f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
                 a = out
                 boundary.append(TensorSpec(tuple(a.shape[1:]), a.dtype))
+        if mixing:
+            log.warning("pipebd: blocks that mix the samples of a batch: in eval mode, the output for the first "
+                        "sample moves when a second is in the batch: %s. Layers that take the sequence in dim 0 "
+                        "(batch_first=False, the default of nn.TransformerEncoderLayer and nn.LSTM)? pipebd keeps "
+                        "the batch in dim 0 and gives each replica of a stage its slice of the batch, so these "
+                        "blocks train differently with replicas (or the baseline on several ranks) than in one "
+                        "process", ", ".join(mixing))
         if needs_labels:
             self._check_all_labels(dataset, classes=s_out.shape[-1])
         return boundary, labels, {k: frozenset(v) for k, v in inplace.items()}
@@ -447,17 +458,49 @@ def _rows(x: Tensor) -> str:
     return "a 0-d tensor" if x.dim() == 0 else f"{len(x)} rows"
 
 
-def _call_block(block: nn.Module, x: Tensor, name: str, inplace: set[int], index: int) -> Any:
-    """``block(x)``, adding ``index`` to ``inplace`` if the block changed ``x`` in place."""
-    version = x._version
+def _call_block(block: nn.Module, x: Tensor, name: str, inplace: set[int], index: int,
+                mixing: list[str]) -> Any:
+    """``block(x)``, adding ``index`` to ``inplace`` if the block changed ``x`` in place (an
+    inference tensor keeps no version, and cannot change outside inference mode), and ``name``
+    with the difference to ``mixing`` if the block mixes the samples of a batch (``_mixing``)."""
+    version = None if x.is_inference() else x._version
+    given = x.clone()
     try:
         out = block(x)
     except Exception as err:
         raise ValueError(f"{name} failed on an input of shape {tuple(x.shape[1:])} and dtype {x.dtype} per "
                          f"sample (probed with {_samples(x)}): {err}") from err
-    if x._version != version:
+    if version is not None and x._version != version:
         inplace.add(index)
+    diff = _mixing(block, given, out)
+    if diff is not None:
+        mixing.append(f"{name} (by up to {diff:.3g})")
     return out
+
+
+def _mixing(block: nn.Module, x: Tensor, out: Any) -> float | None:
+    """How far ``block``'s output for sample 0 of ``x`` moves when sample 1 is in the batch (max
+    abs difference), where that is beyond rounding and the block repeats its output; None where
+    it is not, or cannot tell (one sample, non-float output, a block that fails on one sample)."""
+    if len(x) < 2 or not isinstance(out, Tensor) or out.dim() == 0 or len(out) != len(x) \
+            or not out.is_floating_point():
+        return None
+    try:
+        alone = block(x[:1].clone())
+    except Exception:
+        return None
+    if not isinstance(alone, Tensor) or alone.shape != out[:1].shape:
+        return None
+    first = out[:1].float()
+    diff = (alone.float() - first).abs().max().item()
+    tol = (5e-2 if out.element_size() <= 2 else 1e-3) * (1 + first.abs().max().item())
+    if not diff > tol:   # NaN too
+        return None
+    again = block(x.clone())
+    if not isinstance(again, Tensor) or again.shape != out.shape \
+            or not (again.float() - out.float()).abs().max().item() <= diff / 10:   # random: cannot tell
+        return None
+    return diff
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .checks import check_device, check_factory, check_int, check_integer, check_real
-from .api import _device_of, _samples
+from .api import _caller_rng, _device_of, _samples
 from .batchnorm import replica_batchnorm
 from .data import PROBE_ROWS, BatchOrder, StepRows, _tensors, check_workers, dataset_length, feed, probe_batch
 from .losses import _BACKENDS, out_of_range, soft_target_loss
@@ -110,6 +110,7 @@ class _Job:
     key: checkpoint.CodistillKey | None = None
     sync_batchnorm: bool = False       # BatchNorm statistics over each DDP group's whole batch
     num_workers: int = 0               # loader processes per feed (0: load in the rank's process)
+    find_unused: frozenset[int] = frozenset()   # models with parameters their output does not use
 
     @property
     def n(self) -> int:
@@ -404,6 +405,9 @@ class Codistillation:
             self._probe(models, (evaluation[0][:PROBE_ROWS], evaluation[1]), "eval_data")
         if threads is None and world_size > 1 and torchrun_env() is None:
             threads = max(1, (os.cpu_count() or 1) // world_size)
+        # DDP must be told of parameters without gradient, or it waits for them and fails.
+        find_unused = frozenset(i for i, m in enumerate(models) if _unused(m, x)) if world_size > self.n \
+            else frozenset()
         return _Job(models=models, mode=self.mode, optimizer=self.optimizer, scheduler=self.scheduler,
                     alpha=self.alpha, temperature=self.temperature, burn_in=self.burn_in,
                     exchange_every=self.exchange_every, ignore_index=self.ignore_index, backend=self.backend,
@@ -411,7 +415,7 @@ class Codistillation:
                     device=self.device, eval_data=evaluation, eval_every=eval_every,
                     keep_checkpoints=keep_checkpoints, threads=threads,
                     progress=sys.stderr.isatty() if progress is None else progress, timeout=timeout,
-                    sync_batchnorm=sync_batchnorm, num_workers=num_workers)
+                    sync_batchnorm=sync_batchnorm, num_workers=num_workers, find_unused=find_unused)
 
     def _build(self, seed: int) -> list[nn.Module]:
         if self.model_fn is not None:
@@ -465,6 +469,24 @@ class Codistillation:
                              f"ignore_index={self.ignore_index}, got {bad}")
 
 
+def _unused(model: nn.Module, x: Tensor) -> list[str]:
+    """The trainable parameters of ``model`` that its output on ``x`` does not depend on, in
+    training mode (as a branch not taken, or a head left out of ``forward``). The model's
+    buffers, modes and gradients and the caller's generators stay as they were; a model that
+    fails on these samples in training mode (BatchNorm on one) is taken to use every parameter."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return []
+    buffers = {name: b.clone() for name, b in model.named_buffers()}   # BatchNorm statistics move
+    with kept_as_given([model]), torch.enable_grad(), _caller_rng():
+        try:
+            out = torch.func.functional_call(model.train(), buffers, (x.to(_device_of(model)),))
+            grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
+        except Exception:
+            return []
+    return [name for (name, _), g in zip(named, grads) if g is None]
+
+
 def _check_snapshot(directory: str, packed: dict | None, model: nn.Module, j: int, step: int) -> None:
     if packed is None:
         raise ValueError(f"the checkpoint in {directory} holds no weights of model {j} after step {step}, which "
@@ -511,7 +533,8 @@ class _Rank:
         self.trained = dict(self.models)    # what forward calls: the DDP wrappers in groups
         if mine:
             from torch.nn.parallel import DistributedDataParallel
-            self.trained.update({i: DistributedDataParallel(self.models[i], process_group=group)
+            self.trained.update({i: DistributedDataParallel(self.models[i], process_group=group,
+                                                            find_unused_parameters=i in job.find_unused)
                                  for i, group in mine.items()})
         self.optimizers = {i: job.optimizer(self.models[i].parameters()) for i in self.own}
         self.schedulers = {i: job.scheduler(o) for i, o in self.optimizers.items()} if job.scheduler else {}

@@ -382,7 +382,7 @@ def _cache_key(job: Job, world_size: int, warmup: int, repeats: int) -> str:
         "num_workers": job.num_workers,
         "optimizer": [type(probe).__qualname__, repr(sorted(probe.defaults.items()))],
         "losses": [_describe(job.block_loss), _describe(job.final_loss)],
-        "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 5,
+        "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 6,
     }, sort_keys=True, default=str)
 
 
@@ -467,9 +467,11 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
     n, batch = job.num_blocks, job.batch_size
     rows = replica_rows(batch, world_size)
     calls = len(rows) * (warmup + repeats)
-    # One rank holding copies of every block, run through the runtime's own code paths.
+    # One rank holding copies of every block, run through the runtime's own code paths. Teacher
+    # and student are copied together: a teacher block inside its student block stays shared.
+    teachers, students = copy.deepcopy((job.teacher, job.student))
     solo = dataclasses.replace(job, strategy="baseline", plan=Plan([list(range(n))], [1]), steps=calls + 1,
-                               teacher=copy.deepcopy(job.teacher), student=copy.deepcopy(job.student),
+                               teacher=teachers, student=students,
                                progress=False, start={}, resume_state={}, checkpoint_dir=None)
     with torch_threads(job.threads):
         rt = RankRuntime(solo, 0, 1, None)
@@ -503,8 +505,7 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
         todo.close()
     act_bytes = [_nbytes(job.boundary[i]) + (_nbytes(job.labels) if job.labels is not None and i > 0 else 0)
                  for i in range(n + 1)]
-    grad_bytes = [sum(p.numel() * p.element_size() for p in job.student[i].parameters() if p.requires_grad)
-                  for i in range(n)]
+    grad_bytes = [sum(p.numel() * p.element_size() for p in rt.buckets[i].params) for i in range(n)]
     bn_bytes = [[(2 * m.num_features + 1) * _statistics_itemsize(m) for m in job.student[i].modules()
                  if isinstance(m, _BatchNorm)] for i in range(n)]
     return Profile(n, batch, world_size, job.device, backend_for(job.device), rows, teacher, student, load,

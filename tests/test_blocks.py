@@ -175,6 +175,27 @@ def test_a_teacher_block_inside_its_student_block_stays_in_eval_mode():
     assert teacher[1].training   # given in training mode, it comes back so
 
 
+class UnderInferenceMode(nn.Module):
+    """A teacher block run under ``torch.inference_mode`` (a common speed-up): it returns an
+    inference tensor, which keeps no version counter and which autograd cannot save as a target."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        with torch.inference_mode():
+            return self.block(x)
+
+
+@pytest.mark.parametrize("world_size, plan", [(1, None), (2, pipebd.Plan([[0, 1], [2]]))], ids=["w1", "w2"])
+def test_a_teacher_block_under_inference_mode(world_size, plan):
+    teacher, student = [linear(0), linear(1, nn.ReLU()), linear(2)], [linear(10), linear(11), linear(12)]
+    reference = plain_loop(teacher, student)   # the same blocks, not wrapped
+    trained = fit([UnderInferenceMode(t) for t in teacher], student, world_size=world_size, plan=plan)
+    assert max_diff(trained, reference) <= TOL
+
+
 class Noisy(nn.Module):
     """A teacher block that samples in eval mode (a variational encoder)."""
 
@@ -225,3 +246,32 @@ def test_sequence_logits_train_on_the_mean_soft_target_loss_over_positions():
     assert max_diff(fit(*make(), data=data, final_loss=loss), reference) <= TOL
     replicated = fit(*make(), world_size=2, plan=pipebd.Plan([[0, 1]], [2]), data=data, final_loss=loss)
     assert max_diff(replicated, reference) <= TOL
+
+
+def transformer(seed, batch_first):
+    torch.manual_seed(seed)
+    return nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_blocks_that_mix_the_samples_of_a_batch_are_warned_about(caplog, batch_first):
+    # batch_first=False on [batch, seq, features] data attends across the batch, not the sequence.
+    data = torch.randn(20, 3, 8, generator=torch.Generator().manual_seed(1))
+    teacher = [transformer(0, batch_first), linear(1)]
+    student = [transformer(10, batch_first), linear(11)]
+    with caplog.at_level("WARNING", logger="pipebd"):
+        pipebd.Distiller(teacher, student, device="cpu").profile(data, batch_size=BATCH, world_size=2, comm=False,
+                                                                 warmup=0, repeats=1)
+    warned = [r.getMessage() for r in caplog.records if "mix the samples" in r.getMessage()]
+    if batch_first:
+        assert not warned
+    else:
+        assert len(warned) == 1 and "teacher block 0 (by up to" in warned[0] and "student block 0" in warned[0]
+        assert "block 1" not in warned[0] and "batch_first=False" in warned[0]
+
+
+def test_a_random_teacher_is_not_taken_for_one_that_mixes_samples(caplog):
+    with caplog.at_level("WARNING", logger="pipebd"):
+        pipebd.Distiller([Noisy(0), Noisy(1)], [linear(10), linear(11)], device="cpu").profile(
+            DATA, batch_size=BATCH, world_size=2, comm=False, warmup=0, repeats=1)
+    assert not [r for r in caplog.records if "mix the samples" in r.getMessage()]

@@ -411,3 +411,44 @@ def test_benchmark_script_runs(tmp_path):
     assert [r.split(" | ")[0] for r in rows if not r.startswith("| method")] == \
         ["| alone", "| codistill", "| online", "| ensemble"] * 2
     assert png.stat().st_size > 10_000
+
+
+class WithUnusedHead(nn.Module):
+    """A model holding a head its forward does not use (left over from pre-training)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.head = net, nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_parameter_without_gradient_trains_in_ddp_groups_as_in_one_process():
+    # DDP waits for every parameter's gradient unless told which it will not get.
+    def fit(world_size):
+        torch.manual_seed(0)   # the heads
+        models = [WithUnusedHead(m) for m in initial_models(2)]
+        head = [copy.deepcopy(m.head.state_dict()) for m in models]
+        decayed = lambda params: torch.optim.SGD(params, lr=0.2, momentum=0.5, weight_decay=0.1)   # noqa: E731
+        cd = pipebd.Codistillation(models, optimizer=decayed, alpha=0.7, temperature=2.0, exchange_every=K,
+                                   backend="torch", device="cpu")
+        cd.fit(dataset(), batch_size=BATCH, steps=STEPS, world_size=world_size, seed=3, timeout=60)
+        for m, before in zip(cd.models, head):   # not stepped: no decay without a gradient
+            assert all(torch.equal(p, before[k]) for k, p in m.head.state_dict().items())
+        return [list(m.parameters()) for m in cd.models]
+
+    assert max_diff(fit(4), fit(1)) <= TOL
+
+
+def test_finding_unused_parameters_leaves_the_model_as_it_was():
+    from pipebd.codistill import _unused
+    torch.manual_seed(0)
+    model = WithUnusedHead(nn.Sequential(nn.Linear(FEATURES, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))).eval()
+    state, x = copy.deepcopy(model.state_dict()), torch.randn(2, FEATURES)
+    rng = torch.get_rng_state()
+    assert _unused(model, x) == ["head.weight", "head.bias"]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())   # BatchNorm statistics too
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert _unused(model.net, x) == []

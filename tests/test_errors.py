@@ -466,3 +466,14 @@ def test_a_block_that_cannot_be_pickled_is_named_before_any_rank_starts(monkeypa
                                         r"Serialization of parametrized modules .*\); run it with world_size=1, "
                                         r"or start the ranks with torchrun"):
         pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=5, steps=1, world_size=2)
+
+
+@pytest.mark.parametrize("options", [{"plan": "auto"}, {"checkpoint_dir": "ckpt"}])
+def test_a_block_that_cannot_be_pickled_is_named_before_profiling_or_checkpoints(monkeypatch, tmp_path, options):
+    teacher, student = mlp_pair(num_blocks=4)
+    student[1] = nn.utils.parametrizations.weight_norm(nn.Linear(32, 32))
+    monkeypatch.setattr(pipebd.Distiller, "_profile", lambda *a, **k: pytest.fail("profiled"))
+    options = {k: tmp_path / v if k == "checkpoint_dir" else v for k, v in options.items()}
+    with pytest.raises(TypeError, match=r"student block 1 cannot be sent to the spawned ranks \(RuntimeError: "):
+        pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=5, steps=1, world_size=2, **options)
+    assert not (tmp_path / "ckpt").exists()

@@ -231,15 +231,30 @@ def _payloads(tasks: list[Callable[[int, int], Any]], parts: dict[str, Any]) -> 
     try:
         return [_dumps(task) for task in tasks]
     except Exception as err:
-        culprit = "the work for the ranks"
-        for name, part in parts.items():
-            try:
-                _dumps(part)
-            except Exception:
-                culprit = name
-                break
-        raise TypeError(f"{culprit} cannot be sent to the spawned ranks ({type(err).__name__}: {err}); run it "
-                        f"with world_size=1, or start the ranks with torchrun, where each builds its own") from err
+        culprit = _unsendable(parts)
+        raise _refusal(culprit[0] if culprit else "the work for the ranks", err) from err
+
+
+def check_sendable(parts: dict[str, Any]) -> None:
+    """Raise the TypeError that ``spawn_tasks`` would for the first of ``parts`` (name ->
+    object) that cannot be pickled, before work that would be lost (profiling, checkpoints)."""
+    culprit = _unsendable(parts)
+    if culprit is not None:
+        raise _refusal(*culprit) from culprit[1]
+
+
+def _unsendable(parts: dict[str, Any]) -> tuple[str, Exception] | None:
+    for name, part in parts.items():
+        try:
+            _dumps(part)
+        except Exception as err:
+            return name, err
+    return None
+
+
+def _refusal(culprit: str, err: Exception) -> TypeError:
+    return TypeError(f"{culprit} cannot be sent to the spawned ranks ({type(err).__name__}: {err}); run it "
+                     f"with world_size=1, or start the ranks with torchrun, where each builds its own")
 
 
 def _free_port() -> int:
@@ -304,11 +319,15 @@ def spawn(job: Job, world_size: int, timeout_s: float) -> list[RankResult]:
         return f" (stage {where[0]}, replica {where[1]})" if where and job.strategy == "pipebd" else ""
 
     tasks = [functools.partial(_fit_task, job.for_rank(r)) for r in range(world_size)]
-    parts = {**{f"teacher block {i}": m for i, m in job.teacher.items()},
-             **{f"student block {i}": m for i, m in job.student.items()},
-             "the dataset": job.dataset, "the optimizer factory": job.optimizer, "the scheduler factory": job.scheduler,
-             "block_loss": job.block_loss, "final_loss": job.final_loss}
-    return spawn_tasks(tasks, backend_for(job.device), timeout_s, role, parts)
+    return spawn_tasks(tasks, backend_for(job.device), timeout_s, role, job_parts(job))
+
+
+def job_parts(job: Job) -> dict[str, Any]:
+    """What of ``job`` the user gave, by name, for ``check_sendable``."""
+    return {**{f"teacher block {i}": m for i, m in job.teacher.items()},
+            **{f"student block {i}": m for i, m in job.student.items()},
+            "the dataset": job.dataset, "the optimizer factory": job.optimizer, "the scheduler factory": job.scheduler,
+            "block_loss": job.block_loss, "final_loss": job.final_loss}
 
 
 def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s: float,

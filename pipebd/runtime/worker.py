@@ -275,6 +275,8 @@ class RankRuntime:
             # Random ops of the teacher (in eval mode: a sampling encoder) draw what one process does.
             with stream(derived_seed(self.job.seed, "teacher", block, step, self.replica or 0), self.device):
                 out = self._call("teacher", block, x, step)
+            if isinstance(out, Tensor) and out.is_inference():   # from a block under inference_mode:
+                out = out.clone()                                 # autograd could not save it as a target
         self.teacher_rows[block] += x.shape[0]
         return out
 
@@ -285,7 +287,9 @@ class RankRuntime:
         module = (self.teacher if kind == "teacher" else self.student)[block]
         if block in self.job.inplace.get(kind, ()):
             return module(x.clone())
-        if kind == "student":   # its input has served its other uses by now
+        # A student's input has served its other uses by now; an inference tensor (from a teacher
+        # block running under inference_mode) keeps no version and cannot change outside it.
+        if kind == "student" or x.is_inference():
             return module(x)
         version = x._version
         out = module(x)
