@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import checkpoint
 from .checks import check_device, check_factory, check_int
@@ -217,7 +218,7 @@ class Distiller:
         world_size = check_int("world_size", world_size, 1)
         # Without comm, a one-rank job: this device may be the only one.
         job = self._job(dataset, batch_size, 1, world_size if comm else 1, "pipebd", "auto", 0, 1, threads, False,
-                        timeout, sync_batchnorm, num_workers)
+                        timeout, sync_batchnorm, num_workers, planned=world_size)
         if not comm:
             return profile_job(job, world_size, warmup=warmup, repeats=repeats, cache=False, comm=lambda: ([], []))
         return self._profile(job, world_size, timeout, warmup=warmup, repeats=repeats, cache=cache)
@@ -241,9 +242,11 @@ class Distiller:
     def _job(self, dataset: Any, batch_size: int, steps: int, world_size: int, strategy: str,
              plan: Plan | str | None, seed: int, max_inflight: int, threads: int | None,
              progress: bool | None, timeout: float = 600.0, sync_batchnorm: bool = False,
-             num_workers: int = 0) -> Job:
+             num_workers: int = 0, *, planned: int = 1) -> Job:
         """Validate everything that can be checked in the caller and build the job (the
-        checkpoint options apart: ``checkpoint.options``). ``pipebd check`` runs this alone."""
+        checkpoint options apart: ``checkpoint.options``). ``pipebd check`` runs this alone.
+        ``planned``: the world size an auto plan is made for, if more than this job's (a profile
+        measured on one device)."""
         if not isinstance(sync_batchnorm, bool):
             raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
         num_workers = check_workers(num_workers)
@@ -266,7 +269,7 @@ class Distiller:
         if batch_size < widest and not auto:   # auto plans fit the batch
             raise ValueError(f"batch_size {batch_size} is smaller than the widest stage's replica "
                              f"count ({widest}); every replica needs at least one row")
-        boundary, labels, inplace = self._probe(dataset)
+        boundary, labels, inplace = self._probe(dataset, replicas=widest > 1 or (auto and max(world_size, planned) > 1))
         if threads is None and world_size > 1 and torchrun_env() is None:
             threads = max(1, (os.cpu_count() or 1) // world_size)   # spawned workers share the cores
         return Job(strategy=strategy, plan=resolved, num_blocks=self.num_blocks,
@@ -297,11 +300,13 @@ class Distiller:
         plan.validate(n, world_size)
         return plan
 
-    def _probe(self, dataset: Any) -> tuple[list[TensorSpec], TensorSpec | None, dict[str, frozenset[int]]]:
+    def _probe(self, dataset: Any, replicas: bool = False) -> tuple[list[TensorSpec], TensorSpec | None,
+                                                                    dict[str, frozenset[int]]]:
         """Run the first samples through every teacher and student block to learn the boundary
         shapes and catch mismatches before any process starts, and which blocks change their
-        input in place (``Job.inplace``). Random ops in the blocks leave the caller's generators
-        as they were."""
+        input in place (``Job.inplace``). With ``replicas`` (a stage may split the batch), warn
+        of blocks that mix the samples of a batch. Random ops in the blocks leave the caller's
+        generators as they were."""
         needs_labels = bool(getattr(self.final_loss, "needs_labels", False))
         x, y = probe_batch(dataset, labels=needs_labels)
         if not isinstance(x, Tensor):
@@ -310,14 +315,15 @@ class Distiller:
             raise ValueError("final_loss needs labels but dataset items carry none (use (x, y) items)")
         labels = TensorSpec(tuple(torch.as_tensor(y).shape[1:]), torch.as_tensor(y).dtype) if needs_labels else None
         inplace: dict[str, set[int]] = {"teacher": set(), "student": set()}
-        mixing: list[str] = []
+        env = torchrun_env()
+        mixing: list[str] | None = [] if replicas and (env is None or env[0] == 0) else None   # None: no check
         with kept_as_given(self.teacher + self.student), torch.no_grad(), _caller_rng():
             for m in self.teacher + self.student:
                 m.eval()
             a = x.to(_device_of(self.teacher[0]))
             boundary = [TensorSpec(tuple(a.shape[1:]), a.dtype)]
             for i, (t, s) in enumerate(zip(self.teacher, self.student)):
-                out = _call_block(t, a, f"teacher block {i}", inplace["teacher"], i, mixing)
+                out = _normal(_call_block(t, a, f"teacher block {i}", inplace["teacher"], i, mixing))
                 if not isinstance(out, Tensor):
                     raise TypeError(f"teacher block {i} returned a {type(out).__name__}; "
                                     f"blocks must return one tensor")
@@ -349,9 +355,9 @@ class Distiller:
                                      f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
                 a = out
                 boundary.append(TensorSpec(tuple(a.shape[1:]), a.dtype))
-        if mixing:
-            log.warning("pipebd: blocks that mix the samples of a batch: in eval mode, the output for the first "
-                        "sample moves when a second is in the batch: %s. Layers that take the sequence in dim 0 "
+        if mixing:   # one warning, from one rank
+            log.warning("pipebd: blocks that mix the samples of a batch: in eval mode, a sample's output changes "
+                        "when the others are in its batch: %s. Layers that take the sequence in dim 0 "
                         "(batch_first=False, the default of nn.TransformerEncoderLayer and nn.LSTM)? pipebd keeps "
                         "the batch in dim 0 and gives each replica of a stage its slice of the batch, so these "
                         "blocks train differently with replicas (or the baseline on several ranks) than in one "
@@ -441,8 +447,14 @@ def _teacher_output(teacher: list[nn.Module], shape: tuple[int, ...], dtype: tor
         else torch.zeros(rows * numel)
     a = x.to(dtype).reshape(rows, *shape)
     for block in teacher:
-        a = block.eval()(a.to(_device_of(block)))
+        a = _normal(block.eval()(a.to(_device_of(block))))
     return a
+
+
+def _normal(out: Any) -> Any:
+    """A teacher block's output as the runtime passes it on: an inference tensor (from a block
+    under ``torch.inference_mode``) copied to a normal one, which may change in place."""
+    return out.clone() if isinstance(out, Tensor) and out.is_inference() else out
 
 
 def _samples(x: Tensor) -> str:
@@ -459,12 +471,13 @@ def _rows(x: Tensor) -> str:
 
 
 def _call_block(block: nn.Module, x: Tensor, name: str, inplace: set[int], index: int,
-                mixing: list[str]) -> Any:
+                mixing: list[str] | None) -> Any:
     """``block(x)``, adding ``index`` to ``inplace`` if the block changed ``x`` in place (an
-    inference tensor keeps no version, and cannot change outside inference mode), and ``name``
-    with the difference to ``mixing`` if the block mixes the samples of a batch (``_mixing``)."""
+    inference tensor keeps no version, and cannot change outside inference mode), and, unless
+    ``mixing`` is None, ``name`` with the difference to it if the block mixes the samples of a
+    batch (``_mixing``)."""
     version = None if x.is_inference() else x._version
-    given = x.clone()
+    given = x.clone() if mixing is not None else x
     try:
         out = block(x)
     except Exception as err:
@@ -472,31 +485,39 @@ def _call_block(block: nn.Module, x: Tensor, name: str, inplace: set[int], index
                          f"sample (probed with {_samples(x)}): {err}") from err
     if version is not None and x._version != version:
         inplace.add(index)
-    diff = _mixing(block, given, out)
+    diff = _mixing(block, given, out) if mixing is not None else None
     if diff is not None:
         mixing.append(f"{name} (by up to {diff:.3g})")
     return out
 
 
 def _mixing(block: nn.Module, x: Tensor, out: Any) -> float | None:
-    """How far ``block``'s output for sample 0 of ``x`` moves when sample 1 is in the batch (max
-    abs difference), where that is beyond rounding and the block repeats its output; None where
-    it is not, or cannot tell (one sample, non-float output, a block that fails on one sample)."""
+    """How far ``block``'s outputs move when each sample of ``x`` is alone in its batch rather
+    than with the others (max abs difference; a replica sees a slice), where that is beyond
+    rounding and the block repeats its output; None where it is not, or cannot tell (one
+    sample, non-float output, a block that fails on one sample). BatchNorm without running
+    statistics mixes the batch by design (``sync_batchnorm`` makes replicas exact): not counted.
+    A compiled block runs eagerly here, so that one sample does not compile it again."""
     if len(x) < 2 or not isinstance(out, Tensor) or out.dim() == 0 or len(out) != len(x) \
             or not out.is_floating_point():
         return None
+    if any(isinstance(m, _BatchNorm) and m.running_mean is None for m in block.modules()):
+        return None
+    compiled = sys.modules.get("torch._dynamo.eval_frame")   # imported by torch.compile
+    if compiled is not None and isinstance(block, compiled.OptimizedModule):
+        block = block._orig_mod
     try:
-        alone = block(x[:1].clone())
+        alone = [block(x[j:j + 1].clone()) for j in range(len(x))]
+        if not all(isinstance(a, Tensor) and a.shape == out[:1].shape for a in alone):
+            return None
+        alone = torch.cat(alone).float()
+        diff = (alone - out.float()).abs().max().item()
+        scale = max(out.float().abs().max().item(), alone.abs().max().item())
+        if not diff > (1e-1 if out.element_size() <= 2 else 1e-2) * scale:   # NaN too
+            return None
+        again = block(x.clone())
     except Exception:
         return None
-    if not isinstance(alone, Tensor) or alone.shape != out[:1].shape:
-        return None
-    first = out[:1].float()
-    diff = (alone.float() - first).abs().max().item()
-    tol = (5e-2 if out.element_size() <= 2 else 1e-3) * (1 + first.abs().max().item())
-    if not diff > tol:   # NaN too
-        return None
-    again = block(x.clone())
     if not isinstance(again, Tensor) or again.shape != out.shape \
             or not (again.float() - out.float()).abs().max().item() <= diff / 10:   # random: cannot tell
         return None

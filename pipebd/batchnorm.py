@@ -15,7 +15,7 @@ one of the same size in the backward (``C`` channels, ``k`` replicas).
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -106,40 +106,46 @@ class _AllReduce(torch.autograd.Function):
         return grad, None
 
 
-def sync_batchnorm(module: nn.Module, group: Any) -> nn.Module:
+def sync_batchnorm(module: nn.Module, group: Any, shared: Iterable[nn.Module] = ()) -> nn.Module:
     """A copy of ``module`` whose BatchNorm layers (1d/2d/3d, and torch's SyncBatchNorm) are
     ``GroupBatchNorm`` over ``group``, holding copies of the same parameters and buffers, so its
     state dict loads into ``module`` and back. ``module`` is returned unchanged (not copied)
-    when it has no BatchNorm."""
-    return _converted(module, group, _BatchNorm)
+    when it has no BatchNorm. Modules in ``shared`` (a frozen teacher block that a student
+    block holds) stay in the copy as they are: the same objects, not converted."""
+    return _converted(module, group, _BatchNorm, shared)
 
 
-def local_batchnorm(module: nn.Module) -> nn.Module:
+def local_batchnorm(module: nn.Module, shared: Iterable[nn.Module] = ()) -> nn.Module:
     """``module`` with its ``torch.nn.SyncBatchNorm`` layers replaced as ``sync_batchnorm``
     does but without a group: per-rank statistics, like the plain BatchNorm layers beside them.
     Left as they are, they would synchronize over the default group, which holds ranks (other
     stages, other models) that never call them: a hang on GPUs, an error on CPUs. ``module`` is
     returned unchanged (not copied) when it has no SyncBatchNorm."""
-    return _converted(module, None, nn.SyncBatchNorm)
+    return _converted(module, None, nn.SyncBatchNorm, shared)
 
 
-def replica_batchnorm(module: nn.Module, group: Any, sync: bool) -> nn.Module:
+def replica_batchnorm(module: nn.Module, group: Any, sync: bool, shared: Iterable[nn.Module] = ()) -> nn.Module:
     """``module`` as a replica of a data-parallel ``group`` (None: no replicas) trains it: with
     ``sync``, every BatchNorm over the group (``sync_batchnorm``); otherwise per rank, torch's
     SyncBatchNorm included (``local_batchnorm``)."""
-    return sync_batchnorm(module, group) if sync and group is not None else local_batchnorm(module)
+    return sync_batchnorm(module, group, shared) if sync and group is not None else local_batchnorm(module, shared)
 
 
-def _converted(module: nn.Module, group: Any, kind: type) -> nn.Module:
-    if not any(isinstance(m, kind) for m in module.modules()):
+def _converted(module: nn.Module, group: Any, kind: type, shared: Iterable[nn.Module]) -> nn.Module:
+    shared = list(shared)
+    kept = {id(m): m for block in shared for m in block.modules()}
+    if not any(isinstance(m, kind) and id(m) not in kept for m in module.modules()):
         return module
-    return _convert(copy.deepcopy(module), group, kind)
+    memo: dict[int, Any] = {id(t): t for block in shared for t in (*block.parameters(), *block.buffers())}
+    return _convert(copy.deepcopy(module, memo={**memo, **kept}), group, kind, kept)
 
 
 _INPUT_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
 
 
-def _convert(module: nn.Module, group: Any, kind: type) -> nn.Module:
+def _convert(module: nn.Module, group: Any, kind: type, kept: dict[int, nn.Module]) -> nn.Module:
+    if id(module) in kept:
+        return module
     if isinstance(module, kind) and not isinstance(module, GroupBatchNorm):
         out = GroupBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats, group)
@@ -151,5 +157,5 @@ def _convert(module: nn.Module, group: Any, kind: type) -> nn.Module:
         out.train(module.training)
         return out
     for name, child in module.named_children():
-        module.add_module(name, _convert(child, group, kind))
+        module.add_module(name, _convert(child, group, kind, kept))
     return module

@@ -405,8 +405,9 @@ class Codistillation:
             self._probe(models, (evaluation[0][:PROBE_ROWS], evaluation[1]), "eval_data")
         if threads is None and world_size > 1 and torchrun_env() is None:
             threads = max(1, (os.cpu_count() or 1) // world_size)
-        # DDP must be told of parameters without gradient, or it waits for them and fails.
-        find_unused = frozenset(i for i, m in enumerate(models) if _unused(m, x)) if world_size > self.n \
+        # DDP must be told of parameters without gradient, or it waits for them and fails; where
+        # that cannot be found out, it looks for them every step.
+        find_unused = frozenset(i for i, m in enumerate(models) if _unused(m, x) != []) if world_size > self.n \
             else frozenset()
         return _Job(models=models, mode=self.mode, optimizer=self.optimizer, scheduler=self.scheduler,
                     alpha=self.alpha, temperature=self.temperature, burn_in=self.burn_in,
@@ -469,11 +470,12 @@ class Codistillation:
                              f"ignore_index={self.ignore_index}, got {bad}")
 
 
-def _unused(model: nn.Module, x: Tensor) -> list[str]:
+def _unused(model: nn.Module, x: Tensor) -> list[str] | None:
     """The trainable parameters of ``model`` that its output on ``x`` does not depend on, in
-    training mode (as a branch not taken, or a head left out of ``forward``). The model's
-    buffers, modes and gradients and the caller's generators stay as they were; a model that
-    fails on these samples in training mode (BatchNorm on one) is taken to use every parameter."""
+    training mode (as a head left out of ``forward``); None where that cannot be told (a model
+    that fails so, as reentrant checkpointing does under ``autograd.grad``). The model's
+    buffers, modes and gradients and the caller's generators stay as they were; its forward
+    and the parameters' gradient hooks do run once."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         return []
@@ -483,7 +485,7 @@ def _unused(model: nn.Module, x: Tensor) -> list[str]:
             out = torch.func.functional_call(model.train(), buffers, (x.to(_device_of(model)),))
             grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
         except Exception:
-            return []
+            return None
     return [name for (name, _), g in zip(named, grads) if g is None]
 
 

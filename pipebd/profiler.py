@@ -506,8 +506,9 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
     act_bytes = [_nbytes(job.boundary[i]) + (_nbytes(job.labels) if job.labels is not None and i > 0 else 0)
                  for i in range(n + 1)]
     grad_bytes = [sum(p.numel() * p.element_size() for p in rt.buckets[i].params) for i in range(n)]
+    frozen = [{id(m) for m in job.teacher[i].modules()} for i in range(n)]   # a teacher block in its student
     bn_bytes = [[(2 * m.num_features + 1) * _statistics_itemsize(m) for m in job.student[i].modules()
-                 if isinstance(m, _BatchNorm)] for i in range(n)]
+                 if isinstance(m, _BatchNorm) and id(m) not in frozen[i]] for i in range(n)]
     return Profile(n, batch, world_size, job.device, backend_for(job.device), rows, teacher, student, load,
                    act_bytes, grad_bytes, warmup=warmup, repeats=repeats, threads=job.threads, bn_bytes=bn_bytes,
                    num_workers=job.num_workers, receive=receive, loader_start=loader_start)

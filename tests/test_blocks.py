@@ -166,11 +166,13 @@ def test_a_student_that_changes_its_input_in_place_only_in_training():
     assert max_diff(fit(*make()), plain_loop(*make())) <= TOL
 
 
-def test_a_teacher_block_inside_its_student_block_stays_in_eval_mode():
+@pytest.mark.parametrize("norm", [nn.Identity, nn.SyncBatchNorm], ids=["plain", "syncbn"])
+def test_a_teacher_block_inside_its_student_block_stays_in_eval_mode(norm):
+    # A student holding SyncBatchNorm trains as a converted copy: the teacher block stays shared.
     teacher = [linear(0), linear(1, nn.Dropout(0.5))]
     modes = []
     teacher[1].register_forward_hook(lambda module, args, out: modes.append(module.training))
-    fit(teacher, [linear(10), nn.Sequential(teacher[1], nn.Linear(8, 8))])
+    fit(teacher, [linear(10), nn.Sequential(teacher[1], nn.Linear(8, 8), norm(8))])
     assert len(modes) > STEPS and not any(modes)
     assert teacher[1].training   # given in training mode, it comes back so
 
@@ -190,7 +192,9 @@ class UnderInferenceMode(nn.Module):
 
 @pytest.mark.parametrize("world_size, plan", [(1, None), (2, pipebd.Plan([[0, 1], [2]]))], ids=["w1", "w2"])
 def test_a_teacher_block_under_inference_mode(world_size, plan):
-    teacher, student = [linear(0), linear(1, nn.ReLU()), linear(2)], [linear(10), linear(11), linear(12)]
+    # Its output is a target, and the input of the next blocks, which change it in place.
+    teacher = [linear(0), linear(1, nn.ReLU(inplace=True)), linear(2)]
+    student = [linear(10), linear(11, nn.ReLU(inplace=True)), linear(12)]
     reference = plain_loop(teacher, student)   # the same blocks, not wrapped
     trained = fit([UnderInferenceMode(t) for t in teacher], student, world_size=world_size, plan=plan)
     assert max_diff(trained, reference) <= TOL
@@ -253,21 +257,45 @@ def transformer(seed, batch_first):
     return nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
 
 
-@pytest.mark.parametrize("batch_first", [False, True])
-def test_blocks_that_mix_the_samples_of_a_batch_are_warned_about(caplog, batch_first):
-    # batch_first=False on [batch, seq, features] data attends across the batch, not the sequence.
+class Recurrent(nn.Module):
+    def __init__(self, seed, batch_first):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lstm = nn.LSTM(8, 8, batch_first=batch_first)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+def mixing_warnings(caplog, teacher, student, world_size=2):
+    """The probe's warnings for fit(world_size=...) with one stage of world_size replicas."""
     data = torch.randn(20, 3, 8, generator=torch.Generator().manual_seed(1))
-    teacher = [transformer(0, batch_first), linear(1)]
-    student = [transformer(10, batch_first), linear(11)]
+    distiller = pipebd.Distiller(teacher, student, device="cpu")
+    caplog.clear()
     with caplog.at_level("WARNING", logger="pipebd"):
-        pipebd.Distiller(teacher, student, device="cpu").profile(data, batch_size=BATCH, world_size=2, comm=False,
-                                                                 warmup=0, repeats=1)
-    warned = [r.getMessage() for r in caplog.records if "mix the samples" in r.getMessage()]
+        distiller._job(data, BATCH, 1, world_size, "pipebd", pipebd.Plan([[0, 1]], [world_size]), 0, 1, None, False)
+    return [r.getMessage() for r in caplog.records if "mix the samples" in r.getMessage()]
+
+
+@pytest.mark.parametrize("kind", [transformer, Recurrent], ids=["transformer", "lstm"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_blocks_that_mix_the_samples_of_a_batch_are_warned_about(caplog, kind, batch_first):
+    # batch_first=False on [batch, seq, features] data runs across the batch, not the sequence
+    # (an LSTM's first sample does not see the second: the last one is what moves).
+    warned = mixing_warnings(caplog, [kind(0, batch_first), linear(1)], [kind(10, batch_first), linear(11)])
     if batch_first:
         assert not warned
     else:
         assert len(warned) == 1 and "teacher block 0 (by up to" in warned[0] and "student block 0" in warned[0]
         assert "block 1" not in warned[0] and "batch_first=False" in warned[0]
+        # Without replicas every stage sees the whole batch, as one process does: nothing to warn of.
+        assert not mixing_warnings(caplog, [kind(0, False), linear(1)], [kind(10, False), linear(11)], world_size=1)
+
+
+def test_batchnorm_without_running_statistics_is_not_taken_for_mixing(caplog):
+    # It mixes the batch by design, and sync_batchnorm makes replicas exact.
+    student = [nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(3, track_running_stats=False)), linear(11)]
+    assert not mixing_warnings(caplog, [linear(0), linear(1)], student)
 
 
 def test_a_random_teacher_is_not_taken_for_one_that_mixes_samples(caplog):

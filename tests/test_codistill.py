@@ -452,3 +452,8 @@ def test_finding_unused_parameters_leaves_the_model_as_it_was():
     assert not model.training and all(p.grad is None for p in model.parameters())
     assert torch.equal(torch.get_rng_state(), rng)
     assert _unused(model.net, x) == []
+    # Reentrant checkpointing refuses autograd.grad: cannot tell, so DDP is to look every step.
+    checkpointed = WithUnusedHead(nn.Sequential(nn.Linear(FEATURES, 4), nn.Tanh()))
+    net = checkpointed.net
+    checkpointed.forward = lambda x: torch.utils.checkpoint.checkpoint(net[1], net[0](x), use_reentrant=True)
+    assert _unused(checkpointed, x) is None

@@ -404,10 +404,13 @@ def test_loader_workers_are_measured_and_change_stage_zero():
 
 def test_a_teacher_block_inside_its_student_block_stays_frozen_in_the_profile():
     torch.manual_seed(0)
-    teacher = [EmulatedBlock(4, A, B_ROW) for _ in range(2)]
-    student = [nn.Sequential(t, nn.Linear(4, 4, bias=False)) for t in teacher]
+    teacher = [nn.Sequential(EmulatedBlock(4, A, B_ROW), nn.BatchNorm1d(4)) for _ in range(2)]
+    student = [nn.Sequential(t, nn.Linear(4, 4, bias=False), nn.BatchNorm1d(4)) for t in teacher]
     distiller = pipebd.Distiller(teacher, student, device="cpu")
     before = [p.detach().clone() for t in teacher for p in t.parameters()]
     profile = profiler.profile_job(job(distiller), 3, warmup=0, repeats=1, comm=lambda: NO_COMM, cache=False)
-    assert profile.grad_bytes == [16 * 4] * 2        # the 4x4 adapter only: the teacher's part is frozen
+    # The 4x4 adapter and the student's own BatchNorm only: the teacher's part is frozen, and in
+    # eval mode its BatchNorm has no statistics to allreduce.
+    assert profile.grad_bytes == [(16 + 2 * 4) * 4] * 2
+    assert profile.bn_bytes == [[(2 * 4 + 1) * 4]] * 2
     assert all(torch.equal(x, p) for x, p in zip(before, (p for t in teacher for p in t.parameters())))

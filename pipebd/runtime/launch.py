@@ -221,10 +221,18 @@ class _Pickler(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
 
-def _dumps(obj: Any) -> bytes:
-    buffer = io.BytesIO()
+def _dumps(obj: Any, into: Any = None) -> bytes:
+    """``obj`` pickled as the ranks receive it (written ``into`` a file instead, if given)."""
+    buffer = io.BytesIO() if into is None else into
     _Pickler(buffer, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(obj)
-    return buffer.getvalue()
+    return buffer.getvalue() if into is None else b""
+
+
+class _Discard:
+    """A file that keeps nothing: pickling into it checks an object without holding its bytes."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
 
 
 def _payloads(tasks: list[Callable[[int, int], Any]], parts: dict[str, Any]) -> list[bytes]:
@@ -246,7 +254,7 @@ def check_sendable(parts: dict[str, Any]) -> None:
 def _unsendable(parts: dict[str, Any]) -> tuple[str, Exception] | None:
     for name, part in parts.items():
         try:
-            _dumps(part)
+            _dumps(part, into=_Discard())
         except Exception as err:
             return name, err
     return None

@@ -209,7 +209,8 @@ class RankRuntime:
         self.teacher = {i: job.teacher[i].to(self.device).eval().requires_grad_(False) for i in self.blocks}
         self.student = {i: job.student[i].to(self.device).train() for i in self.blocks}
         # Copies with the same parameters, buffers and state-dict keys, where they hold BatchNorm.
-        self.student = {i: replica_batchnorm(m, group, job.sync_batchnorm) for i, m in self.student.items()}
+        self.student = {i: replica_batchnorm(m, group, job.sync_batchnorm, shared=[self.teacher[i]])
+                        for i, m in self.student.items()}
         for m in self.teacher.values():   # after the students: one may hold its teacher block
             m.eval()
         self.optimizers = {i: job.optimizer(self.student[i].parameters()) for i in self.blocks}
@@ -276,7 +277,7 @@ class RankRuntime:
             with stream(derived_seed(self.job.seed, "teacher", block, step, self.replica or 0), self.device):
                 out = self._call("teacher", block, x, step)
             if isinstance(out, Tensor) and out.is_inference():   # from a block under inference_mode:
-                out = out.clone()                                 # autograd could not save it as a target
+                out = out.clone()   # autograd could not save it as a target (api._normal in the probe)
         self.teacher_rows[block] += x.shape[0]
         return out
 
