@@ -332,7 +332,7 @@ class Distiller:
                                      f"blocks must keep the batch in dim 0 (batch_first=True for PyTorch's "
                                      f"recurrent and transformer layers)")
                 s_out = _call_block(s, a.to(_device_of(s)), f"student block {i}", inplace["student"], i,
-                                    mixing)
+                                    None if _batch_statistics(s, t) else mixing)
                 if not isinstance(s_out, Tensor) or s_out.shape != out.shape:
                     got = tuple(s_out.shape[1:]) if isinstance(s_out, Tensor) else type(s_out).__name__
                     raise ValueError(f"student block {i} outputs shape {got} per sample but "
@@ -358,7 +358,8 @@ class Distiller:
         if mixing:   # one warning, from one rank
             log.warning("pipebd: blocks that mix the samples of a batch: in eval mode, a sample's output changes "
                         "when the others are in its batch: %s. Layers that take the sequence in dim 0 "
-                        "(batch_first=False, the default of nn.TransformerEncoderLayer and nn.LSTM)? pipebd keeps "
+                        "(batch_first=False, the default of nn.TransformerEncoderLayer and nn.LSTM), or a "
+                        "teacher's BatchNorm without running statistics? pipebd keeps "
                         "the batch in dim 0 and gives each replica of a stage its slice of the batch, so these "
                         "blocks train differently with replicas (or the baseline on several ranks) than in one "
                         "process", ", ".join(mixing))
@@ -495,33 +496,39 @@ def _mixing(block: nn.Module, x: Tensor, out: Any) -> float | None:
     """How far ``block``'s outputs move when each sample of ``x`` is alone in its batch rather
     than with the others (max abs difference; a replica sees a slice), where that is beyond
     rounding and the block repeats its output; None where it is not, or cannot tell (one
-    sample, non-float output, a block that fails on one sample). BatchNorm without running
-    statistics mixes the batch by design (``sync_batchnorm`` makes replicas exact): not counted.
-    A compiled block runs eagerly here, so that one sample does not compile it again."""
+    sample, non-float output, a block that fails on one sample). Compiled code runs eagerly
+    here, so that one sample does not compile it again."""
     if len(x) < 2 or not isinstance(out, Tensor) or out.dim() == 0 or len(out) != len(x) \
             or not out.is_floating_point():
         return None
-    if any(isinstance(m, _BatchNorm) and m.running_mean is None for m in block.modules()):
-        return None
-    compiled = sys.modules.get("torch._dynamo.eval_frame")   # imported by torch.compile
-    if compiled is not None and isinstance(block, compiled.OptimizedModule):
-        block = block._orig_mod
+    # Without dynamo imported nothing is compiled (and importing it takes seconds).
+    eager = torch.compiler.set_stance("force_eager") if "torch._dynamo" in sys.modules else contextlib.nullcontext()
     try:
-        alone = [block(x[j:j + 1].clone()) for j in range(len(x))]
-        if not all(isinstance(a, Tensor) and a.shape == out[:1].shape for a in alone):
-            return None
-        alone = torch.cat(alone).float()
-        diff = (alone - out.float()).abs().max().item()
-        scale = max(out.float().abs().max().item(), alone.abs().max().item())
-        if not diff > (1e-1 if out.element_size() <= 2 else 1e-2) * scale:   # NaN too
-            return None
-        again = block(x.clone())
+        with eager:
+            alone = [block(x[j:j + 1].clone()) for j in range(len(x))]
+            if not all(isinstance(a, Tensor) and a.shape == out[:1].shape for a in alone):
+                return None
+            alone = torch.cat(alone).float()
+            diff = (alone - out.float()).abs().max().item()
+            scale = max(out.float().abs().max().item(), alone.abs().max().item())
+            if not diff > (1e-1 if out.element_size() <= 2 else 1e-2) * scale:   # NaN too
+                return None
+            again = block(x.clone())
     except Exception:
         return None
     if not isinstance(again, Tensor) or again.shape != out.shape \
             or not (again.float() - out.float()).abs().max().item() <= diff / 10:   # random: cannot tell
         return None
     return diff
+
+
+def _batch_statistics(student: nn.Module, teacher: nn.Module) -> bool:
+    """Whether ``student`` has BatchNorm layers of its own without running statistics, which
+    mix the batch in eval mode too, by design: per replica by default, as DDP, and exactly
+    with ``sync_batchnorm``. (A teacher's are not synchronized: they stay in eval mode.)"""
+    frozen = {id(m) for m in teacher.modules()}
+    return any(isinstance(m, _BatchNorm) and m.running_mean is None and id(m) not in frozen
+               for m in student.modules())
 
 
 @contextlib.contextmanager

@@ -405,9 +405,8 @@ class Codistillation:
             self._probe(models, (evaluation[0][:PROBE_ROWS], evaluation[1]), "eval_data")
         if threads is None and world_size > 1 and torchrun_env() is None:
             threads = max(1, (os.cpu_count() or 1) // world_size)
-        # DDP must be told of parameters without gradient, or it waits for them and fails; where
-        # that cannot be found out, it looks for them every step.
-        find_unused = frozenset(i for i, m in enumerate(models) if _unused(m, x) != []) if world_size > self.n \
+        # DDP must be told of parameters without gradient, or it waits for them and fails.
+        find_unused = frozenset(i for i, m in enumerate(models) if _unused(m, x)) if world_size > self.n \
             else frozenset()
         return _Job(models=models, mode=self.mode, optimizer=self.optimizer, scheduler=self.scheduler,
                     alpha=self.alpha, temperature=self.temperature, burn_in=self.burn_in,
@@ -470,22 +469,34 @@ class Codistillation:
                              f"ignore_index={self.ignore_index}, got {bad}")
 
 
-def _unused(model: nn.Module, x: Tensor) -> list[str] | None:
+def _unused(model: nn.Module, x: Tensor) -> list[str]:
     """The trainable parameters of ``model`` that its output on ``x`` does not depend on, in
-    training mode (as a head left out of ``forward``); None where that cannot be told (a model
-    that fails so, as reentrant checkpointing does under ``autograd.grad``). The model's
-    buffers, modes and gradients and the caller's generators stay as they were; its forward
-    and the parameters' gradient hooks do run once."""
+    training mode (as a head left out of ``forward``); none where that cannot be told. Found
+    with ``autograd.grad``, or, where the model refuses it (reentrant checkpointing), with a
+    backward whose gradients are then put back. The model's buffers, modes and gradients and
+    the caller's generators stay as they were; its forward and gradient hooks do run once."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not named:
         return []
     buffers = {name: b.clone() for name, b in model.named_buffers()}   # BatchNorm statistics move
     with kept_as_given([model]), torch.enable_grad(), _caller_rng():
         try:
-            out = torch.func.functional_call(model.train(), buffers, (x.to(_device_of(model)),))
-            grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
+            loss = torch.func.functional_call(model.train(), buffers, (x.to(_device_of(model)),)).float().sum()
+            try:
+                grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+            except RuntimeError:
+                saved = [p.grad for p in params]
+                try:
+                    for p in params:
+                        p.grad = None
+                    loss.backward()
+                    grads = [p.grad for p in params]
+                finally:
+                    for p, grad in zip(params, saved):
+                        p.grad = grad
         except Exception:
-            return None
+            return []
     return [name for (name, _), g in zip(named, grads) if g is None]
 
 

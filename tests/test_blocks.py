@@ -292,10 +292,13 @@ def test_blocks_that_mix_the_samples_of_a_batch_are_warned_about(caplog, kind, b
         assert not mixing_warnings(caplog, [kind(0, False), linear(1)], [kind(10, False), linear(11)], world_size=1)
 
 
-def test_batchnorm_without_running_statistics_is_not_taken_for_mixing(caplog):
-    # It mixes the batch by design, and sync_batchnorm makes replicas exact.
-    student = [nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(3, track_running_stats=False)), linear(11)]
-    assert not mixing_warnings(caplog, [linear(0), linear(1)], student)
+def test_a_students_batchnorm_without_running_statistics_is_not_taken_for_mixing(caplog):
+    # It mixes the batch by design, and sync_batchnorm makes replicas exact; a teacher's is
+    # never synchronized (the teacher stays in eval mode), so its targets would differ.
+    batch_statistics = lambda seed: linear(seed, nn.BatchNorm1d(3, track_running_stats=False))   # noqa: E731
+    assert not mixing_warnings(caplog, [linear(0), linear(1)], [batch_statistics(10), linear(11)])
+    warned = mixing_warnings(caplog, [batch_statistics(0), linear(1)], [linear(10), linear(11)])
+    assert len(warned) == 1 and "teacher block 0" in warned[0] and "student" not in warned[0]
 
 
 def test_a_random_teacher_is_not_taken_for_one_that_mixes_samples(caplog):

@@ -452,8 +452,11 @@ def test_finding_unused_parameters_leaves_the_model_as_it_was():
     assert not model.training and all(p.grad is None for p in model.parameters())
     assert torch.equal(torch.get_rng_state(), rng)
     assert _unused(model.net, x) == []
-    # Reentrant checkpointing refuses autograd.grad: cannot tell, so DDP is to look every step.
-    checkpointed = WithUnusedHead(nn.Sequential(nn.Linear(FEATURES, 4), nn.Tanh()))
+    # Reentrant checkpointing refuses autograd.grad: a backward tells, and its gradients go.
+    checkpointed = WithUnusedHead(nn.Sequential(nn.Linear(FEATURES, 4), nn.Linear(4, 4)))
     net = checkpointed.net
     checkpointed.forward = lambda x: torch.utils.checkpoint.checkpoint(net[1], net[0](x), use_reentrant=True)
-    assert _unused(checkpointed, x) is None
+    net[0].weight.grad = torch.ones_like(net[0].weight)
+    assert _unused(checkpointed, x) == ["head.weight", "head.bias"]
+    assert torch.equal(net[0].weight.grad, torch.ones_like(net[0].weight))
+    assert all(p.grad is None for name, p in checkpointed.named_parameters() if name != "net.0.weight")
