@@ -266,6 +266,10 @@ class Distiller:
         resolved = self._resolve_plan(plan, strategy, world_size)   # "auto": the default until profiled
         widest = max(resolved.replicas)
         auto = strategy == "pipebd" and isinstance(plan, str) and plan == "auto"
+        used, env = sum(resolved.replicas), torchrun_env()
+        if used < world_size and (env is None or env[0] == 0):
+            log.warning("pipebd: the plan %s uses %d of %d ranks: rank(s) %s will be idle", resolved.describe(), used,
+                        world_size, f"{used}-{world_size - 1}" if world_size - used > 1 else used)
         if batch_size < widest and not auto:   # auto plans fit the batch
             raise ValueError(f"batch_size {batch_size} is smaller than the widest stage's replica "
                              f"count ({widest}); every replica needs at least one row")

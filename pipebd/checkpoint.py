@@ -282,8 +282,8 @@ def _read_run(directory: str | None, key: RunKey | CodistillKey, resume: bool) -
             log.warning("pipebd: no checkpoint in %s; starting from step 0", directory)
         return None
     if not resume:
-        raise ValueError(f"{directory} already holds a pipebd run ({RUN_FILE}); pass resume=True to continue "
-                         f"it, or choose an empty directory")
+        raise ValueError(f"{directory} already holds a pipebd run ({RUN_FILE}); pass resume=True (--resume "
+                         f"on the command line) to continue it, or choose an empty directory")
     try:
         with open(run_file) as f:
             saved = json.load(f)

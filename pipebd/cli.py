@@ -36,11 +36,11 @@ def build(config: RunConfig) -> tuple[Distiller, TensorDataset]:
     if config.final_loss is not None and config.final_loss.alpha > 0:
         raise ValueError(f"final_loss.alpha={config.final_loss.alpha:g} mixes in a cross-entropy on labels, but "
                          f"synthetic data has none; use alpha 0 here (the Python API takes (x, y) items)")
+    check_config_device(config.device)   # first: the backend check reads it
     if config.final_loss is not None:
         check_backend("final_loss.backend", config.final_loss.backend, config.device)
     check_timeout(config.timeout)
     check_seeds(config)
-    check_config_device(config.device)
     teacher, student, shape = build_pair(config)
     gen = torch.Generator().manual_seed(config.data.seed)
     try:
@@ -212,10 +212,10 @@ def build_codistill(config: CodistillConfig) -> tuple[Codistillation, TensorData
         raise ValueError(f"data.test_fraction must be between 0 and 1, got {d.test_fraction}")
     if config.warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+    check_config_device(config.device)   # first: the backend check reads it
     check_backend("backend", config.backend, config.device)
     check_timeout(config.timeout)
     check_seeds(config)
-    check_config_device(config.device)
     try:
         x, y = datasets.synthetic(d.samples, d.features, d.classes, d.seed) if d.kind == "synthetic" else datasets.digits()
     except (RuntimeError, OverflowError, MemoryError) as err:   # more memory than there is, or no int64
@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "codistill":
             p.add_argument("--check", action="store_true",
                            help="validate the config and print it with every default filled in; train nothing")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"pipebd {__version__}")
     args = parser.parse_args(argv)
     if getattr(args, "resume", False):
         args.overrides.append("resume=true")
@@ -363,7 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, NotImplementedError, OSError, ImportError) as err:
         print(f"pipebd: error: {err}", file=sys.stderr)
         return 2
-    except (WorkerError, NonFiniteLoss) as err:
+    except NonFiniteLoss as err:
+        # The run diverged (hence 1): one line naming the stage, block and step, from a worker
+        # too, whose traceback would say no more.
+        print(f"pipebd: error: {getattr(err, 'headline', err)}", file=sys.stderr)
+        return 1
+    except WorkerError as err:
         # A failed run, not a bad config (hence 1): the message names the rank and step and holds
         # the worker's traceback; the parent's own would only show the call of fit.
         print(f"pipebd: error: {err}", file=sys.stderr)

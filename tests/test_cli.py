@@ -301,6 +301,16 @@ def test_cli_failed_runs_print_the_error_and_interrupts_one_line(monkeypatch, ca
     monkeypatch.setattr(pipebd.Codistillation, "fit", raising(failure))
     assert main(["codistill", "--set", "steps=1"]) == 1
     assert capsys.readouterr().err == f"pipebd: error: {failure}\n"
+    # A rank's non-finite loss is the same outcome: one line, with the rank, not its traceback.
+    from pipebd.runtime.launch import _worker_error
+    diverged = _worker_error([(0.0, "Traceback (most recent call last):\n  ...\npipebd.runtime.worker."
+                                    "NonFiniteLoss: non-finite loss (inf) at stage 1, block 2, step 3\n", (3, 2), 1)],
+                             lambda rank: " (stage 1, replica 0)", [])
+    monkeypatch.setattr(pipebd.Distiller, "fit", raising(diverged))
+    assert main(["run", *TINY]) == 1
+    assert capsys.readouterr().err == ("pipebd: error: rank 1 (stage 1, replica 0): non-finite loss (inf) at "
+                                       "stage 1, block 2, step 3\n")
+    assert isinstance(diverged, pipebd.NonFiniteLoss) and diverged.where == (3, 2)
     monkeypatch.setattr(pipebd.Distiller, "fit", raising(KeyboardInterrupt))
     assert main(["run", *TINY]) == 130
     assert capsys.readouterr().err == "pipebd: interrupted\n"
@@ -314,6 +324,15 @@ def test_help():
     out = subprocess.run([sys.executable, "-m", "pipebd", "run", "--help"], capture_output=True, text=True,
                          timeout=60).stdout
     assert "--set KEY=VALUE" in out
+    version = subprocess.run([sys.executable, "-m", "pipebd", "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    assert version == f"pipebd {pipebd.__version__}\n"
+
+
+def test_a_plan_that_leaves_ranks_idle_is_warned_about_before_the_run(caplog):
+    with caplog.at_level("WARNING", logger="pipebd"):
+        assert main(["check", *TINY, "--set", "world_size=4", "--set", "plan=[0-1]x1 | [2-3]x1"]) == 0
+    assert "the plan [0-1]x1 | [2-3]x1 uses 2 of 4 ranks: rank(s) 2-3 will be idle" in caplog.text
 
 
 CODISTILL = ["--set", "data={samples: 600, features: 8, classes: 4, test_fraction: 0.2, seed: 3}",
@@ -464,3 +483,8 @@ def test_a_failed_output_does_not_cost_the_other_and_a_pgf_plot_needs_tex(tmp_pa
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert main(["check", *TINY, "--set", f"plot={tmp_path / 'p.pgf'}"]) == 2
     assert "config key 'plot': cannot plot to" in capsys.readouterr().err
+
+
+def test_the_device_is_named_before_the_loss_backend_reads_it(capsys):
+    assert main(["check", *TINY, "--set", "final_loss={temperature: 2.0}", "--set", "device=gpu"]) == 2
+    assert capsys.readouterr().err == "pipebd: error: config key 'device' must be cpu, cuda or cuda:N, got 'gpu'\n"

@@ -59,7 +59,10 @@ class WorkerError(RuntimeError):
 
 class NonFiniteWorkerError(WorkerError, NonFiniteLoss):
     """A rank's ``NonFiniteLoss``: ``except pipebd.NonFiniteLoss`` catches it as it catches the
-    error of a one-process fit, and ``except pipebd.WorkerError`` as any rank's failure."""
+    error of a one-process fit, and ``except pipebd.WorkerError`` as any rank's failure.
+    ``headline``: the rank and the worker's message, without its traceback."""
+
+    headline: str = ""
 
 
 def stage_group(plan: Plan, rank: int, timeout_s: float) -> Any:
@@ -460,4 +463,9 @@ def _worker_error(errors: list, role: Callable[[int], str], silent: list[int]) -
         ranks = ", ".join(f"{r}{role(r)}" for r in silent)
         message += (f"\nrank(s) {ranks} had not reported {_GRACE_S:g} s after that and were stopped "
                     f"(if the error above is a timeout, a stalled rank among these may be the cause)")
-    return (NonFiniteWorkerError if where is not None else WorkerError)(rank, message)
+    if where is None:
+        return WorkerError(rank, message)
+    err = NonFiniteWorkerError(rank, message)
+    err.where = tuple(where)
+    err.headline = f"rank {rank}{role(rank)}: {tb.strip().splitlines()[-1].split(': ', 1)[-1]}"
+    return err
