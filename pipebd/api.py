@@ -172,9 +172,6 @@ class Distiller:
         checkpoint.hold(directory, held, first_rank, spmd)
         key = checkpoint.RunKey(self.num_blocks, job.batch_size, job.seed, job.dataset_len)
         states = checkpoint.read(directory, key, job.steps, resume)
-        if len(states) == self.num_blocks and all(st["step"] == job.steps for st in states.values()):
-            raise ValueError(f"every block of the checkpoint in {directory} has completed steps={job.steps}; "
-                             f"pass a larger steps to train further")
         checkpoint.check(states, self.student, self.optimizer, self.scheduler, warn=first_rank)
         fingerprint = None
         if directory is not None and first_rank:

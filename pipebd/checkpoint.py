@@ -365,7 +365,7 @@ def read(directory: str | None, key: RunKey, steps: int, resume: bool) -> dict[i
     """Check ``directory`` against this run and return the saved state of every block
     (block -> the file's dict), or {} for a fresh start. Raises ValueError when the directory
     belongs to another run, holds a checkpoint that ``resume=False`` would overwrite, lacks a
-    block's file, or a block has already trained beyond ``steps``."""
+    block's file, or a block has already trained beyond ``steps``, or every block as far."""
     if _read_run(directory, key, resume) is None:
         return {}
     states = {}
@@ -379,6 +379,9 @@ def read(directory: str | None, key: RunKey, steps: int, resume: bool) -> dict[i
             raise ValueError(f"block {block} of the checkpoint in {directory} has trained {state['step']} "
                              f"steps, more than steps={steps}")
         states[block] = state
+    if all(state["step"] == steps for state in states.values()):
+        raise ValueError(f"every block of the checkpoint in {directory} has completed steps={steps}; "
+                         f"pass a larger steps to train further")
     return states
 
 

@@ -145,13 +145,16 @@ def check_outputs(config: RunConfig | CodistillConfig) -> None:
 
 def check(config: RunConfig) -> tuple[Distiller, TensorDataset]:
     """Refuse what ``pipebd run`` would refuse, without running: the config's values, then
-    fit's own checks of them (plan against world size, batch against replicas, shapes), and the
-    outputs. A saved run that ``resume`` would continue is not read. Returns what ``build`` does."""
+    fit's own checks of them (plan against world size, batch against replicas, shapes), the
+    run saved in ``checkpoint_dir`` (``checkpoint.read``: a run there without ``resume``, or
+    one that does not fit), and the outputs. Returns what ``build`` does."""
     distiller, dataset = build(config)
     distiller._job(dataset, config.batch_size, config.steps, config.world_size, config.strategy, config.fit_plan(),
                    config.seed, config.max_inflight, None, False, config.timeout, config.sync_batchnorm,
                    config.num_workers)
-    checkpoint.options(config.checkpoint_dir, config.checkpoint_every, config.resume)
+    directory, _ = checkpoint.options(config.checkpoint_dir, config.checkpoint_every, config.resume)
+    key = checkpoint.RunKey(distiller.num_blocks, config.batch_size, config.seed, len(dataset))
+    checkpoint.read(directory, key, config.steps, config.resume)
     check_outputs(config)
     return distiller, dataset
 

@@ -488,3 +488,15 @@ def test_a_failed_output_does_not_cost_the_other_and_a_pgf_plot_needs_tex(tmp_pa
 def test_the_device_is_named_before_the_loss_backend_reads_it(capsys):
     assert main(["check", *TINY, "--set", "final_loss={temperature: 2.0}", "--set", "device=gpu"]) == 2
     assert capsys.readouterr().err == "pipebd: error: config key 'device' must be cpu, cuda or cuda:N, got 'gpu'\n"
+
+
+def test_check_refuses_the_saved_runs_that_run_would(tmp_path, capsys):
+    ck = ["--set", f"checkpoint_dir={tmp_path / 'ck'}"]
+    assert main(["run", *TINY, *ck]) == 0
+    capsys.readouterr()
+    assert main(["check", *TINY, *ck]) == 2
+    assert "already holds a pipebd run (run.json); pass resume=True (--resume" in capsys.readouterr().err
+    assert main(["check", *TINY, *ck, "--resume"]) == 2
+    assert "every block of the checkpoint in" in capsys.readouterr().err
+    assert main(["check", *TINY, *ck, "--resume", "--set", "steps=4"]) == 0
+    assert main(["check", *TINY, *ck, "--resume", "--set", "batch_size=4"]) == 2   # another run's key
