@@ -26,7 +26,7 @@ from .profiler import COMM_REPEATS, Profile, comm_task, profile_job
 from .report import Report, build_report
 from .runtime.launch import (LOOPS, check_sendable, check_timeout, init_spmd, job_parts, kept_as_given, pin_device,
                              run_rank, run_spmd, spawn, torchrun_env)
-from .runtime.worker import Job, TensorSpec, load_trained_state
+from .runtime.worker import Job, TensorSpec, load_trained_state, normal_output
 from .simulator import simulate
 
 log = logging.getLogger("pipebd")
@@ -324,7 +324,7 @@ class Distiller:
             a = x.to(_device_of(self.teacher[0]))
             boundary = [TensorSpec(tuple(a.shape[1:]), a.dtype)]
             for i, (t, s) in enumerate(zip(self.teacher, self.student)):
-                out = _normal(_call_block(t, a, f"teacher block {i}", inplace["teacher"], i, mixing))
+                out = normal_output(_call_block(t, a, f"teacher block {i}", inplace["teacher"], i, mixing))
                 if not isinstance(out, Tensor):
                     raise TypeError(f"teacher block {i} returned a {type(out).__name__}; "
                                     f"blocks must return one tensor")
@@ -449,14 +449,9 @@ def _teacher_output(teacher: list[nn.Module], shape: tuple[int, ...], dtype: tor
         else torch.zeros(rows * numel)
     a = x.to(dtype).reshape(rows, *shape)
     for block in teacher:
-        a = _normal(block.eval()(a.to(_device_of(block))))
+        a = normal_output(block.eval()(a.to(_device_of(block))))
     return a
 
-
-def _normal(out: Any) -> Any:
-    """A teacher block's output as the runtime passes it on: an inference tensor (from a block
-    under ``torch.inference_mode``) copied to a normal one, which may change in place."""
-    return out.clone() if isinstance(out, Tensor) and out.is_inference() else out
 
 
 def _samples(x: Tensor) -> str:

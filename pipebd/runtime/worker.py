@@ -276,8 +276,7 @@ class RankRuntime:
             # Random ops of the teacher (in eval mode: a sampling encoder) draw what one process does.
             with stream(derived_seed(self.job.seed, "teacher", block, step, self.replica or 0), self.device):
                 out = self._call("teacher", block, x, step)
-            if isinstance(out, Tensor) and out.is_inference():   # from a block under inference_mode:
-                out = out.clone()   # autograd could not save it as a target (api._normal in the probe)
+            out = normal_output(out)
         self.teacher_rows[block] += x.shape[0]
         return out
 
@@ -387,6 +386,13 @@ class RankRuntime:
             state = {i: trained_state(self.student[i]) for i in self.blocks}
         return RankResult(self.rank, self.stage, self.replica, self.recorder.elapsed, self.recorder.spans,
                           self.teacher_rows, {i: losses[:, i].tolist() for i in self.blocks}, state)
+
+
+def normal_output(out: Any) -> Any:
+    """A teacher block's output as the runtime passes it on (the probe too): an inference tensor
+    (from a block under ``torch.inference_mode``), which autograd cannot save as a target and
+    no later block may change in place, copied to a normal one."""
+    return out.clone() if isinstance(out, Tensor) and out.is_inference() else out
 
 
 def trained_state(module: nn.Module) -> dict[str, Tensor]:
