@@ -1,17 +1,45 @@
 """pipebd: fast blockwise distillation (Pipe-BD teacher relaying, hybrid parallelism), codistillation
-and online distillation in PyTorch."""
+and online distillation in PyTorch.
 
-from . import lr
-from .api import Distiller
-from .codistill import Codistillation, CodistillReport
-from .losses import SoftTargetLoss, soft_target_loss
-from .plan import Plan
-from .report import Report
-from .runtime.exchange import ExchangeError
-from .runtime.launch import WorkerError
-from .runtime.worker import NonFiniteLoss
+The names below load on first use (PEP 562), so that importing the package, as the command line
+does before it parses its arguments, does not import torch."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+_WHERE = {"CodistillReport": "codistill", "Codistillation": "codistill", "Distiller": "api",
+          "ExchangeError": "runtime.exchange", "NonFiniteLoss": "runtime.worker", "Plan": "plan", "Report": "report",
+          "SoftTargetLoss": "losses", "WorkerError": "runtime.launch", "soft_target_loss": "losses"}
+
 __all__ = ["CodistillReport", "Codistillation", "Distiller", "ExchangeError", "NonFiniteLoss", "Plan", "Report",
            "SoftTargetLoss", "WorkerError", "lr", "soft_target_loss", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "lr":
+        return importlib.import_module(f"{__name__}.lr")
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value   # looked up here from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:   # for type checkers and editors, which do not run __getattr__
+    from . import lr
+    from .api import Distiller
+    from .codistill import Codistillation, CodistillReport
+    from .losses import SoftTargetLoss, soft_target_loss
+    from .plan import Plan
+    from .report import Report
+    from .runtime.exchange import ExchangeError
+    from .runtime.launch import WorkerError
+    from .runtime.worker import NonFiniteLoss

@@ -293,8 +293,9 @@ def test_cli_failed_runs_print_the_error_and_interrupts_one_line(monkeypatch, ca
     # A student whose loss overflows, in this process (world_size 1): the NonFiniteLoss is the
     # run's outcome, not a bug in the CLI, so no traceback of the parent; rc 1 (2 is a bad config).
     assert main(["run", *TINY, "--set", "optimizer.lr=1.0e+30", "--set", "steps=3"]) == 1
-    err = capsys.readouterr().err
-    assert re.fullmatch(r"pipebd: error: non-finite loss \((inf|nan)\) at stage 0, block \d, step \d\n", err), err
+    err = capsys.readouterr().err   # after the line that names the strategy
+    assert re.fullmatch(r"pipebd: strategy .*\npipebd: error: non-finite loss \((inf|nan)\) at stage 0, block \d, "
+                        r"step \d\n", err), err
     # A rank's failure: its message already holds the rank's traceback, printed once as it is.
     failure = pipebd.WorkerError(1, "rank 1 (stage 1, replica 0) failed:\nTraceback (most recent call last):\n"
                                     "  ...\nValueError: boom")
@@ -318,6 +319,55 @@ def test_cli_failed_runs_print_the_error_and_interrupts_one_line(monkeypatch, ca
     monkeypatch.setattr(pipebd.Distiller, "fit", raising(RuntimeError("bug")))
     with pytest.raises(RuntimeError, match="bug"):
         main(["run", *TINY])
+
+
+def test_help_and_version_import_no_torch():
+    # The CLI parses its arguments before it loads torch (seconds): --help and --version answer at once.
+    code = ("import sys\nfrom pipebd.cli import main\nfor args in (['--version'], ['run', '--help']):\n"
+            "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("pipebd 0.1.0\nusage: pipebd run") and out.stdout.endswith("[]\n")
+    # So the package loads its names on first use; each of __all__ resolves.
+    assert set(pipebd.__all__) == set(pipebd._WHERE) | {"lr", "__version__"}
+    assert all(getattr(pipebd, name).__name__ in (name, "pipebd.lr") for name in pipebd.__all__ if name != "__version__")
+
+
+@pytest.mark.parametrize("when", ["importing", "starting ranks", "training"])
+def test_a_ctrl_c_at_any_moment_is_one_line_and_leaves_nothing_running(tmp_path, when):
+    # One SIGINT to the process group, as a terminal's Ctrl-C sends it: while torch is imported, while
+    # the ranks start (the fork server preloading, a rank's payload half-written) and while they train.
+    # Before, the first two printed tracebacks (of the caller, the fork server or a rank).
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipebd", "run", "--set", "model={pair: mlp}", "--set",
+                             "steps=100000", "--set", "world_size=2", "--set", "batch_size=8"],
+                            cwd=tmp_path, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        if when == "importing":
+            time.sleep(0.3)
+        else:
+            assert "pipebd: strategy" in proc.stderr.readline()   # fit starts the ranks after this line
+            if when == "starting ranks":   # once the fork server runs, which takes seconds to preload torch
+                deadline = time.monotonic() + 30
+                while subprocess.run(["pgrep", "-g", str(proc.pid), "-f", "forkserver"]).returncode != 0:
+                    assert time.monotonic() < deadline, "no fork server started"
+                    time.sleep(0.05)
+            else:
+                time.sleep(8)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert err == "pipebd: interrupted\n"
+    deadline = time.monotonic() + 30        # a fork server still preloading exits once it has
+    while subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "processes of the run are still running"
+        time.sleep(0.2)
 
 
 def test_help():

@@ -319,8 +319,46 @@ def _context() -> mp.context.BaseContext:
     if sys.platform.startswith("linux"):
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "pipebd.runtime.launch"])
+        _start_forkserver()
         return ctx
     return mp.get_context("spawn")
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block has run, then raise it: one that cut a rank's start
+    short would leave it a half-written payload, and it would print its unpickling traceback.
+    Only where SIGINT raises KeyboardInterrupt (Python's default), in the main thread."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _start_forkserver() -> None:
+    """Start the fork server, if it is not running, with SIGINT ignored, which it inherits: it
+    is in the terminal's process group, and a Ctrl-C while it imports its preload (seconds)
+    would print its traceback next to the caller's one-line message (it ignores SIGINT itself
+    only once loaded). Its ranks lead process groups of their own, which a Ctrl-C never reaches;
+    the caller stops them."""
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():   # only it may set handlers
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def spawn(job: Job, world_size: int, timeout_s: float) -> list[RankResult]:
@@ -354,20 +392,21 @@ def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s:
     port = _free_port()
     procs, conns, ends = [], {}, []
     try:
-        for r in range(world_size):
-            recv_end, send_end = ctx.Pipe(duplex=False)
-            watch_end, hold_end = ctx.Pipe(duplex=False)
-            ends.append(hold_end)   # held until the ranks have ended; the caller's death closes it
-            # Not daemonic: a rank may start DataLoader workers. _stop ends every rank.
-            p = ctx.Process(target=_worker, name=f"pipebd-rank{r}", daemon=False,
-                            args=(r, world_size, port, payloads[r], backend, timeout_s, send_end,
-                                  watch_end))
-            p.start()
-            send_end.close()  # the child holds the only write end: its exit means EOF here
-            watch_end.close()
-            procs.append(p)
-            conns[recv_end] = r
-            ends.append(recv_end)
+        with _interrupts_held():
+            for r in range(world_size):
+                recv_end, send_end = ctx.Pipe(duplex=False)
+                watch_end, hold_end = ctx.Pipe(duplex=False)
+                ends.append(hold_end)   # held until the ranks have ended; the caller's death closes it
+                # Not daemonic: a rank may start DataLoader workers. _stop ends every rank.
+                p = ctx.Process(target=_worker, name=f"pipebd-rank{r}", daemon=False,
+                                args=(r, world_size, port, payloads[r], backend, timeout_s, send_end,
+                                      watch_end))
+                p.start()
+                send_end.close()  # the child holds the only write end: its exit means EOF here
+                watch_end.close()
+                procs.append(p)
+                conns[recv_end] = r
+                ends.append(recv_end)
         value, errors, silent = _collect(procs, conns)
     finally:
         _stop(procs)
