@@ -45,6 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from pipebd.checks import check_real
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK_ELEMENTS = 4096     # logits per column block (all teacher sets together), per program
 
@@ -150,6 +152,26 @@ def _probabilities(s, t, sets, s_top, s_log_z, t_top, t_log_z, inv_t, n_sets, NP
 
 
 @triton.jit
+def _kl_terms(p_t, p_s, g):
+    """Per column, ``p_t * (g + exp(-g) - 1)``, or ``p_s`` where ``p_t`` is zero: each >= 0, and
+    they sum to KL(p_t || p_s) since the added ``p_s - p_t`` sum to zero. A constant error in g
+    (the rounding of the two log-normalizers) then enters only at second order; as ``sum(p_t * g)``
+    KL came out negative near convergence and far off at large T. Near ``g = 0`` the bracket is
+    its Taylor series, ``g^2/2 * (1 - g/3 * (1 - g/4 * ...))`` (integer divisors: exact in fp64
+    too), which the subtraction would cancel away. A NaN ``p_t`` stays NaN."""
+    x = tl.where(tl.abs(g) < 0.25, g, 0.0)
+    h = 1.0 - x / 9.0
+    h = 1.0 - x / 8.0 * h
+    h = 1.0 - x / 7.0 * h
+    h = 1.0 - x / 6.0 * h
+    h = 1.0 - x / 5.0 * h
+    h = 1.0 - x / 4.0 * h
+    h = 1.0 - x / 3.0 * h
+    term = tl.where(tl.abs(g) < 0.25, p_t * (x * x / 2.0 * h), p_t * (g - 1.0) + p_s)
+    return tl.where(p_t != 0, term, p_s)
+
+
+@triton.jit
 def _soft_target_kernel(
         s_ptr, t_ptr, y_ptr, loss_ptr, ds_ptr, dt_ptr,
         s_stride, t_set_stride, t_stride, ds_stride, dt_set_stride, dt_stride,
@@ -185,21 +207,15 @@ def _soft_target_kernel(
         s_label = tl.load(s_row + label, mask=labelled, other=0.0).to(ACC)
         loss = tl.where(labelled, hard_w * (s_top + s_log_z1 - s_label), 0.0)
 
-    # Sweep 2: KL, the student's gradient, and <q_k, g> for the teacher's. KL is taken as
-    # sum(p_t g) / sum(p_t) - log sum(p_t) + log sum(p_s): exact, and free of the rounding of
-    # the two log-normalizers, which otherwise dominates when KL is small (large T).
+    # Sweep 2: KL (as _kl_terms), the student's gradient, and <q_k, g> for the teacher's.
     ds_row = ds_ptr + row * ds_stride
     kl = tl.zeros([BLOCK], ACC)
-    mass_t = tl.zeros([BLOCK], ACC)
-    mass_s = tl.zeros([BLOCK], ACC)
     qg = tl.zeros([NP, BLOCK], ACC)
     for start in range(0, V, BLOCK):
         cols, s, t = _load_block(s_row, t_rows, sets, start, V, BLOCK, ACC)
         log_ps, q, p_t, g = _probabilities(s, t, sets, s_top, s_log_z, t_top, t_log_z, inv_t, n_sets, NP)
         p_s = tl.exp(log_ps)
-        kl += p_t * g
-        mass_t += p_t
-        mass_s += p_s
+        kl += _kl_terms(p_t, p_s, g)
         if TEACHER_GRAD:
             qg += q * g[None, :]
         if STUDENT_GRAD:
@@ -209,8 +225,7 @@ def _soft_target_kernel(
                 p1 = tl.exp(s - s_top - s_log_z1)
                 ds += tl.where(labelled, hard_w * (p1 - tl.where(cols == label, 1.0, 0.0)), 0.0)
             tl.store(ds_row + cols, ds.to(ds_ptr.dtype.element_ty), mask=cols < V)
-    mass = tl.sum(mass_t, 0)
-    kl_row = tl.sum(kl, 0) / mass - tl.log(mass) + tl.log(tl.sum(mass_s, 0))
+    kl_row = tl.sum(kl, 0)
     # alpha = 1: no soft term, even where KL is infinite (0 * inf would be nan).
     tl.store(loss_ptr + row, loss + tl.where(soft_w == 0, 0.0, kl_row * soft_w))
 
@@ -305,13 +320,19 @@ class SoftmaxWithTemperature(torch.autograd.Function):
         return dx.view(out.shape), None, None, None
 
 
-def _check_softmax_input(x: Tensor, temperature: float) -> None:
-    if not x.is_floating_point():
-        raise TypeError(f"softmax needs floating-point input, got {x.dtype}")
+def _check_softmax_input(x: Tensor, temperature: float) -> float:
+    """``temperature`` as a float, after checking it and ``x``."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"softmax needs a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() < 1:
         raise ValueError("softmax needs at least one dimension")
-    if not 0 < temperature < math.inf:
+    if isinstance(temperature, Tensor) and temperature.requires_grad:
+        raise ValueError("a temperature that requires grad is not differentiated by the Triton softmax kernels, "
+                         "which take it as a number; use torch.softmax(x / temperature, -1) to learn it")
+    value = check_real("temperature", temperature)
+    if not 0 < value < math.inf:
         raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
+    return value
 
 
 def _softmax_backward_graph(y: Tensor, dy: Tensor, temperature: float, log: bool) -> Tensor:
@@ -327,14 +348,12 @@ def _softmax_backward_graph(y: Tensor, dy: Tensor, temperature: float, log: bool
 
 def softmax(x: Tensor, temperature: float = 1.0, *, block_size: int | None = None) -> Tensor:
     """``softmax(x / temperature)`` over the last dimension (Triton)."""
-    _check_softmax_input(x, temperature)
-    return SoftmaxWithTemperature.apply(x, float(temperature), False, block_size)
+    return SoftmaxWithTemperature.apply(x, _check_softmax_input(x, temperature), False, block_size)
 
 
 def log_softmax(x: Tensor, temperature: float = 1.0, *, block_size: int | None = None) -> Tensor:
     """``log_softmax(x / temperature)`` over the last dimension (Triton)."""
-    _check_softmax_input(x, temperature)
-    return SoftmaxWithTemperature.apply(x, float(temperature), True, block_size)
+    return SoftmaxWithTemperature.apply(x, _check_softmax_input(x, temperature), True, block_size)
 
 
 class SoftTargetFunction(torch.autograd.Function):
@@ -410,7 +429,9 @@ def fused_soft_target_loss(student: Tensor, teacher: Tensor, labels: Tensor | No
     is [n, rows, V], ``labels`` int64 [rows])."""
     _check_device(*(t for t in (student, teacher, labels) if t is not None))
     grad_mode = torch.is_grad_enabled()
-    grads = (grad_mode and student.requires_grad, grad_mode and teacher_grad and teacher.requires_grad)
+    # alpha = 1 leaves no soft term: the teacher gets no gradient (None, as from the torch backend).
+    grads = (grad_mode and student.requires_grad,
+             grad_mode and teacher_grad and teacher.requires_grad and float(alpha) < 1)
     labels = None if labels is None else labels.contiguous()
     return SoftTargetFunction.apply(student, teacher, labels, float(temperature), float(alpha), int(ignore_index),
                                     reduction, grads, block_size)

@@ -63,7 +63,7 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     Raises ``ValueError``/``TypeError`` naming the bad argument.
     """
     sets = _check_logits(student_logits, teacher_logits, temperature, reduction, alpha, backend)
-    ignore_index, teacher_grad = check_integer("ignore_index", ignore_index), check_bool("teacher_grad", teacher_grad)
+    ignore_index, teacher_grad = _check_ignore_index(ignore_index), check_bool("teacher_grad", teacher_grad)
     temperature, alpha = _number("temperature", temperature), _number("alpha", alpha)
     if alpha > 0:
         labels = _check_labels(labels, student_logits, ignore_index)
@@ -96,9 +96,9 @@ def _torch_soft_target_loss(student: Tensor, sets: Tensor, labels: Tensor | None
         # Not logsumexp over the sets: its backward is nan where every set is -inf.
         pt = F.softmax(sets.to(dtype) / temperature, dim=-1).mean(0)
         log_pt = torch.where(pt != 0, pt, 1.0).log()
-    # pt outside the where: the masked branch then passes no nan (0 * -inf) to either gradient.
     # pt != 0 rather than > 0: a NaN teacher row gives a NaN gradient, as the Triton kernel's does.
-    per_row = temperature * temperature * (pt * torch.where(pt != 0, log_pt - log_ps, 0.0)).sum(-1)
+    g = torch.where(pt != 0, log_pt - log_ps, 0.0)
+    per_row = temperature * temperature * kl_terms(pt, log_ps.exp(), g).sum(-1)
     if labels is not None:
         hard = F.cross_entropy(student.to(dtype), labels, ignore_index=ignore_index, reduction="none")
         # alpha = 1: the soft term is left out, not multiplied by 0 (it may be inf).
@@ -107,6 +107,22 @@ def _torch_soft_target_loss(student: Tensor, sets: Tensor, labels: Tensor | None
         return per_row
     total = per_row.sum()
     return total / student.shape[0] if reduction == "batchmean" else total
+
+
+def kl_terms(pt: Tensor, ps: Tensor, g: Tensor) -> Tensor:
+    """Per class, ``pt * (g + exp(-g) - 1)`` with ``g = log pt - log ps``, or ``ps`` where ``pt`` is
+    zero: each >= 0, and they sum to KL(pt || ps), since the added ``ps - pt`` sum to zero. A
+    constant error in g (the rounding of the two log-normalizers) then enters only at second
+    order; ``sum(pt * g)`` (``F.kl_div``) came out negative near convergence and far off at large T.
+    Near ``g = 0`` the bracket is its Taylor series, which the subtraction would cancel away. The
+    same as the Triton kernel's ``_kl_terms``."""
+    small = g.abs() < 0.25
+    x = torch.where(small, g, 0.0)    # the series of a large g is not evaluated: no nan in its gradient
+    h = torch.ones_like(x)
+    for k in range(9, 2, -1):
+        h = 1.0 - x / k * h
+    term = torch.where(small, pt * (x * x / 2.0 * h), pt * (g - 1.0) + ps)
+    return torch.where(pt != 0, term, ps)
 
 
 def _use_triton(backend: str, logits: Tensor) -> bool:
@@ -140,6 +156,13 @@ def _check_logits(student: Tensor, teacher: Tensor, temperature: float, reductio
         raise ValueError(f"soft-target loss needs at least one row, class and teacher set, got teacher "
                          f"{tuple(teacher.shape)}")
     _check_options(temperature, reduction, alpha, backend)
+    # The loss is computed in float32 (float64 for float64 input), where T^2 and 1/T must be finite.
+    largest = torch.finfo(torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)).max
+    t = check_real("temperature", temperature)
+    if not (t * t <= largest and 1 / t <= largest):
+        raise ValueError(f"temperature={temperature} is out of range for this loss's "
+                         f"{'float64' if largest > 1e300 else 'float32'} arithmetic: T^2 and 1/T must be "
+                         f"at most {largest:.3g}")
     sets = teacher if teacher.dim() > student.dim() else teacher.unsqueeze(0)
     return sets.reshape(len(sets), -1, student.shape[-1])
 
@@ -163,6 +186,14 @@ def _check_options(temperature: float | Tensor, reduction: str, alpha: float, ba
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+
+
+def _check_ignore_index(value: Any) -> int:
+    """``ignore_index`` as an int that labels (int64) can hold."""
+    index = check_integer("ignore_index", value)
+    if not -2 ** 63 <= index < 2 ** 63:
+        raise ValueError(f"ignore_index must fit in int64, as the labels do, got {value!r}")
+    return index
 
 
 def _check_labels(labels: Tensor | None, student: Tensor, ignore_index: int) -> Tensor:
@@ -190,6 +221,13 @@ def out_of_range(labels: Tensor, classes: int, ignore_index: int) -> list[int]:
     return labels[(labels != ignore_index) & ((labels < 0) | (labels >= classes))][:4].tolist()
 
 
+def _kept(name: str, value: Any) -> float | Tensor:
+    """A floating tensor as it is (it may be learned), any other real number as a float."""
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value
+    return check_real(name, value)
+
+
 class SoftTargetLoss(nn.Module):
     """Hinton's distillation loss on logits; see ``soft_target_loss`` for the formula, shapes and
     options.
@@ -205,13 +243,15 @@ class SoftTargetLoss(nn.Module):
                  ignore_index: int = -100, teacher_grad: bool = False, backend: str = "auto"):
         super().__init__()
         _check_options(temperature, reduction, alpha, backend)
-        self.temperature, self.alpha, self.reduction = float(temperature), float(alpha), reduction
-        self.ignore_index = check_integer("ignore_index", ignore_index)
+        # A floating tensor is kept as it is, so that it can be learned (with backend "torch"), as
+        # in the functional form; an nn.Parameter is then one of this module's parameters.
+        self.temperature, self.alpha = (_kept("temperature", temperature), _kept("alpha", alpha))
+        self.reduction, self.ignore_index = reduction, _check_ignore_index(ignore_index)
         self.teacher_grad, self.backend = check_bool("teacher_grad", teacher_grad), backend
 
     @property
     def needs_labels(self) -> bool:
-        return self.alpha > 0
+        return bool(self.alpha > 0)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
         return soft_target_loss(student_logits, teacher_logits, self.temperature, self.reduction, labels=labels,
@@ -219,5 +259,8 @@ class SoftTargetLoss(nn.Module):
                                 teacher_grad=self.teacher_grad, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}, "
+        def shown(value: float | Tensor) -> str:     # a tensor by its value, not its multi-line repr
+            return f"{float(value.detach())}" if isinstance(value, Tensor) else f"{value}"
+
+        return (f"temperature={shown(self.temperature)}, alpha={shown(self.alpha)}, reduction={self.reduction!r}, "
                 f"ignore_index={self.ignore_index}, teacher_grad={self.teacher_grad}, backend={self.backend!r}")
