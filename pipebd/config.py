@@ -204,6 +204,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), kind: type =
     taken as the plain string when they are not valid YAML (``plan=[0]x1 | [1-3]x2``). ``kind``:
     the config class, ``RunConfig`` (``pipebd run``) or ``CodistillConfig`` (``pipebd codistill``)."""
     raw: dict = {}
+    not_yaml = {}     # key -> why its override value, taken as a plain string, is not YAML
     if path is not None:
         if os.path.isdir(path):
             raise ValueError(f"config file {path!r} is a directory")
@@ -230,13 +231,17 @@ def load_config(path: str | None = None, overrides: list[str] = (), kind: type =
                 raise ValueError(f"override {item!r}: {p!r} is not a section")
         try:
             node[leaf] = yaml.load(value, _Loader)
-        except yaml.YAMLError:
+        except yaml.YAMLError as err:
             node[leaf] = value      # not YAML (e.g. plan=[0]x1 | [1-3]x2): the plain string
+            not_yaml[key] = getattr(err, "problem", None) or str(err).splitlines()[0]
         except ValueError as err:
             raise ValueError(f"override {item!r}: {err}") from None
     try:
         config = _build(kind, raw, "")
     except ValueError as err:
+        for key, why in not_yaml.items():     # a string where a list or mapping was meant: say why
+            if str(err).startswith(f"config key '{key}' must be"):
+                raise ValueError(f"{err} (not valid YAML: {why})") from None
         model = raw.get("model")
         if kind is RunConfig and (set(raw) & _CODISTILL_ONLY or (isinstance(model, dict) and "kind" in model)):
             raise ValueError(f"{err} (a codistill config? pipebd codistill {path or 'CONFIG'} --check)") from None

@@ -78,6 +78,12 @@ def test_check_refuses_what_run_would_refuse(capsys):
                               ("checkpoint_dir=/proc/pipebd-ck", "config key 'checkpoint_dir': cannot write in "
                                                                   "'/proc/pipebd-ck'"),
                               ("plan=[0-1]x1 | garbage", "cannot read stage 'garbage'"),
+                              # A value that is not YAML is a string; where one does not fit, the
+                              # YAML error says why (only the type was named).
+                              ("model.args={", r"config key 'model.args' must be dict, got '\{' \(not valid "
+                                               r"YAML: expected the node content, but found '<stream end>'\)"),
+                              ("optimizer={name: sgd", r"must be a mapping, got '\{name: sgd' \(not valid YAML: "
+                                                       r"expected ',' or '\}'"),
                               ("plan=[0]x1 | [1-3]x2", r"needs 3 ranks"),
                               ("checkpoint_every=5", "checkpoint_every needs checkpoint_dir"),
                               ("final_loss.alpha=0.5", "synthetic data has none")):
