@@ -51,7 +51,7 @@ class Distiller:
                  block_loss: str | Callable[[Tensor, Tensor], Tensor] = "mse",
                  final_loss: Callable[..., Tensor] | None = None, device: str | None = None,
                  scheduler: Callable[[torch.optim.Optimizer], Any] | None = None):
-        self.teacher, self.student = list(teacher), list(student)
+        self.teacher, self.student = _blocks("teacher", teacher), _blocks("student", student)
         for name, blocks in (("teacher", self.teacher), ("student", self.student)):
             if not blocks:
                 raise ValueError(f"{name} has no blocks")
@@ -314,10 +314,12 @@ class Distiller:
             raise TypeError(f"dataset items must be tensors or (tensor, label) pairs, got {type(x).__name__}")
         if needs_labels and y is None:
             raise ValueError("final_loss needs labels but dataset items carry none (use (x, y) items)")
-        labels = TensorSpec(tuple(torch.as_tensor(y).shape[1:]), torch.as_tensor(y).dtype) if needs_labels else None
+        y = _labels(y) if needs_labels else None
+        labels = TensorSpec(tuple(y.shape[1:]), y.dtype) if needs_labels else None
         inplace: dict[str, set[int]] = {"teacher": set(), "student": set()}
         env = torchrun_env()
         mixing: list[str] | None = [] if replicas and (env is None or env[0] == 0) else None   # None: no check
+        uneven: dict[str, list[str]] = {}     # how a loss is not the mean of its rows' -> blocks (as mixing)
         with kept_as_given(self.teacher + self.student), torch.no_grad(), _caller_rng():
             for m in self.teacher + self.student:
                 m.eval()
@@ -342,8 +344,7 @@ class Distiller:
                 last = i == self.num_blocks - 1
                 loss_fn = self.final_loss if last and self.final_loss is not None else self.block_loss
                 target = out.to(s_out.device)
-                loss_args = (s_out, target, torch.as_tensor(y).to(s_out.device)) if last and needs_labels \
-                    else (s_out, target)
+                loss_args = (s_out, target, y.to(s_out.device)) if last and needs_labels else (s_out, target)
                 try:
                     loss = loss_fn(*loss_args)
                 except TypeError as err:
@@ -354,6 +355,10 @@ class Distiller:
                 if not isinstance(loss, Tensor) or loss.dim() != 0:
                     raise ValueError(f"the loss of block {i} must return a scalar tensor, got "
                                      f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
+                if mixing is not None:
+                    unequal = _not_a_mean(loss_fn, loss_args, loss)
+                    if unequal:
+                        uneven.setdefault(unequal, []).append(str(i))
                 a = out
                 boundary.append(TensorSpec(tuple(a.shape[1:]), a.dtype))
         if mixing:   # one warning, from one rank
@@ -364,6 +369,12 @@ class Distiller:
                         "the batch in dim 0 and gives each replica of a stage its slice of the batch, so these "
                         "blocks train differently with replicas (or the baseline on several ranks) than in one "
                         "process", ", ".join(mixing))
+        if uneven:   # one warning, from one rank
+            log.warning("pipebd: losses that are not the mean of their rows' losses: %s. Each replica's loss is "
+                        "scaled by its share of the batch, which gives the full-batch gradient only for a mean "
+                        "over the rows (as 'mse', F.mse_loss's default, and SoftTargetLoss), so these blocks train "
+                        "differently with replicas (or the baseline on several ranks) than in one process",
+                        "; ".join(f"block(s) {', '.join(blocks)}: {how}" for how, blocks in uneven.items()))
         if needs_labels:
             self._check_all_labels(dataset, classes=s_out.shape[-1])
         return boundary, labels, {k: frozenset(v) for k, v in inplace.items()}
@@ -384,6 +395,19 @@ class Distiller:
         for r in results:
             for block, state in r.state.items():
                 load_trained_state(self.student[block], state)
+
+
+def _blocks(name: str, blocks: Any) -> list:
+    """``blocks`` as a list, else a TypeError that says what a model given whole needs."""
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+        raise TypeError(f"{name} must be a sequence of blocks (a list, nn.Sequential or nn.ModuleList of "
+                        f"nn.Modules), got a {type(blocks).__name__}: split the model into the blocks whose "
+                        f"outputs the student's blocks learn")
+    try:
+        return list(blocks)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of blocks (a list, nn.Sequential or nn.ModuleList of "
+                        f"nn.Modules), got {type(blocks).__name__}") from None
 
 
 def _check_trainable(teacher: list[nn.Module], student: list[nn.Module]) -> None:
@@ -516,6 +540,39 @@ def _mixing(block: nn.Module, x: Tensor, out: Any) -> float | None:
             or not (again.float() - out.float()).abs().max().item() <= diff / 10:   # random: cannot tell
         return None
     return diff
+
+
+def _not_a_mean(loss_fn: Callable[..., Tensor], args: tuple[Tensor, ...], loss: Tensor) -> str | None:
+    """How ``loss_fn``'s loss of the batch ``args`` departs from the mean of each row's loss (a
+    sum over the rows, or other), where it does by over 1%; None where it is the mean or it
+    cannot tell (one row, a loss that fails or is not a number on one row)."""
+    rows = len(args[0])
+    if rows < 2:
+        return None
+    try:
+        each = [loss_fn(*(a[j:j + 1] for a in args)) for j in range(rows)]
+    except Exception:
+        return None
+    if not all(isinstance(e, Tensor) and e.numel() == 1 for e in each):
+        return None
+    whole, total = loss.double().item(), sum(e.double().item() for e in each)
+    mean = total / rows
+    if not abs(whole - mean) > 1e-2 * max(abs(whole), abs(mean)):   # NaN too
+        return None
+    if abs(whole - total) <= 1e-2 * abs(total):
+        return "the sum of the rows' losses, not their mean"
+    return f"{whole:.4g} for {rows} rows whose own losses average {mean:.4g}"
+
+
+def _labels(y: Any) -> Tensor:
+    """The probe's labels as a tensor, else a TypeError naming what the dataset gave."""
+    try:
+        return torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError) as err:
+        first = y[0] if isinstance(y, (list, tuple)) and y else y
+        raise TypeError(f"final_loss takes labels, and the dataset's second fields must be numbers or tensors "
+                        f"(integer class indices for SoftTargetLoss); got {type(first).__name__} "
+                        f"{first!r:.40}: {err}") from None
 
 
 def _batch_statistics(student: nn.Module, teacher: nn.Module) -> bool:

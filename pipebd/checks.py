@@ -70,10 +70,15 @@ def check_factory(name: str, factory: Any) -> None:
 
 
 def check_device(device: str | None) -> str:
-    """``device`` (None: CUDA when available, else the CPU) as a string torch accepts, else ValueError."""
+    """``device`` (None: CUDA when available, else the CPU) as a string, else ValueError: a CPU or
+    CUDA device, which the runtime runs on (another, such as "mps" or "meta", failed in training
+    or, for "meta", left the caller's modules there without their weights)."""
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return str(torch.device(device))
+        parsed = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device {device!r} is not a torch device: {err}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (what pipebd runs on), got {device!r}")
+    return str(parsed)

@@ -301,6 +301,34 @@ def test_a_students_batchnorm_without_running_statistics_is_not_taken_for_mixing
     assert len(warned) == 1 and "teacher block 0" in warned[0] and "student" not in warned[0]
 
 
+def mean_warnings(caplog, world_size=2, **losses):
+    """The probe's warnings of losses that are not a mean over rows, with a stage of replicas."""
+    data = torch.utils.data.TensorDataset(DATA, torch.arange(len(DATA)) % 3)
+    distiller = pipebd.Distiller([linear(0), linear(1)], [linear(10), linear(11)], device="cpu", **losses)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipebd"):
+        distiller._job(data, BATCH, 1, world_size, "pipebd", pipebd.Plan([[0, 1]], [world_size]), 0, 1, None, False)
+    return [r.getMessage() for r in caplog.records if "not the mean of their rows' losses" in r.getMessage()]
+
+
+def test_a_loss_that_sums_over_the_rows_is_warned_about_where_replicas_split_the_batch(caplog):
+    # Each replica's loss is scaled by its share of the batch: exact for a mean only. A summed
+    # block loss trained silently otherwise (4.6% off one process in a user's trial).
+    summed = lambda s, t: ((s - t) ** 2).sum()                                # noqa: E731
+    warned = mean_warnings(caplog, block_loss=summed)
+    assert len(warned) == 1 and "block(s) 0, 1: the sum of the rows' losses, not their mean" in warned[0]
+    # A loss of the batch as a whole, neither: named with its numbers; only the last block here.
+    whole = lambda s, t, y: (s - t).abs().max()                               # noqa: E731
+    whole.needs_labels = True
+    warned = mean_warnings(caplog, final_loss=whole)
+    assert len(warned) == 1 and "block(s) 1: " in warned[0] and "for 2 rows whose own losses average" in warned[0]
+    # Means over the rows (all the elements, or batchmean): nothing to say, nor without replicas.
+    for losses in ({}, {"block_loss": "l1"}, {"final_loss": pipebd.SoftTargetLoss(2.0)},
+                   {"final_loss": pipebd.SoftTargetLoss(2.0, alpha=0.5)}):
+        assert not mean_warnings(caplog, **losses), losses
+    assert not mean_warnings(caplog, world_size=1, block_loss=summed)
+
+
 def test_a_random_teacher_is_not_taken_for_one_that_mixes_samples(caplog):
     with caplog.at_level("WARNING", logger="pipebd"):
         pipebd.Distiller([Noisy(0), Noisy(1)], [linear(10), linear(11)], device="cpu").profile(

@@ -124,6 +124,34 @@ def test_other_bad_arguments(no_spawn):
         pipebd.Plan([[0, 1], [2, 3]], [1, 1.5])
     with pytest.raises(ValueError, match="device 'tpu' is not a torch device"):
         pipebd.Distiller(*mlp_pair(num_blocks=4), device="tpu")
+    # Devices torch knows but pipebd does not run on: "mps" failed in the ranks, "meta" trained
+    # until .item() and left the caller's modules on it, their weights gone.
+    for device in ("meta", "mps", "xpu"):
+        with pytest.raises(ValueError, match=f"device must be 'cpu', 'cuda' or 'cuda:N' .*, got '{device}'"):
+            pipebd.Distiller(*mlp_pair(num_blocks=4), device=device)
+        with pytest.raises(ValueError, match=f"got '{device}'"):
+            pipebd.Codistillation(lambda i: nn.Linear(4, 3), 2, device=device)
+    # A model given whole (list() of it failed with "'Net' object is not iterable").
+    teacher, student = mlp_pair(num_blocks=4)
+
+    class Whole(nn.Module):
+        def __init__(self, blocks):
+            super().__init__()
+            self.blocks = nn.ModuleList(blocks)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    with pytest.raises(TypeError, match="teacher must be a sequence of blocks .*, got a Whole: split the model"):
+        pipebd.Distiller(Whole(teacher), student)
+    with pytest.raises(TypeError, match="student must be a sequence of blocks .*, got int"):
+        pipebd.Distiller(teacher, 4)
+    # Labels that are not numbers: torch's "too many dimensions 'str'" before.
+    files = [(x, f"file_{i}.png") for i, x in enumerate(DATA)]
+    with pytest.raises(TypeError, match="dataset's second fields must be numbers or tensors .* got str 'file_0.png'"):
+        distiller(final_loss=pipebd.SoftTargetLoss(2.0, alpha=0.5)).fit(files, batch_size=4, steps=1, world_size=2)
 
 
 def test_labels_outside_the_classes_are_refused_before_starting(no_spawn):
@@ -291,6 +319,21 @@ def test_a_script_without_a_main_guard_is_told_why(tmp_path):
     proc = failing_script(script)
     assert "exited with code 1 before it started" in proc.stderr
     assert 'needs `if __name__ == "__main__":`' in proc.stderr
+
+
+def test_a_script_read_from_stdin_is_told_to_be_a_file(tmp_path):
+    # The new processes import the caller's script again; from stdin there is none, and the hint
+    # of a missing main guard (which this script has) was wrong.
+    script = ("import torch, pipebd\nfrom pipebd.models import mlp_pair\nif __name__ == '__main__':\n"
+              "    teacher, student = mlp_pair(num_blocks=2)\n"
+              "    pipebd.Distiller(teacher, student, device='cpu').fit(torch.randn(8, 16), 4, 1, world_size=2,"
+              " timeout=60)\n")
+    proc = subprocess.run([sys.executable, "-"], input=script, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert ("before it started; its output above says why. The script was not read from a file (<stdin>), and "
+            "the new processes cannot import it again: save it to a file and run that") in proc.stderr
+    assert "__main__" not in proc.stderr.split("WorkerError")[-1]
 
 
 ORPHAN_SCRIPT = """

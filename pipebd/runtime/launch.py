@@ -443,8 +443,7 @@ def _collect(procs: list, conns: dict) -> tuple[Any, list, list[int]]:
                        else f"exited with code {code}")
                 text = f"rank {rank} {how} without reporting an error\n"
                 if rank not in started:
-                    text = (f"rank {rank} {how} before it started; its output above says why. A script "
-                            f"that starts ranks when it is imported needs `if __name__ == \"__main__\":`\n")
+                    text = f"rank {rank} {how} before it started; its output above says why. {_start_hint()}\n"
                 msg = ("error", time.time(), text, None)
             if msg[0] == "started":
                 started.add(rank)
@@ -456,6 +455,16 @@ def _collect(procs: list, conns: dict) -> tuple[Any, list, list[int]]:
                 errors.append(msg[1:] + (rank,))
                 first_error_at = first_error_at or time.monotonic()
     return gathered, errors, sorted(conns.values())
+
+
+def _start_hint() -> str:
+    """Why ranks die before they start, as far as the caller's ``__main__`` tells: a new process
+    imports the caller's script again, which must exist and must not start ranks on import."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if path is not None and not os.path.isfile(path):     # python - < script.py: "<stdin>"
+        return (f"The script was not read from a file ({path}), and the new processes cannot import it "
+                f"again: save it to a file and run that")
+    return 'A script that starts ranks when it is imported needs `if __name__ == "__main__":`'
 
 
 def _stop(procs: list) -> None:
