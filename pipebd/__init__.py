@@ -20,13 +20,18 @@ __all__ = ["CodistillReport", "Codistillation", "Distiller", "ExchangeError", "N
 
 
 def __getattr__(name: str) -> Any:
-    if name == "lr":
-        return importlib.import_module(f"{__name__}.lr")
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value   # looked up here from now on
-    return value
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value   # looked up here from now on
+        return value
+    if not name.startswith("__"):
+        # A submodule (pipebd.lr, pipebd.api, ...), as when the package imported them all at once.
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -352,6 +352,12 @@ class Distiller:
                         raise
                     raise TypeError(f"final_loss failed on (student logits, teacher logits): {err}. A final loss "
                                     f"is also given the labels only if it has needs_labels = True") from err
+                if last and not needs_labels and isinstance(loss_fn, nn.CrossEntropyLoss) \
+                        and not _probabilities(target):
+                    raise ValueError("final_loss nn.CrossEntropyLoss is given (student logits, teacher outputs) "
+                                     "and takes the teacher's outputs as class probabilities, but they are not "
+                                     "(negative, or rows that do not sum to 1): to distill the teacher's logits "
+                                     "use pipebd.SoftTargetLoss(temperature)")
                 if not isinstance(loss, Tensor) or loss.dim() != 0:
                     raise ValueError(f"the loss of block {i} must return a scalar tensor, got "
                                      f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
@@ -562,6 +568,14 @@ def _not_a_mean(loss_fn: Callable[..., Tensor], args: tuple[Tensor, ...], loss: 
     if abs(whole - total) <= 1e-2 * abs(total):
         return "the sum of the rows' losses, not their mean"
     return f"{whole:.4g} for {rows} rows whose own losses average {mean:.4g}"
+
+
+def _probabilities(target: Tensor) -> bool:
+    """Whether ``target`` holds class probabilities in dim 1 (as nn.CrossEntropyLoss reads a
+    floating target): non-negative, each summing to 1."""
+    if not target.is_floating_point() or target.dim() < 2:
+        return True      # class indices, or nothing to tell
+    return bool((target >= 0).all() and torch.allclose(target.float().sum(1), torch.ones(()), atol=1e-3))
 
 
 def _labels(y: Any) -> Tensor:

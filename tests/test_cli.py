@@ -334,7 +334,14 @@ def test_help_and_version_import_no_torch():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("pipebd 0.1.0\nusage: pipebd run") and out.stdout.endswith("[]\n")
-    # So the package loads its names on first use; each of __all__ resolves.
+    # So the package loads its names on first use; each of __all__ resolves, and so does each
+    # submodule as an attribute (pipebd.api was one once the package was imported; a test that
+    # patched "pipebd.api.spawn" failed when run alone).
+    code = "import pipebd\nprint(pipebd.api.Distiller is pipebd.Distiller, pipebd.runtime.launch.spawn.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout == "True spawn\n", out.stderr
+    with pytest.raises(AttributeError, match="module 'pipebd' has no attribute 'nothing'"):
+        pipebd.nothing
     assert set(pipebd.__all__) == set(pipebd._WHERE) | {"lr", "__version__"}
     assert all(getattr(pipebd, name).__name__ in (name, "pipebd.lr") for name in pipebd.__all__ if name != "__version__")
 

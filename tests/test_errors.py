@@ -148,6 +148,14 @@ def test_other_bad_arguments(no_spawn):
         pipebd.Distiller(Whole(teacher), student)
     with pytest.raises(TypeError, match="student must be a sequence of blocks .*, got int"):
         pipebd.Distiller(teacher, 4)
+    # nn.CrossEntropyLoss as a final loss reads the teacher's logits as class probabilities
+    # (the loss was negative and the run trained on it); probabilities are what it takes.
+    with pytest.raises(ValueError, match="final_loss nn.CrossEntropyLoss .* use pipebd.SoftTargetLoss"):
+        distiller(final_loss=nn.CrossEntropyLoss()).fit(DATA, batch_size=4, steps=1, world_size=2)
+    probabilities = [*mlp_pair(num_blocks=4)]
+    probabilities[0][-1] = nn.Sequential(probabilities[0][-1], nn.Softmax(-1))
+    pipebd.Distiller(*probabilities, final_loss=nn.CrossEntropyLoss(), device="cpu")._job(
+        DATA, 4, 1, 1, "pipebd", None, 0, 1, None, False)
     # Labels that are not numbers: torch's "too many dimensions 'str'" before.
     files = [(x, f"file_{i}.png") for i, x in enumerate(DATA)]
     with pytest.raises(TypeError, match="dataset's second fields must be numbers or tensors .* got str 'file_0.png'"):
