@@ -24,14 +24,20 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
         globals()[name] = value   # looked up here from now on
         return value
+    return _submodule(__name__, name)
+
+
+def _submodule(package: str, name: str) -> Any:
+    """``package.name`` imported, for a package's ``__getattr__``: its submodules load on first
+    access (pipebd.lr, pipebd.api, ...), as when the package imported them all at once; else
+    AttributeError."""
     if not name.startswith("__"):
-        # A submodule (pipebd.lr, pipebd.api, ...), as when the package imported them all at once.
         try:
-            return importlib.import_module(f"{__name__}.{name}")
+            return importlib.import_module(f"{package}.{name}")
         except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":
+            if err.name != f"{package}.{name}":
                 raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

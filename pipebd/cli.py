@@ -46,11 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if getattr(args, "resume", False):
         args.overrides.append("resume=true")
-    # pipebd's own messages (INFO and up), one line each; other libraries' loggers are left as
-    # they are (a root logger at INFO would print torch's, such as its cache stats at exit).
-    log, handler = logging.getLogger("pipebd"), logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
+    # pipebd's own messages (INFO and up), one line each, through the root logger's handlers
+    # where a caller has set some (else each would print twice); other libraries' loggers are
+    # left as they are (a root logger at INFO would print torch's, such as its cache stats at exit).
+    log, handler = logging.getLogger("pipebd"), None
+    if not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
     level = log.level
     log.setLevel(logging.INFO)
     try:
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print("pipebd: interrupted", file=sys.stderr)
         return 130
     finally:
-        log.removeHandler(handler)
+        if handler is not None:
+            log.removeHandler(handler)
         log.setLevel(level)
 
 

@@ -229,6 +229,8 @@ def load_config(path: str | None = None, overrides: list[str] = (), kind: type =
             node = node[p]
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p!r} is not a section")
+        for earlier in [k for k in not_yaml if k == key or k.startswith(key + ".")]:
+            del not_yaml[earlier]     # replaced by this override
         try:
             node[leaf] = yaml.load(value, _Loader)
         except yaml.YAMLError as err:

@@ -96,9 +96,15 @@ def _torch_soft_target_loss(student: Tensor, sets: Tensor, labels: Tensor | None
         # Not logsumexp over the sets: its backward is nan where every set is -inf.
         pt = F.softmax(sets.to(dtype) / temperature, dim=-1).mean(0)
         log_pt = torch.where(pt != 0, pt, 1.0).log()
+    # pt outside the where: the masked branch then passes no nan (0 * -inf) to either gradient.
     # pt != 0 rather than > 0: a NaN teacher row gives a NaN gradient, as the Triton kernel's does.
     g = torch.where(pt != 0, log_pt - log_ps, 0.0)
-    per_row = temperature * temperature * kl_terms(pt, log_ps.exp(), g).sum(-1)
+    kl = (pt * g).sum(-1)
+    with torch.no_grad():   # the accurate value (kl_terms), without the graph of its many rows x V steps
+        exact = kl_terms(pt, log_ps.exp(), g).sum(-1)
+    # kl's gradient (its second derivative too) with exact's value: the rounding of kl's value,
+    # not of its gradient, is what kl_terms avoids.
+    per_row = temperature * temperature * (kl + (exact - kl.detach()))
     if labels is not None:
         hard = F.cross_entropy(student.to(dtype), labels, ignore_index=ignore_index, reduction="none")
         # alpha = 1: the soft term is left out, not multiplied by 0 (it may be inf).
@@ -117,12 +123,18 @@ def kl_terms(pt: Tensor, ps: Tensor, g: Tensor) -> Tensor:
     Near ``g = 0`` the bracket is its Taylor series, which the subtraction would cancel away. The
     same as the Triton kernel's ``_kl_terms``."""
     small = g.abs() < 0.25
-    x = torch.where(small, g, 0.0)    # the series of a large g is not evaluated: no nan in its gradient
+    x = torch.where(small, g, 0.0)
     h = torch.ones_like(x)
-    for k in range(9, 2, -1):
+    for k in range(series_terms(x.dtype), 2, -1):
         h = 1.0 - x / k * h
     term = torch.where(small, pt * (x * x / 2.0 * h), pt * (g - 1.0) + ps)
     return torch.where(pt != 0, term, ps)
+
+
+def series_terms(dtype: torch.dtype) -> int:
+    """The last power of g in ``kl_terms``' series: its remainder, relative to the sum, is below
+    the dtype's rounding for |g| < 0.25 (about 1e-11 for float64 at 9)."""
+    return 17 if dtype == torch.float64 else 9
 
 
 def _use_triton(backend: str, logits: Tensor) -> bool:
@@ -156,13 +168,15 @@ def _check_logits(student: Tensor, teacher: Tensor, temperature: float, reductio
         raise ValueError(f"soft-target loss needs at least one row, class and teacher set, got teacher "
                          f"{tuple(teacher.shape)}")
     _check_options(temperature, reduction, alpha, backend)
-    # The loss is computed in float32 (float64 for float64 input), where T^2 and 1/T must be finite.
-    largest = torch.finfo(torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)).max
-    t = check_real("temperature", temperature)
+    # The loss is computed in float32 (float64 for float64 input), where T^2 and 1/T must be
+    # finite; the Triton kernels take T's terms as float32 arguments on a GPU, whatever the input.
+    dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
+    if _use_triton(backend, student):
+        dtype = torch.float32
+    largest, t = torch.finfo(dtype).max, check_real("temperature", temperature)
     if not (t * t <= largest and 1 / t <= largest):
-        raise ValueError(f"temperature={temperature} is out of range for this loss's "
-                         f"{'float64' if largest > 1e300 else 'float32'} arithmetic: T^2 and 1/T must be "
-                         f"at most {largest:.3g}")
+        raise ValueError(f"temperature={temperature} is out of range for this loss's {str(dtype)[6:]} arithmetic: "
+                         f"T^2 and 1/T must be at most {largest:.3g}")
     sets = teacher if teacher.dim() > student.dim() else teacher.unsqueeze(0)
     return sets.reshape(len(sets), -1, student.shape[-1])
 

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import pipebd
@@ -90,6 +91,16 @@ def test_check_refuses_what_run_would_refuse(capsys):
         assert main(["check", "--set", override]) == 2, override
         err = capsys.readouterr().err
         assert re.search(message, err), (override, err)
+
+
+def test_the_yaml_error_of_an_override_is_named_only_while_its_value_stands():
+    # A later override of the key, or of a section above it, replaces the value that was not YAML.
+    for overrides in (["steps=[1", "steps=abc"], ["model.args={", "model={pair: mlp, args: 3}"]):
+        with pytest.raises(ValueError) as info:
+            load_config(None, overrides)
+        assert "must be" in str(info.value) and "not valid YAML" not in str(info.value), overrides
+    with pytest.raises(ValueError, match=r"got '\[1' \(not valid YAML: "):
+        load_config(None, ["steps=2", "steps=[1"])
 
 
 @pytest.mark.parametrize("text, message", [
@@ -299,9 +310,8 @@ def test_cli_failed_runs_print_the_error_and_interrupts_one_line(monkeypatch, ca
     # A student whose loss overflows, in this process (world_size 1): the NonFiniteLoss is the
     # run's outcome, not a bug in the CLI, so no traceback of the parent; rc 1 (2 is a bad config).
     assert main(["run", *TINY, "--set", "optimizer.lr=1.0e+30", "--set", "steps=3"]) == 1
-    err = capsys.readouterr().err   # after the line that names the strategy
-    assert re.fullmatch(r"pipebd: strategy .*\npipebd: error: non-finite loss \((inf|nan)\) at stage 0, block \d, "
-                        r"step \d\n", err), err
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"pipebd: error: non-finite loss \((inf|nan)\) at stage 0, block \d, step \d\n", err), err
     # A rank's failure: its message already holds the rank's traceback, printed once as it is.
     failure = pipebd.WorkerError(1, "rank 1 (stage 1, replica 0) failed:\nTraceback (most recent call last):\n"
                                     "  ...\nValueError: boom")
@@ -337,13 +347,35 @@ def test_help_and_version_import_no_torch():
     # So the package loads its names on first use; each of __all__ resolves, and so does each
     # submodule as an attribute (pipebd.api was one once the package was imported; a test that
     # patched "pipebd.api.spawn" failed when run alone).
-    code = "import pipebd\nprint(pipebd.api.Distiller is pipebd.Distiller, pipebd.runtime.launch.spawn.__name__)"
+    code = "import pipebd\nprint(pipebd.runtime.launch.spawn.__name__, pipebd.api.Distiller is pipebd.Distiller)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.stdout == "True spawn\n", out.stderr
+    assert out.stdout == "spawn True\n", out.stderr
     with pytest.raises(AttributeError, match="module 'pipebd' has no attribute 'nothing'"):
         pipebd.nothing
     assert set(pipebd.__all__) == set(pipebd._WHERE) | {"lr", "__version__"}
     assert all(getattr(pipebd, name).__name__ in (name, "pipebd.lr") for name in pipebd.__all__ if name != "__version__")
+
+
+def test_processes_of_the_fork_server_stay_interruptible():
+    # The ranks' fork server ignores SIGINT only while it loads torch: a process it forks later,
+    # for the caller's own multiprocessing too, gets Python's handler (it inherited SIG_IGN from
+    # a first fix, and slept through a Ctrl-C).
+    import multiprocessing as mp
+    import os
+    import signal
+    import time
+
+    teacher, student = pipebd.models.mlp_pair(num_blocks=2)
+    pipebd.Distiller(teacher, student, device="cpu").fit(torch.randn(8, 16), 4, 1, world_size=2, timeout=60)
+    sleeper = mp.get_context("forkserver").Process(target=time.sleep, args=(60,))
+    sleeper.start()
+    try:
+        time.sleep(1.0)     # to be in time.sleep, not starting
+        os.kill(sleeper.pid, signal.SIGINT)
+        sleeper.join(20)
+        assert sleeper.exitcode == 1        # KeyboardInterrupt
+    finally:
+        sleeper.kill()
 
 
 @pytest.mark.parametrize("when", ["importing", "starting ranks", "training"])

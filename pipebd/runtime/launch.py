@@ -318,8 +318,13 @@ def _context() -> mp.context.BaseContext:
     # preloaded because creating an optimizer imports it (seconds per worker otherwise).
     if sys.platform.startswith("linux"):
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "pipebd.runtime.launch"])
-        _start_forkserver()
+        # The fork server is in the terminal's process group: a Ctrl-C while it starts (seconds)
+        # would print its traceback next to the caller's one line, and end it. It starts with
+        # SIGINT blocked (_start_forkserver), the first module it preloads ignores SIGINT, and the
+        # last (this one, at its end) restores Python's handler, which the server hands on to the
+        # processes it forks (it ignores SIGINT itself once loaded).
+        ctx.set_forkserver_preload(["pipebd.runtime.preload", "torch", "torch._dynamo", "torch.distributed",
+                                    "pipebd.runtime.launch"])
         return ctx
     return mp.get_context("spawn")
 
@@ -343,22 +348,22 @@ def _interrupts_held() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _start_forkserver() -> None:
-    """Start the fork server, if it is not running, with SIGINT ignored, which it inherits: it
-    is in the terminal's process group, and a Ctrl-C while it imports its preload (seconds)
-    would print its traceback next to the caller's one-line message (it ignores SIGINT itself
-    only once loaded). Its ranks lead process groups of their own, which a Ctrl-C never reaches;
-    the caller stops them."""
-    from multiprocessing import forkserver
-
-    if threading.current_thread() is not threading.main_thread():   # only it may set handlers
-        forkserver.ensure_running()
+def _start_forkserver(ctx: mp.context.BaseContext) -> None:
+    """Start the fork server, if ``ctx`` uses one that is not running, with SIGINT blocked: it
+    inherits the mask, and its first preload (``pipebd.runtime.preload``) discards a pending
+    SIGINT and ignores the next until torch is loaded. A Ctrl-C at its very start ended it
+    (the caller then failed with a broken pipe). One meanwhile reaches the caller when the mask
+    is restored here, or another of its threads at once: held by ``_interrupts_held`` either way."""
+    if ctx.get_start_method() != "forkserver":
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()   # first: starting it unblocks SIGINT (its own guard, bpo-33613)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         forkserver.ensure_running()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def spawn(job: Job, world_size: int, timeout_s: float) -> list[RankResult]:
@@ -393,6 +398,7 @@ def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s:
     procs, conns, ends = [], {}, []
     try:
         with _interrupts_held():
+            _start_forkserver(ctx)
             for r in range(world_size):
                 recv_end, send_end = ctx.Pipe(duplex=False)
                 watch_end, hold_end = ctx.Pipe(duplex=False)
@@ -517,3 +523,7 @@ def _worker_error(errors: list, role: Callable[[int], str], silent: list[int]) -
     err.where = tuple(where)
     err.headline = f"rank {rank}{role(rank)}: {tb.strip().splitlines()[-1].split(': ', 1)[-1]}"
     return err
+
+
+if "pipebd.runtime.preload" in sys.modules:   # the last of the fork server's preloads: see _context
+    signal.signal(signal.SIGINT, signal.default_int_handler)
