@@ -103,8 +103,8 @@ def _torch_soft_target_loss(student: Tensor, sets: Tensor, labels: Tensor | None
     with torch.no_grad():   # the accurate value (kl_terms), without the graph of its many rows x V steps
         exact = kl_terms(pt, log_ps.exp(), g).sum(-1)
     # kl's gradient (its second derivative too) with exact's value: the rounding of kl's value,
-    # not of its gradient, is what kl_terms avoids.
-    per_row = temperature * temperature * (kl + (exact - kl.detach()))
+    # not of its gradient, is what kl_terms avoids. An infinite or NaN kl stands (inf - inf).
+    per_row = temperature * temperature * (kl + torch.where(kl.isfinite(), exact - kl.detach(), 0.0))
     if labels is not None:
         hard = F.cross_entropy(student.to(dtype), labels, ignore_index=ignore_index, reduction="none")
         # alpha = 1: the soft term is left out, not multiplied by 0 (it may be inf).

@@ -249,16 +249,20 @@ def test_the_interpreter_does_not_warn_of_masked_columns():
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
 
 
-def test_masked_vocabulary_and_infinite_losses():
-    s, t = logits(3, 40, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masked_vocabulary_and_infinite_losses(backend, dtype):
+    # The torch backend's accurate value (kl_terms) made an infinite loss NaN (inf - inf) at first.
+    s, t = logits(3, 40, dtype=dtype)
     t[:, 10:20] = -INF              # masked for the teacher only: contributes nothing
     s[1, 30:] = t[1, 30:] = -INF    # masked for both
     s[2, 5] = -INF                  # the student rules out what the teacher predicts: KL = inf
-    loss, ds, _ = loss_and_grads(s, t, 2.0, reduction="none", block=16)
+    loss, ds, _ = loss_and_grads(s, t, 2.0, reduction="none", block=16, backend=backend)
     want, want_ds, _ = reference_grads(s, t, 2.0, "none")
     assert torch.isfinite(loss[:2]).all() and loss[2] == INF and want[2] == INF
-    assert_close(loss[:2], want[:2], 1e-12, "loss")
-    assert_close(ds, want_ds, 1e-12, "d/ds")
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert_close(loss[:2], want[:2], tol, "loss")
+    assert_close(ds, want_ds, tol, "d/ds")
     assert (ds[1, 30:] == 0).all()
 
 
