@@ -46,6 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from pipebd.checks import check_real
+from pipebd.losses import series_terms
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK_ELEMENTS = 4096     # logits per column block (all teacher sets together), per program
@@ -152,7 +153,7 @@ def _probabilities(s, t, sets, s_top, s_log_z, t_top, t_log_z, inv_t, n_sets, NP
 
 
 @triton.jit
-def _kl_terms(p_t, p_s, g):
+def _kl_terms(p_t, p_s, g, SERIES: tl.constexpr):
     """Per column, ``p_t * (g + exp(-g) - 1)``, or ``p_s`` where ``p_t`` is zero: each >= 0, and
     they sum to KL(p_t || p_s) since the added ``p_s - p_t`` sum to zero. A constant error in g
     (the rounding of the two log-normalizers) then enters only at second order; as ``sum(p_t * g)``
@@ -160,13 +161,9 @@ def _kl_terms(p_t, p_s, g):
     its Taylor series, ``g^2/2 * (1 - g/3 * (1 - g/4 * ...))`` (integer divisors: exact in fp64
     too), which the subtraction would cancel away. A NaN ``p_t`` stays NaN."""
     x = tl.where(tl.abs(g) < 0.25, g, 0.0)
-    h = 1.0 - x / 9.0
-    h = 1.0 - x / 8.0 * h
-    h = 1.0 - x / 7.0 * h
-    h = 1.0 - x / 6.0 * h
-    h = 1.0 - x / 5.0 * h
-    h = 1.0 - x / 4.0 * h
-    h = 1.0 - x / 3.0 * h
+    h = tl.full(x.shape, 1.0, x.dtype)
+    for k in tl.static_range(SERIES, 2, -1):    # to g^SERIES (pipebd.losses.series_terms)
+        h = 1.0 - x / k * h
     term = tl.where(tl.abs(g) < 0.25, p_t * (x * x / 2.0 * h), p_t * (g - 1.0) + p_s)
     return tl.where(p_t != 0, term, p_s)
 
@@ -177,7 +174,7 @@ def _soft_target_kernel(
         s_stride, t_set_stride, t_stride, ds_stride, dt_set_stride, dt_stride,
         V, n_sets, inv_t, soft_w, hard_w, ignore_index,
         HARD: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
-        NP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+        NP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, SERIES: tl.constexpr):
     # loss_r = soft_w * KL_r + hard_w * CE_r; soft_w = (1 - alpha) T^2 w, hard_w = alpha w, w the
     # reduction's row weight. Sweep 1: normalizers of s/T, s (hard term) and each t_k/T.
     row = tl.program_id(0).to(tl.int64)
@@ -215,7 +212,7 @@ def _soft_target_kernel(
         cols, s, t = _load_block(s_row, t_rows, sets, start, V, BLOCK, ACC)
         log_ps, q, p_t, g = _probabilities(s, t, sets, s_top, s_log_z, t_top, t_log_z, inv_t, n_sets, NP)
         p_s = tl.exp(log_ps)
-        kl += _kl_terms(p_t, p_s, g)
+        kl += _kl_terms(p_t, p_s, g, SERIES)
         if TEACHER_GRAD:
             qg += q * g[None, :]
         if STUDENT_GRAD:
@@ -388,7 +385,7 @@ class SoftTargetFunction(torch.autograd.Function):
                 0 if ds is None else ds.stride(0), 0 if dt is None else dt.stride(0), 0 if dt is None else dt.stride(1),
                 columns, sets, 1.0 / temperature, (1.0 - alpha) * temperature**2 * weight, alpha * weight,
                 ignore_index, HARD=hard, STUDENT_GRAD=ds is not None, TEACHER_GRAD=dt is not None,
-                NP=padded_sets, BLOCK=block, ACC=acc, num_warps=warps)
+                NP=padded_sets, BLOCK=block, ACC=acc, SERIES=series_terms(losses.dtype), num_warps=warps)
         ctx.save_for_backward(ds, dt)
         ctx.reduction, ctx.dtypes = reduction, (student.dtype, teacher.dtype)
         return losses if reduction == "none" else losses.sum()
