@@ -120,15 +120,17 @@ def kl_terms(pt: Tensor, ps: Tensor, g: Tensor) -> Tensor:
     zero: each >= 0, and they sum to KL(pt || ps), since the added ``ps - pt`` sum to zero. A
     constant error in g (the rounding of the two log-normalizers) then enters only at second
     order; ``sum(pt * g)`` (``F.kl_div``) came out negative near convergence and far off at large T.
-    Near ``g = 0`` the bracket is its Taylor series, which the subtraction would cancel away. The
-    same as the Triton kernel's ``_kl_terms``."""
+    Near ``g = 0`` the bracket is its Taylor series, ``sum_k (-g)^k / k!`` from k = 2, which the
+    subtraction would cancel away. The same as the Triton kernel's ``_kl_terms``. A value without
+    a graph (in place: run it under ``torch.no_grad()``)."""
     small = g.abs() < 0.25
     x = torch.where(small, g, 0.0)
-    h = torch.ones_like(x)
-    for k in range(series_terms(x.dtype), 2, -1):
-        h = 1.0 - x / k * h
-    term = torch.where(small, pt * (x * x / 2.0 * h), pt * (g - 1.0) + ps)
-    return torch.where(pt != 0, term, ps)
+    n = series_terms(x.dtype)
+    h = torch.full_like(x, (-1) ** n / math.factorial(n))
+    for k in range(n - 1, 1, -1):     # Horner, in place: the loss's time is in these passes over rows x V
+        h.mul_(x).add_((-1) ** k / math.factorial(k))
+    h.mul_(x).mul_(x).mul_(pt)
+    return torch.where(pt != 0, torch.where(small, h, torch.addcmul(ps, pt, g - 1.0)), ps)
 
 
 def series_terms(dtype: torch.dtype) -> int:
