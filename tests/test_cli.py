@@ -378,7 +378,8 @@ def test_processes_of_the_fork_server_stay_interruptible():
         sleeper.kill()
 
 
-@pytest.mark.parametrize("when", ["importing", "starting ranks", "training"])
+@pytest.mark.parametrize("when", ["importing at 0.25", "importing at 0.3", "importing at 0.5", "starting ranks",
+                                  "training"])
 def test_a_ctrl_c_at_any_moment_is_one_line_and_leaves_nothing_running(tmp_path, when):
     # One SIGINT to the process group, as a terminal's Ctrl-C sends it: while torch is imported, while
     # the ranks start (the fork server preloading, a rank's payload half-written) and while they train.
@@ -391,8 +392,8 @@ def test_a_ctrl_c_at_any_moment_is_one_line_and_leaves_nothing_running(tmp_path,
                              "steps=100000", "--set", "world_size=2", "--set", "batch_size=8"],
                             cwd=tmp_path, start_new_session=True, stderr=subprocess.PIPE, text=True)
     try:
-        if when == "importing":
-            time.sleep(0.3)
+        if when.startswith("importing"):   # where torch imports numpy, which swallowed it (the run went on)
+            time.sleep(float(when.split()[-1]))
         else:
             assert "pipebd: strategy" in proc.stderr.readline()   # fit starts the ranks after this line
             if when == "starting ranks":   # once the fork server runs, which takes seconds to preload torch
@@ -403,8 +404,10 @@ def test_a_ctrl_c_at_any_moment_is_one_line_and_leaves_nothing_running(tmp_path,
             else:
                 time.sleep(8)
         os.killpg(proc.pid, signal.SIGINT)
-        err = proc.stderr.read()
-        assert proc.wait(timeout=60) == 130
+        _, err = proc.communicate(timeout=60)     # a swallowed interrupt trains on: a timeout here
+        # -SIGINT where a Ctrl-C escaped code that torch's import ran (Python then exits by the
+        # signal, as a shell counts it: 130 too).
+        assert proc.returncode in (130, -signal.SIGINT)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
