@@ -8,14 +8,10 @@ line, as at any later moment. The commands themselves are in ``pipebd.commands``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import signal
 import sys
-import threading
-from typing import Iterator
 
-from . import __version__
+from . import __version__, interrupts
 
 COMMANDS = (("run", "distill the model pair a config describes and print the report"),
             ("profile", "measure the blocks' costs and print them with the auto plan and the simulator's predictions"),
@@ -71,37 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         log.setLevel(level)
 
 
-@contextlib.contextmanager
-def _interrupts_kept() -> Iterator[None]:
-    """Raise KeyboardInterrupt after the block too if a Ctrl-C came while it ran: a library that
-    catches everything while it imports swallowed one (while torch imported numpy), and the run
-    went on, or failed later on the half-imported module (which is then the interrupt too).
-    Where SIGINT raises KeyboardInterrupt (Python's default), in the main thread."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-    seen = []
-
-    def interrupted(signum: int, frame: object) -> None:
-        seen.append(signum)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, interrupted)
-    try:
-        yield
-    except BaseException:
-        if seen:
-            raise KeyboardInterrupt from None
-        raise
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if seen:
-        raise KeyboardInterrupt
-
-
 def _command(args: argparse.Namespace) -> int:
-    with _interrupts_kept():   # torch loads here: seconds
+    with interrupts.noted(hold=False):   # torch loads here: seconds
         from . import commands
         from .config import CodistillConfig, RunConfig, dump_config, load_config
         from .runtime.launch import WorkerError

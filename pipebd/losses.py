@@ -63,6 +63,8 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     Raises ``ValueError``/``TypeError`` naming the bad argument.
     """
     sets = _check_logits(student_logits, teacher_logits, temperature, reduction, alpha, backend)
+    triton = _use_triton(backend, student_logits)
+    _check_range(temperature, torch.float32 if triton else torch.promote_types(student_logits.dtype, sets.dtype))
     ignore_index, teacher_grad = _check_ignore_index(ignore_index), check_bool("teacher_grad", teacher_grad)
     temperature, alpha = _number("temperature", temperature), _number("alpha", alpha)
     if alpha > 0:
@@ -73,7 +75,7 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
         sets = sets.detach()
     positions = student_logits.shape[:-1]     # [batch, ...]: each position is a row
     student = student_logits.reshape(-1, student_logits.shape[-1])
-    if _use_triton(backend, student):
+    if triton:
         for name, value in (("temperature", temperature), ("alpha", alpha)):
             if isinstance(value, Tensor) and value.requires_grad:
                 raise ValueError(f"{name} that requires grad is differentiated only by backend='torch'; "
@@ -170,17 +172,19 @@ def _check_logits(student: Tensor, teacher: Tensor, temperature: float, reductio
         raise ValueError(f"soft-target loss needs at least one row, class and teacher set, got teacher "
                          f"{tuple(teacher.shape)}")
     _check_options(temperature, reduction, alpha, backend)
-    # The loss is computed in float32 (float64 for float64 input), where T^2 and 1/T must be
-    # finite; the Triton kernels take T's terms as float32 arguments on a GPU, whatever the input.
-    dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
-    if _use_triton(backend, student):
-        dtype = torch.float32
+    sets = teacher if teacher.dim() > student.dim() else teacher.unsqueeze(0)
+    return sets.reshape(len(sets), -1, student.shape[-1])
+
+
+def _check_range(temperature: Any, dtype: torch.dtype) -> None:
+    """T^2 and 1/T finite in the loss's arithmetic: float32, float64 for float64 input to the
+    torch backend (``dtype`` promoted to at least float32); the Triton kernels take T's terms as
+    float32 arguments on a GPU, whatever the input."""
+    dtype = torch.promote_types(dtype, torch.float32)
     largest, t = torch.finfo(dtype).max, check_real("temperature", temperature)
     if not (t * t <= largest and 1 / t <= largest):
         raise ValueError(f"temperature={temperature} is out of range for this loss's {str(dtype)[6:]} arithmetic: "
                          f"T^2 and 1/T must be at most {largest:.3g}")
-    sets = teacher if teacher.dim() > student.dim() else teacher.unsqueeze(0)
-    return sets.reshape(len(sets), -1, student.shape[-1])
 
 
 def _number(name: str, value: Any) -> float | Tensor:

@@ -33,6 +33,7 @@ import cloudpickle
 import torch
 import torch.distributed as dist
 
+from .. import interrupts
 from ..plan import Plan
 from .baseline import run_baseline
 from .relay import run_relay
@@ -329,31 +330,12 @@ def _context() -> mp.context.BaseContext:
     return mp.get_context("spawn")
 
 
-@contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block has run, then raise it: one that cut a rank's start
-    short would leave it a half-written payload, and it would print its unpickling traceback.
-    Only where SIGINT raises KeyboardInterrupt (Python's default), in the main thread."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-    held = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if held:
-        raise KeyboardInterrupt
-
-
 def _start_forkserver(ctx: mp.context.BaseContext) -> None:
     """Start the fork server, if ``ctx`` uses one that is not running, with SIGINT blocked: it
     inherits the mask, and its first preload (``pipebd.runtime.preload``) discards a pending
     SIGINT and ignores the next until torch is loaded. A Ctrl-C at its very start ended it
     (the caller then failed with a broken pipe). One meanwhile reaches the caller when the mask
-    is restored here, or another of its threads at once: held by ``_interrupts_held`` either way."""
+    is restored here, or another of its threads at once: held by ``interrupts.noted`` either way."""
     if ctx.get_start_method() != "forkserver":
         return
     from multiprocessing import forkserver, resource_tracker
@@ -397,7 +379,7 @@ def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s:
     port = _free_port()
     procs, conns, ends = [], {}, []
     try:
-        with _interrupts_held():
+        with interrupts.noted(hold=True):   # ranks start whole
             _start_forkserver(ctx)
             for r in range(world_size):
                 recv_end, send_end = ctx.Pipe(duplex=False)
