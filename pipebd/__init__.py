@@ -7,6 +7,7 @@ does before it parses its arguments, does not import torch."""
 from __future__ import annotations
 
 import importlib
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -41,7 +42,10 @@ def _submodule(package: str, name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    """The public names, the submodules loaded so far and the dunders; not this file's imports."""
+    loaded = {name for name, value in globals().items()
+              if isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}"}
+    return sorted(set(__all__) | loaded | {name for name in globals() if name.startswith("__")})
 
 
 if TYPE_CHECKING:   # for type checkers and editors, which do not run __getattr__

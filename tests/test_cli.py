@@ -354,6 +354,9 @@ def test_help_and_version_import_no_torch():
         pipebd.nothing
     assert set(pipebd.__all__) == set(pipebd._WHERE) | {"lr", "__version__"}
     assert all(getattr(pipebd, name).__name__ in (name, "pipebd.lr") for name in pipebd.__all__ if name != "__version__")
+    # dir() lists the public names and loaded submodules, not the package file's own imports.
+    assert set(pipebd.__all__) <= set(dir(pipebd)) and "api" in dir(pipebd)
+    assert not {"Any", "TYPE_CHECKING", "annotations", "importlib", "types", "_WHERE"} & set(dir(pipebd))
 
 
 def test_processes_of_the_fork_server_stay_interruptible():
