@@ -167,7 +167,7 @@ class Distiller:
         if spmd:
             import torch.distributed as dist
             init_spmd(job.device, job.timeout)
-            pin_device(job, int(os.environ.get("LOCAL_RANK", dist.get_rank())))   # before NCCL's barrier
+            pin_device(job, dist.get_rank())   # before NCCL's barrier
         first_rank = not spmd or dist.get_rank() == 0    # the rank that writes the directory and warns
         checkpoint.hold(directory, held, first_rank, spmd)
         key = checkpoint.RunKey(self.num_blocks, job.batch_size, job.seed, job.dataset_len)

@@ -45,8 +45,8 @@ from .data import PROBE_ROWS, BatchOrder, StepRows, _tensors, check_workers, dat
 from .losses import _BACKENDS, out_of_range, soft_target_loss
 from .rng import check_seed, derived_seed, stream
 from .runtime.exchange import PeerLogits, Transfer, WeightExchange, packed_sizes, pack, unpack
-from .runtime.launch import (_broadcast_from_rank0, backend_for, check_timeout, init_spmd, kept_as_given, spawn_tasks,
-                             torch_threads, torchrun_env)
+from .runtime.launch import (_broadcast_from_rank0, backend_for, check_timeout, init_spmd, kept_as_given, own_gpu,
+                             spawn_tasks, torch_threads, torchrun_env)
 from .runtime.redistribute import slices
 from .runtime.worker import NonFiniteLoss, load_trained_state, progress_bar, trained_state
 from .trace import Recorder, Span, busy_time, write_chrome_trace
@@ -514,10 +514,7 @@ def _rank_device(device: str, rank: int, world_size: int) -> torch.device:
     rank for spawned workers), made current before any NCCL collective."""
     if not device.startswith("cuda") or world_size == 1:
         return torch.device(device)
-    local = int(os.environ["LOCAL_RANK"]) if torchrun_env() is not None and "LOCAL_RANK" in os.environ else rank
-    pinned = torch.device("cuda", local % torch.cuda.device_count())
-    torch.cuda.set_device(pinned)
-    return pinned
+    return own_gpu(rank)
 
 
 class _Rank:

@@ -46,7 +46,7 @@ from .outputs import write_output
 from .checks import check_int, integer
 from .data import PREFETCH, batch_loader
 from .plan import Plan
-from .runtime.launch import backend_for, spawn_tasks, torch_threads
+from .runtime.launch import backend_for, own_gpu, spawn_tasks, torch_threads
 from .runtime.worker import Job, RankRuntime, progress_bar
 
 log = logging.getLogger("pipebd")
@@ -588,10 +588,7 @@ def measure_comm(world_size: int, device: str = "cpu", repeats: int = COMM_REPEA
 def comm_task(device: str, repeats: int, rank: int, world_size: int) -> tuple[list, list]:
     """Run on every rank of the default process group: ping-pong between ranks 0 and 1, then an
     allreduce over the first 2 and over all ranks. Rank 0's timings are returned on every rank."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", rank % torch.cuda.device_count())
-        torch.cuda.set_device(dev)
+    dev = own_gpu(rank) if device.startswith("cuda") else torch.device(device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     p2p = []
     for size in P2P_SIZES:

@@ -86,3 +86,13 @@ def test_one_gpu_profiles_blocks_for_four_ranks():
     profile = distiller("cuda").profile(DATA, 16, 4, warmup=1, repeats=2, comm=False)
     assert profile.rows == [4, 6, 8, 16] and profile.p2p == [] and profile.allreduce == []
     assert all(t > 0 for block in profile.teacher + profile.student for t in block)
+
+
+def test_cuda_tensors_go_to_spawned_ranks_as_cpu_tensors():
+    # Unpickled with their device, every rank put the caller's CUDA modules and data on GPU 0.
+    import cloudpickle
+    from pipebd.runtime.launch import _dumps
+    net, x = nn.Linear(4, 3).cuda(), torch.randn(5, 4, device="cuda")
+    got_net, got_x = cloudpickle.loads(_dumps((net, x)))
+    assert got_net.weight.device.type == got_x.device.type == "cpu"
+    assert torch.equal(got_x, x.cpu()) and torch.equal(got_net.weight, net.weight.cpu())

@@ -528,3 +528,39 @@ def test_a_block_that_cannot_be_pickled_is_named_before_profiling_or_checkpoints
     with pytest.raises(TypeError, match=r"student block 1 cannot be sent to the spawned ranks \(RuntimeError: "):
         pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=5, steps=1, world_size=2, **options)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_each_rank_takes_a_gpu_of_its_own(monkeypatch):
+    # With more ranks on a node than GPUs, ranks shared one (local rank modulo the count), which
+    # NCCL refuses with "Duplicate GPU detected". Emulated: two GPUs, torchrun's environment.
+    from pipebd.runtime.launch import own_gpu
+    current = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert own_gpu(5) == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match=r"local rank 2 has no GPU of its own: 2 visible .* at most 2 ranks per node"):
+        own_gpu(6)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    assert own_gpu(0) == torch.device("cuda", 0)   # spawned ranks: their rank
+    with pytest.raises(ValueError, match="local rank 3 has no GPU"):
+        own_gpu(3)
+    assert len(current) == 2
+
+
+def test_a_process_group_that_cannot_carry_cuda_tensors_is_refused(tmp_path):
+    # A script's own gloo group with device="cuda": the relay would send CUDA tensors over gloo.
+    import torch.distributed as dist
+    from pipebd.runtime.launch import init_spmd
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        init_spmd("cpu", 60)
+        with pytest.raises(ValueError, match=r"device 'cuda:1' needs the NCCL backend, but the script's process "
+                                             r"group uses 'gloo'"):
+            init_spmd("cuda:1", 60)
+    finally:
+        dist.destroy_process_group()

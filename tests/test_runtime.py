@@ -164,6 +164,28 @@ def test_report_and_trace(tmp_path):
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
 
 
+class ReadsTheEnvironment(nn.Module):
+    """The identity, in a rank whose environment is the caller's at the fit."""
+
+    def forward(self, x):
+        seen = os.environ.get("PIPEBD_TEST_SET"), os.environ.get("PIPEBD_TEST_UNSET")
+        if seen != ("after", None):
+            raise RuntimeError(f"the rank's environment holds {seen}")
+        return x
+
+
+def test_spawned_ranks_get_the_callers_environment_at_each_fit(monkeypatch):
+    # The fork server's children inherit its environment, the caller's when the server started
+    # (the session's first fit): a CUDA_VISIBLE_DEVICES or NCCL_* set later did not reach the ranks.
+    monkeypatch.setenv("PIPEBD_TEST_UNSET", "before")
+    teacher, student = mlp_pair(num_blocks=2)
+    pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=4, steps=1, world_size=2, timeout=60)
+    monkeypatch.delenv("PIPEBD_TEST_UNSET")
+    monkeypatch.setenv("PIPEBD_TEST_SET", "after")
+    teacher = [nn.Sequential(ReadsTheEnvironment(), block) for block in teacher]
+    pipebd.Distiller(teacher, student, device="cpu").fit(DATA, batch_size=4, steps=1, world_size=2, timeout=60)
+
+
 def test_a_fit_in_the_callers_process_leaves_its_thread_count():
     from test_codistill import dataset, initial_models
     before = torch.get_num_threads()

@@ -181,7 +181,7 @@ def run_spmd(job: Job, timeout_s: float) -> list[RankResult]:
     """Run as this process's rank of an existing (or env-described) process group."""
     init_spmd(job.device, timeout_s)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    pin_device(job, int(os.environ.get("LOCAL_RANK", rank)))
+    pin_device(job, rank)
     # Like DDP: every rank starts from rank 0's weights, so that a teacher or student built
     # without a fixed seed cannot silently differ between the ranks of one pipeline.
     _broadcast_from_rank0([*job.teacher.values(), *job.student.values()], torch.device(job.device))
@@ -189,16 +189,34 @@ def run_spmd(job: Job, timeout_s: float) -> list[RankResult]:
 
 
 def init_spmd(device: str, timeout_s: float) -> None:
-    """Join the process group torchrun describes, unless the script already has."""
+    """Join the process group torchrun describes, unless the script already has: then check
+    that its backend can carry ``device``'s tensors."""
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device), timeout=timedelta(seconds=timeout_s))
+    elif device.startswith("cuda") and "nccl" not in dist.get_backend():
+        raise ValueError(f"device {device!r} needs the NCCL backend, but the script's process group uses "
+                         f"{dist.get_backend()!r} (gloo sends only CPU tensors between ranks): create it with "
+                         f"init_process_group('nccl'), or leave it to pipebd")
 
 
-def pin_device(job: Job, local_rank: int) -> None:
-    """On CUDA, give the rank its own GPU (NCCL needs the current device set)."""
+def pin_device(job: Job, rank: int) -> None:
+    """On CUDA, give the rank its own GPU (``own_gpu``)."""
     if job.device.startswith("cuda"):
-        job.device = f"cuda:{local_rank % torch.cuda.device_count()}"
-        torch.cuda.set_device(job.device)
+        job.device = str(own_gpu(rank))
+
+
+def own_gpu(rank: int) -> torch.device:
+    """The GPU of the process that runs ``rank``, made current (NCCL needs it set before its
+    first call): the one of its ``LOCAL_RANK`` under torchrun, of its rank for spawned ranks.
+    One GPU each: two ranks on one GPU fail in NCCL ("Duplicate GPU detected")."""
+    local = int(os.environ["LOCAL_RANK"]) if torchrun_env() is not None and "LOCAL_RANK" in os.environ else rank
+    count = torch.cuda.device_count()
+    if not 0 <= local < count:
+        raise ValueError(f"the process of local rank {local} has no GPU of its own: {count} visible "
+                         f"(CUDA_VISIBLE_DEVICES); start at most {count} ranks per node (torchrun --nproc-per-node)")
+    device = torch.device("cuda", local)
+    torch.cuda.set_device(device)
+    return device
 
 
 def _broadcast_from_rank0(modules: list[torch.nn.Module], device: torch.device) -> None:
@@ -217,6 +235,14 @@ class _Pickler(cloudpickle.Pickler):
     code objects travel as ``marshal`` writes them, whole."""
 
     def reducer_override(self, obj: Any) -> Any:
+        # torch pickles a storage with its device: every rank would unpickle the caller's CUDA
+        # tensors (modules, dataset) onto GPU 0 and keep the memory there. They go as CPU
+        # tensors; each rank moves them to its own device. (TypedStorage's public methods warn.)
+        if isinstance(obj, torch.storage.TypedStorage) and obj._untyped_storage.device.type == "cuda":
+            return torch.storage.TypedStorage(wrap_storage=obj._untyped_storage.cpu(), dtype=obj.dtype,
+                                              _internal=True).__reduce__()
+        if isinstance(obj, torch.UntypedStorage) and obj.device.type == "cuda":
+            return obj.cpu().__reduce__()
         if isinstance(obj, types.CodeType):
             try:
                 return marshal.loads, (marshal.dumps(obj),)
@@ -276,7 +302,12 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, payload: bytes, backend: str, timeout_s: float,
-            report: mp.connection.Connection, lifeline: mp.connection.Connection) -> None:
+            report: mp.connection.Connection, lifeline: mp.connection.Connection, environ: dict[str, str]) -> None:
+    # The caller's environment as it is now: the fork server's children inherit the server's, as
+    # it was when the server started (the caller's first fit), so a later CUDA_VISIBLE_DEVICES,
+    # NCCL_* or the user's own settings would not reach the ranks.
+    os.environ.clear()
+    os.environ.update(environ)
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)   # a process group of its own, with its loader processes: _stop ends them all
     threading.Thread(target=_end_with_caller, args=(lifeline,), name="pipebd-lifeline", daemon=True).start()
@@ -388,7 +419,7 @@ def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s:
                 # Not daemonic: a rank may start DataLoader workers. _stop ends every rank.
                 p = ctx.Process(target=_worker, name=f"pipebd-rank{r}", daemon=False,
                                 args=(r, world_size, port, payloads[r], backend, timeout_s, send_end,
-                                      watch_end))
+                                      watch_end, dict(os.environ)))
                 p.start()
                 send_end.close()  # the child holds the only write end: its exit means EOF here
                 watch_end.close()
