@@ -221,7 +221,7 @@ class Distiller:
         return self._profile(job, world_size, timeout, warmup=warmup, repeats=repeats, cache=cache)
 
     def _profile(self, job: Job, world_size: int, timeout: float, **options: Any) -> Profile:
-        if torchrun_env() is None:
+        if torchrun_env() is None or world_size == 1:   # one rank: no transfers to time (none to time them with)
             return profile_job(job, world_size, **options)
         # SPMD: every rank takes part in the communication benchmark; rank 0 measures (or reads
         # the cache) and every rank plans from its profile, so they all choose the same plan.

@@ -13,9 +13,11 @@ take the median of ``COMM_REPEATS`` after ``COMM_WARMUP``.
 A ``Profile`` is cached as JSON under ``$PIPEBD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/pipebd``,
 else ``~/.cache/pipebd``), keyed
 by what changes the costs: the blocks' structure (not their weights: the repr, parameter
-shapes, the source of their classes and their plain attributes), the boundary shapes, the
-dataset's type, source, plain attributes and length, batch size, world size, device, backend,
-threads, optimizer and losses. Costs set by anything else (a global, a file) are not seen: an
+shapes, the source of their classes and their settings: attributes that hold numbers, strings,
+dtypes, devices, enums, or lists, tuples, sets and dicts of them), the boundary shapes, the
+dataset's type, source, settings and length, batch size, world size, device (on a CPU its model
+and core count), backend, the threads the blocks run with, optimizer (not its learning rate)
+and losses. Costs set by anything else (a global, a file) are not seen: an
 empty ``$PIPEBD_CACHE_DIR`` measures again. ``str(profile)`` prints it as a table.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import functools
 import hashlib
 import inspect
@@ -30,6 +33,7 @@ import json
 import logging
 import math
 import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -360,8 +364,9 @@ def cache_dir() -> str:
 
 
 def _cache_key(job: Job, world_size: int, warmup: int, repeats: int) -> str:
-    def structure(module: nn.Module) -> str:
-        params = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters()]
+    def structure(module: nn.Module, trained: bool) -> str:
+        # The runtime freezes the teacher: whether its parameters came frozen changes nothing.
+        params = [(n, tuple(p.shape), str(p.dtype), p.requires_grad or not trained) for n, p in module.named_parameters()]
         # What the repr may leave out: the code of each submodule's classes and their plain settings.
         code = [(_source_hash(type(m)), _settings(m)) for m in module.modules()]
         return f"{module!r}|{params}|{code}"
@@ -370,19 +375,24 @@ def _cache_key(job: Job, world_size: int, warmup: int, repeats: int) -> str:
     device = job.device
     if device.startswith("cuda"):
         device = torch.cuda.get_device_name(torch.device(device))
+    else:   # a cache directory may be shared by machines (a home directory on a cluster)
+        device = f"cpu|{_cpu_model()}|{os.cpu_count()}"
     return json.dumps({
-        "teacher": [structure(job.teacher[i]) for i in range(job.num_blocks)],
-        "student": [structure(job.student[i]) for i in range(job.num_blocks)],
+        "teacher": [structure(job.teacher[i], trained=False) for i in range(job.num_blocks)],
+        "student": [structure(job.student[i], trained=True) for i in range(job.num_blocks)],
         "boundary": [(s.shape, str(s.dtype)) for s in job.boundary],
         # The data loading is measured too: a dataset of another kind or size loads differently.
         "dataset": [f"{type(job.dataset).__module__}.{type(job.dataset).__qualname__}", job.dataset_len,
                     _source_hash(type(job.dataset)), _settings(job.dataset)],
         "labels": None if job.labels is None else (job.labels.shape, str(job.labels.dtype)),
-        "batch_size": job.batch_size, "world_size": world_size, "device": device, "threads": job.threads,
+        "batch_size": job.batch_size, "world_size": world_size, "device": device,
+        "threads": job.threads if job.threads is not None else torch.get_num_threads(),   # None: as they are
         "num_workers": job.num_workers,
-        "optimizer": [type(probe).__qualname__, repr(sorted(probe.defaults.items()))],
+        # The learning rate changes no cost (tuning it would measure again); momentum and weight
+        # decay may (a buffer, an extra term).
+        "optimizer": [type(probe).__qualname__, repr(sorted((k, v) for k, v in probe.defaults.items() if k != "lr"))],
         "losses": [_describe(job.block_loss), _describe(job.final_loss)],
-        "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 6,
+        "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 7,
     }, sort_keys=True, default=str)
 
 
@@ -424,13 +434,52 @@ def _argument(value: Any) -> str:
 
 
 def _settings(obj: Any) -> str:
-    """The plain attributes of ``obj`` (numbers, strings, tuples of them): what sets a block's or
-    a dataset's cost without showing in its repr or parameters (a repeat count, a resolution).
-    One that changes as it runs (a counter) makes every run measure again: a cost, not an error."""
+    """The settings among the attributes of ``obj`` (``_setting``): what sets a block's or a
+    dataset's cost without showing in its repr or parameters (a repeat count, a resolution, a
+    dtype). One that changes as it runs (a counter) makes every run measure again: a cost, not an
+    error."""
     attrs = getattr(obj, "__dict__", {})
-    plain = {k: v for k, v in attrs.items() if not k.startswith("_") and k != "training" and (   # the runtime sets modes
-        isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v)))}
-    return repr(sorted(plain.items()))
+    kept = {k: setting for k, v in attrs.items() if not k.startswith("_") and k != "training"   # the runtime sets modes
+            and (setting := _setting(v)) is not None}
+    return repr(sorted(kept.items()))
+
+
+# A container attribute longer than this (a dataset's list of files) counts by its length alone.
+_SETTING_ITEMS = 1000
+
+
+def _setting(value: Any) -> str | None:
+    """``value`` as the key holds an attribute that may set a cost: a number, string, dtype,
+    device or enum, or a list, tuple, set or dict of them (a list of repeat counts); None for
+    anything else (tensors, other objects)."""
+    if isinstance(value, (*_PLAIN, torch.dtype, torch.device, enum.Enum)):
+        return repr(value)
+    if not isinstance(value, (list, tuple, set, frozenset, dict)):
+        return None
+    if len(value) > _SETTING_ITEMS:
+        return f"{type(value).__name__} of {len(value)}"
+    items = [x for pair in value.items() for x in pair] if isinstance(value, dict) else list(value)
+    parts = [_setting(x) for x in items]
+    if None in parts:
+        return None
+    if isinstance(value, dict):
+        parts = sorted(f"{k}: {v}" for k, v in zip(parts[::2], parts[1::2]))
+    elif isinstance(value, (set, frozenset)):
+        parts = sorted(parts)
+    return f"{type(value).__name__}({', '.join(parts)})"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _source_hash(obj: Any) -> str:

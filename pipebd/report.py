@@ -6,6 +6,10 @@ checkpoint writes, ``communication`` starting and waiting for the gradient allre
 activation sends and receives, ``waiting`` the time blocked on activations (receive), on the next
 stage (send backpressure) or on loader worker processes (``num_workers``), and ``idle`` the rest:
 pipeline fill and drain, and the loop's own overhead between spans (loss checks, bookkeeping).
+``bubble`` is waiting and idle together: the time a device does neither compute nor
+communication. The report's ``compute_fraction``, ``communication_fraction`` and
+``bubble_fraction`` are the same over all ``world_size`` devices (a rank the plan leaves out is
+all bubble).
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ class StageStats:
     @property
     def idle(self) -> float:
         return max(0.0, 1.0 - self.utilization - self.communication - self.waiting)
+
+    @property
+    def bubble(self) -> float:
+        return self.waiting + self.idle
 
 
 @dataclass
@@ -65,6 +73,23 @@ class Report:
     def stage_utilization(self) -> list[float]:
         return [s.utilization for s in self.stages]
 
+    def _devices(self, part: str) -> float:
+        """``part`` of the stages' time, over all ``world_size`` devices."""
+        return sum(len(s.ranks) * getattr(s, part) for s in self.stages) / self.world_size
+
+    @property
+    def compute_fraction(self) -> float:
+        return self._devices("utilization")
+
+    @property
+    def communication_fraction(self) -> float:
+        return self._devices("communication")
+
+    @property
+    def bubble_fraction(self) -> float:
+        """The devices' time in neither compute nor communication: waiting, idle, and unused ranks."""
+        return 1.0 - self.compute_fraction - self.communication_fraction
+
     def final_losses(self, window: int = 5) -> list[float]:
         """Mean loss of each block over its last ``window`` steps trained in this fit."""
         return [sum(h[-window:]) / len(h[-window:]) for h in (self._trained(i) for i in range(len(self.losses)))]
@@ -93,6 +118,8 @@ class Report:
             lines.append(f"predicted {sim.samples_per_s:.1f} samples/s for these {sim.steps} steps "
                          f"(steady-state bound {self.prediction.samples_per_s:.1f}); measured/predicted "
                          f"{self.samples_per_s / sim.samples_per_s:.2f}")
+        lines.append(f"devices: {self.compute_fraction:.1%} compute, {self.communication_fraction:.1%} "
+                     f"communication, {self.bubble_fraction:.1%} bubble (waiting and idle)")
         lines.append(f"{'stage':>5} {'blocks':>7} {'ranks':>9} {'util':>6} {'comm':>6} {'wait':>6} {'idle':>6}"
                      + (f" {'pred util':>9}" if sim is not None else ""))
         for s, st in enumerate(self.stages):

@@ -178,6 +178,57 @@ def scaled_mse(s, t, scale):
     return scale * (s - t).pow(2).mean()
 
 
+class Settings(nn.Module):
+    """The identity, holding ``setting`` where the key may find it."""
+
+    def __init__(self, setting):
+        super().__init__()
+        self.setting = setting
+
+    def forward(self, x):
+        return x
+
+
+def test_settings_in_containers_dtypes_threads_and_not_the_learning_rate_key_the_cache(monkeypatch):
+    # A repeat count in a list, a dtype, an enum: the cache gave such blocks the profile of the
+    # first setting. The threads the blocks run with when fit leaves them alone, too; the
+    # learning rate and a teacher frozen by its caller change no cost (they measured again).
+    import enum
+    d = emulated()
+    key = lambda j: profiler._cache_key(j, 3, 0, 1)
+
+    def with_setting(setting):
+        j = job(d)
+        j.teacher[0] = Settings(setting)
+        return key(j)
+
+    class Mode(enum.Enum):
+        FAST, SLOW = 1, 2
+
+    pairs = [([1], [50]), ((1, (2,)), (1, (3,))), ({"reps": 1}, {"reps": 2}), ({1, 2}, {1, 3}),
+             (torch.float32, torch.float64), (Mode.FAST, Mode.SLOW), (torch.device("cpu"), torch.device("meta")),
+             (list(range(2000)), list(range(2001)))]
+    for a, b in pairs:
+        assert with_setting(a) != with_setting(b), (a, b)
+    assert with_setting([1, {"a": (2, 3)}]) == with_setting([1, {"a": (2, 3)}])
+    assert with_setting({3, 1, 2}) == with_setting({1, 2, 3}) and with_setting({"a": 1, "b": 2}) == with_setting({"b": 2, "a": 1})
+    assert with_setting([torch.zeros(1)]) == with_setting([torch.ones(1)])   # tensors: weights, not settings
+    assert with_setting(list(range(2000))) == with_setting(list(range(1, 2001)))   # long: by length alone
+    as_they_are = dataclasses.replace(job(d), threads=None)   # torchrun, one rank
+    before, spawned = key(as_they_are), key(job(d))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
+    assert key(as_they_are) != before and key(job(d)) == spawned   # spawned ranks: threads set
+    monkeypatch.undo()
+    assert key(as_they_are) == before
+    before = key(job(d))
+    lr = [dataclasses.replace(job(d), optimizer=functools.partial(torch.optim.SGD, lr=lr, momentum=m))
+          for lr, m in ((0.1, 0.9), (0.5, 0.9), (0.1, 0.0))]
+    assert key(lr[0]) == key(lr[1]) != key(lr[2])
+    frozen = job(d)
+    frozen.teacher[1].requires_grad_(False)
+    assert key(frozen) == before
+
+
 def test_measure_comm_on_two_gloo_ranks():
     p2p, allreduce = profiler.measure_comm(2, "cpu", repeats=3)
     assert [n for n, _ in p2p] == list(profiler.P2P_SIZES)
@@ -414,3 +465,17 @@ def test_a_teacher_block_inside_its_student_block_stays_frozen_in_the_profile():
     assert profile.grad_bytes == [(16 + 2 * 4) * 4] * 2
     assert profile.bn_bytes == [[(2 * 4 + 1) * 4]] * 2
     assert all(torch.equal(x, p) for x, p in zip(before, (p for t in teacher for p in t.parameters())))
+
+
+def test_a_profile_for_one_rank_under_torchrun_times_no_transfers(monkeypatch, tmp_path):
+    # Its communication benchmark sent to rank 1, which a world of one lacks: it hung until the timeout.
+    monkeypatch.setenv("PIPEBD_CACHE_DIR", str(tmp_path))
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(pipebd.runtime.launch._free_port()))):
+        monkeypatch.setenv(name, value)
+    try:
+        got = emulated().profile(torch.randn(16, 4), 8, 1, warmup=0, repeats=1, timeout=10)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert got.num_blocks == 2 and got.p2p == [] and got.allreduce == []

@@ -147,6 +147,14 @@ def test_report_and_trace(tmp_path):
     assert " idle: the plan uses" not in text       # a plan that leaves ranks out says so
     assert "rank 3 idle: the plan uses 3 of 4" in str(dataclasses.replace(report, world_size=4))
     assert "ranks 3-4 idle: the plan uses 3 of 5" in str(dataclasses.replace(report, world_size=5))
+    # The devices' fractions, from the spans themselves: compute and communication, the rest bubble.
+    from pipebd.trace import COMMUNICATION, COMPUTE
+    timed = lambda kinds: sum(sp.end - sp.start for _, spans in report.tracks for sp in spans if sp.kind in kinds)
+    assert report.compute_fraction == pytest.approx(timed(COMPUTE) / (3 * report.wall_s), rel=1e-9)
+    assert report.communication_fraction == pytest.approx(timed(COMMUNICATION) / (3 * report.wall_s), rel=1e-9)
+    assert report.bubble_fraction == pytest.approx(sum(len(st.ranks) * st.bubble for st in report.stages) / 3)
+    assert dataclasses.replace(report, world_size=4).bubble_fraction == pytest.approx((3 * report.bubble_fraction + 1) / 4)
+    assert f"{report.bubble_fraction:.1%} bubble" in text
 
     path = tmp_path / "trace.json"
     report.save_trace(str(path))
