@@ -25,8 +25,12 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipebd", description="Blockwise distillation with Pipe-BD.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text)
         shows = "pipebd codistill --check" if name == "codistill" else "pipebd check"
+        epilog = (f"outputs besides the report: --set trace=PATH writes a Chrome trace (Perfetto), --set "
+                  f"plot=PATH draws the timeline{' and accuracy curves' if name == 'codistill' else ''} "
+                  f"(PNG or the suffix's format; the plot extra); `{shows}` lists every key"
+                  if name in ("run", "codistill") else None)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog)
         p.add_argument("config", nargs="?", help=f"YAML file; without one, the built-in defaults, which "
                                                  f"`{shows}` prints (configs/*.yaml set others)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -227,7 +227,8 @@ class Profile:
             raise ValueError(f"{path}: {err}") from err
 
     def __str__(self) -> str:
-        how = f"median of {self.repeats} after {self.warmup} warm-up" if self.repeats > 1 else "one run"
+        how = f"median of {self.repeats}" if self.repeats > 1 else "one run"
+        how += f" after {self.warmup} warm-up" if self.warmup else ""
         lines = [f"profile: {self.num_blocks} blocks, batch {self.batch_size}, world size {self.world_size}, "
                  f"{self.device} ({self.backend}), {how}",
                  f"{'block':>5} {'rows':>6} {'teacher ms':>11} {'student ms':>11} {'in KiB/row':>11} {'grad KiB':>9}"]

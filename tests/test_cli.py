@@ -344,6 +344,7 @@ def test_help_and_version_import_no_torch():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("pipebd 0.1.0\nusage: pipebd run") and out.stdout.endswith("[]\n")
+    assert "trace=PATH" in out.stdout and "plot=PATH" in out.stdout   # outputs the run help names
     # So the package loads its names on first use; each of __all__ resolves, and so does each
     # submodule as an attribute (pipebd.api was one once the package was imported; a test that
     # patched "pipebd.api.spawn" failed when run alone).

@@ -56,7 +56,8 @@ def test_measures_emulated_costs():
     after = [p.detach() for b in distiller.student for p in b.parameters()]
     assert all(torch.equal(x, y) for x, y in zip(before, after)), "profiling must train copies only"
     text = str(profile)
-    assert "teacher ms" in text and "p2p" in text and "allreduce" in text
+    assert "teacher ms" in text and "p2p" in text and "allreduce" in text and "median of 3 after 1 warm-up" in text
+    assert "one run after 2 warm-up" in str(dataclasses.replace(profile, repeats=1, warmup=2))
     assert len([line for line in text.splitlines() if line.strip().startswith(("0 ", "1 "))]) == 6
 
 
