@@ -47,7 +47,10 @@ _GRACE_S = 1.0
 # later than reported, so that a rank that died without a word about then (noticed only when its
 # process ended) comes first as the cause. Any other traceback keeps its time.
 _REACTION_S = 1.0
-_LOST_PEER = re.compile(r"connection (closed|reset) by peer|broken pipe|remote process exited", re.IGNORECASE)
+# gloo's words, and NCCL's for a peer that died ("ncclRemoteError: ... remote process exited") or
+# a communicator aborted after another rank's failure.
+_LOST_PEER = re.compile(r"connection (closed|reset) by peer|broken pipe|remote process exited|ncclRemoteError|"
+                        r"communicator was aborted", re.IGNORECASE)
 
 
 class WorkerError(RuntimeError):
