@@ -117,8 +117,8 @@ def curves(reports: dict, labels: Tensor) -> dict[str, list[float]]:
 
 
 def churn(reports: dict, method: str) -> float:
-    a, b = (reports[(method, s)].eval_probs[0][-1].argmax(-1) for s in SEEDS)
-    return (a != b).float().mean().item()
+    first, second = (reports[(method, s)] for s in SEEDS)
+    return first.churn(second)
 
 
 def run_task(task: Task, args: argparse.Namespace) -> tuple[list[str], dict[str, list[float]], list[int]]:

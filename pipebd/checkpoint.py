@@ -413,12 +413,14 @@ def save_model(directory: str, model: int, step: int, module: nn.Module, optimiz
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def commit(directory: str, key: CodistillKey, step: int, every: int | None, *, first: bool = False) -> None:
-    """Record ``step`` as the run's checkpoint (every model's file for it is on disk) and
-    remove the step directories of older checkpoints. Only the ``first`` commit of a fit,
-    before any rank trains, also removes later ones (a killed run's unfinished steps): during
-    training a model that is ahead may already be writing the next step's directory."""
-    start(directory, key, step=step, checkpoint_every=every)
+def commit(directory: str, key: CodistillKey, step: int, every: int | None, distillation: dict[str, Any], *,
+           first: bool = False) -> None:
+    """Record ``step`` as the run's checkpoint (every model's file for it is on disk), with the
+    ``distillation`` settings it trained with, and remove the step directories of older
+    checkpoints. Only the ``first`` commit of a fit, before any rank trains, also removes later
+    ones (a killed run's unfinished steps): during training a model that is ahead may already be
+    writing the next step's directory."""
+    start(directory, key, step=step, checkpoint_every=every, distillation=distillation)
     for name in os.listdir(directory):
         saved = _step_of(name)
         if saved is not None and (saved < step or (first and saved != step)):
@@ -442,15 +444,25 @@ def saved_model_state(directory: str, model: int) -> dict | None:
         return None
 
 
-def read_codistill(directory: str | None, key: CodistillKey, steps: int, resume: bool) -> tuple[int, dict[int, dict]]:
+def read_codistill(directory: str | None, key: CodistillKey, steps: int, resume: bool,
+                   distillation: dict[str, Any] | None = None, warn: bool = False) -> tuple[int, dict[int, dict]]:
     """The step of the checkpoint in ``directory`` and each model's saved state (snapshots
-    unpacked to dtype -> flat tensor), or ``(0, {})`` for a fresh start."""
+    unpacked to dtype -> flat tensor), or ``(0, {})`` for a fresh start. With ``warn``, a
+    ``distillation`` setting (alpha, temperature, burn_in) that differs from the saved run's is
+    warned about: the resumed steps use this run's."""
     saved = _read_run(directory, key, resume)
     if saved is None:
         return 0, {}
     step = saved.get("step")
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"{os.path.join(directory, RUN_FILE)} records no checkpoint step")
+    before = saved.get("distillation")    # None: written before pipebd recorded them
+    if warn and isinstance(before, dict) and distillation is not None:
+        changed = [f"{name} saved {before.get(name)!r}, this run {value!r}" for name, value in distillation.items()
+                   if before.get(name) != value]
+        if changed:
+            log.warning("pipebd: distillation settings differ from the checkpoint's (%s): the steps after step %d "
+                        "use this run's, so the result is neither run's", "; ".join(changed), step)
     if step > steps:
         raise ValueError(f"the checkpoint in {directory} has trained {step} steps, more than steps={steps}")
     if step == steps:

@@ -113,6 +113,11 @@ class _Job:
     find_unused: frozenset[int] = frozenset()   # models with parameters their output does not use
 
     @property
+    def distillation(self) -> dict[str, Any]:
+        """The settings of the distillation term, recorded with each checkpoint."""
+        return {"alpha": self.alpha, "temperature": self.temperature, "burn_in": self.burn_in}
+
+    @property
     def n(self) -> int:
         return len(self.models)
 
@@ -329,7 +334,7 @@ class Codistillation:
         checkpoint.hold(directory, held, first_rank, spmd)
         key = checkpoint.CodistillKey(job.n, job.mode, job.batch_size, job.seed, dataset_length(job.dataset),
                                       job.exchange_every)
-        start, states = checkpoint.read_codistill(directory, key, job.steps, resume)
+        start, states = checkpoint.read_codistill(directory, key, job.steps, resume, job.distillation, warn=first_rank)
         checkpoint.check(states, job.models, job.optimizer, job.scheduler, what="model", warn=first_rank)
         if states and first_rank:
             checkpoint.check_every(directory, every, job.steps - start)
@@ -354,7 +359,7 @@ class Codistillation:
                     optimizer = job.optimizer(model.parameters())
                     scheduler = job.scheduler(optimizer) if job.scheduler is not None else None
                     checkpoint.save_model(directory, i, 0, model, optimizer, scheduler, {}, [])
-            checkpoint.commit(directory, key, start, every, first=True)
+            checkpoint.commit(directory, key, start, every, job.distillation, first=True)
         job.checkpoint_dir, job.checkpoint_every, job.key = directory, every, key
 
     def _job(self, dataset: Any, batch_size: int, steps: int, world_size: int, seed: int,
@@ -684,7 +689,7 @@ class _Rank:
             if self.world_size > 1:
                 dist.barrier()
             if self.rank == 0:
-                checkpoint.commit(job.checkpoint_dir, job.key, done, job.checkpoint_every)
+                checkpoint.commit(job.checkpoint_dir, job.key, done, job.checkpoint_every, job.distillation)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> None:
@@ -844,6 +849,21 @@ class CodistillReport:
         """Accuracy of the n models' averaged softmax predictions at each of ``eval_steps``."""
         return [_accuracy(torch.stack(ps).mean(0), self.eval_labels, self.ignore_index) for ps in zip(*self.eval_probs)]
 
+    def churn(self, other: CodistillReport, model: int = 0) -> float:
+        """Prediction churn (Anil et al., 2018): the fraction of ``eval_data`` rows whose predicted
+        class differs between model ``model`` of this fit and of ``other`` (the same set-up with
+        another seed, say), after the last evaluation of each."""
+        for report in (self, other):
+            if not report.eval_steps:
+                raise ValueError("churn compares predictions on eval_data: fit both with eval_data")
+        if not (0 <= model < min(self.n, other.n)):
+            raise ValueError(f"model must be in [0, {min(self.n, other.n)}), got {model!r}")
+        a, b = self.eval_probs[model][-1], other.eval_probs[model][-1]
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"the two fits predicted {a.shape[0]} and {b.shape[0]} rows: churn compares "
+                             f"predictions on the same eval_data")
+        return (a.argmax(-1) != b.argmax(-1)).float().mean().item()
+
     def save_trace(self, path: str) -> None:
         """Chrome trace with one track per rank (data or data-wait, student, teacher, step,
         exchange-wait, eval)."""
@@ -869,6 +889,16 @@ class CodistillReport:
             lines.append(f"exchanges every {self.exchange_every} steps: {self.exchanged_bytes / 1e6:.3f} MB "
                          f"received per rank (max), {self.exchange_wait_s:.3f} s blocked on transfers (max)")
         accuracy = self.accuracy if self.eval_steps else None
+        if accuracy and len(self.eval_steps) > 1:   # the curve, at up to 8 evaluations spread out
+            count = len(self.eval_steps)
+            shown = sorted({round(k * (count - 1) / 7) for k in range(8)}) if count > 8 else range(count)
+            ensemble = self.ensemble_accuracy if self.n > 1 else None
+            lines.append("accuracy on eval_data by step:")
+            lines.append(f"{'step':>6}" + "".join(f" {f'model {i}':>8}" for i in range(self.n))
+                         + (f" {'ensemble':>8}" if ensemble else ""))
+            for e in shown:
+                lines.append(f"{self.eval_steps[e]:>6}" + "".join(f" {acc[e]:>8.2%}" for acc in accuracy)
+                             + (f" {ensemble[e]:>8.2%}" if ensemble else ""))
         lines.append(f"{'model':>5} {'loss first':>10} {'loss last':>10}"
                      + (f" {'accuracy':>9}" if accuracy else ""))
         for i, h in enumerate(self.losses):

@@ -276,11 +276,18 @@ def _find_key(tree: Any, key: str) -> Any:
 
 
 def check_codistill(config: CodistillConfig) -> None:
-    """``check`` for a codistill config: its values, then ``Codistillation.fit``'s checks of them."""
+    """``check`` for a codistill config: its values, then ``Codistillation.fit``'s checks of them,
+    the run saved in ``checkpoint_dir`` (as ``check``: one there without ``resume``, or one that
+    does not fit; settings that differ from it are warned about, as the run would) and the
+    cosine schedule it would resume, and the outputs."""
     cd, train, test = build_codistill(config)
-    cd._job(train, config.batch_size, config.steps, config.world_size, config.seed, test, config.eval_every,
-            False, None, False, config.timeout, config.sync_batchnorm, config.num_workers)
-    checkpoint.options(config.checkpoint_dir, config.checkpoint_every, config.resume)
+    job = cd._job(train, config.batch_size, config.steps, config.world_size, config.seed, test, config.eval_every,
+                  False, None, False, config.timeout, config.sync_batchnorm, config.num_workers)
+    directory, _ = checkpoint.options(config.checkpoint_dir, config.checkpoint_every, config.resume)
+    key = checkpoint.CodistillKey(job.n, job.mode, job.batch_size, job.seed, len(train), job.exchange_every)
+    _, states = checkpoint.read_codistill(directory, key, config.steps, config.resume, job.distillation, warn=True)
+    checkpoint.check(states, job.models, job.optimizer, job.scheduler, what="model")
+    _check_cosine_resume(config)
     check_outputs(config)
 
 

@@ -452,7 +452,7 @@ def table(out):
     return [(float(r[2]), r[3]) for r in rows], next(line for line in lines if line.startswith("ensemble"))
 
 
-def test_cli_codistill_is_the_api_call_it_describes(tmp_path, capsys):
+def test_cli_codistill_is_the_api_call_it_describes(tmp_path, capsys, caplog):
     # The reference is the API call written out by hand; the CLI must build the same data, models,
     # optimizer and schedule. Then the CLI resumes a 2-rank run, saved after 20 steps, to step 30
     # and must print what the uninterrupted 1-process run prints.
@@ -509,6 +509,25 @@ def test_cli_codistill_is_the_api_call_it_describes(tmp_path, capsys):
     assert main(["codistill", *cosine, "--set", "steps=12", "--resume"]) == 2
     assert ("cosine: true decays the learning rate over the first run's steps=8, and a resume keeps that "
             "schedule" in capsys.readouterr().err)
+    # --check refuses what the run would, from the saved run too (it checked the options only).
+    assert main(["codistill", *cosine, "--set", "steps=12", "--resume", "--check"]) == 2
+    assert "cosine: true decays the learning rate over the first run's steps=8" in capsys.readouterr().err
+    assert main(["codistill", *cosine, "--set", "steps=8", "--check"]) == 2
+    assert "already holds a pipebd run (run.json); pass resume=True" in capsys.readouterr().err
+    assert main(["codistill", *resumable, "--set", "steps=40", "--set", "n=3", "--set", "world_size=3", "--resume",
+                 "--check"]) == 2
+    assert "is of a run with n=2, this run has n=3" in capsys.readouterr().err
+    # The distillation settings are recorded; a resume that changes them is told (as --check shows).
+    import json
+    assert json.loads((ckpt / "run.json").read_text())["distillation"] == {"alpha": 0.5, "temperature": 3.0,
+                                                                          "burn_in": 5}
+    caplog.clear()
+    assert main(["codistill", *resumable, "--set", "steps=40", "--resume", "--check"]) == 0
+    assert "distillation settings differ" not in caplog.text
+    assert main(["codistill", *resumable, "--set", "steps=40", "--set", "alpha=0.7", "--set", "burn_in=6",
+                 "--resume", "--check"]) == 0
+    assert ("distillation settings differ from the checkpoint's (alpha saved 0.5, this run 0.7; burn_in saved 5, "
+            "this run 6): the steps after step 30 use this run's" in caplog.text)
 
 
 def test_check_refuses_triton_on_a_cpu_without_the_interpreter(monkeypatch, capsys):

@@ -208,6 +208,21 @@ def test_report_accuracy_and_ensemble_match_the_models():
     text = str(report)
     assert "mode=codistill n=2" in text and "ensemble accuracy after 24 steps" in text
     assert len(report.losses) == 2 and len(report.losses[0]) == STEPS
+    # The accuracy curve, one row per evaluation: step, each model's, the ensemble's.
+    curve = text.split("accuracy on eval_data by step:\n")[1].splitlines()[1:4]
+    assert [row.split() for row in curve] == [
+        [str(step), *(f"{a[e]:.2%}" for a in report.accuracy), f"{report.ensemble_accuracy[e]:.2%}"]
+        for e, step in enumerate(report.eval_steps)]
+    # Churn against another seed's fit: the rows whose predicted class differs, by brute force.
+    other = pipebd.Codistillation(initial_models(2), optimizer=sgd, exchange_every=K, device="cpu").fit(
+        data, batch_size=BATCH, steps=STEPS, seed=1, eval_data=(x, y), eval_every=10)
+    for i in range(2):
+        theirs = other.eval_probs[i][-1].argmax(1)
+        differ = sum(int(a != b) for a, b in zip(probs[i].argmax(1).tolist(), theirs.tolist()))
+        assert report.churn(other, model=i) == pytest.approx(differ / len(y)) and 0 < differ < len(y)
+    assert report.churn(report) == 0.0
+    with pytest.raises(ValueError, match="model must be in"):
+        report.churn(other, model=2)
 
 
 def test_model_fn_is_seeded_per_model_and_run():

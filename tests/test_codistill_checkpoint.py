@@ -116,9 +116,9 @@ def test_commit_removes_later_steps_only_at_the_start(tmp_path):
     key = checkpoint.CodistillKey(2, "codistill", BATCH, 3, 61, K)
     for name in ("step4", "step6", "step9", "stepped", "other"):
         os.makedirs(tmp_path / name)
-    checkpoint.commit(str(tmp_path), key, 6, None)       # during training: step 9 may be in the making
+    checkpoint.commit(str(tmp_path), key, 6, None, {})     # during training: step 9 may be in the making
     assert listing(tmp_path) == ["other", "run.json", "step6", "step9", "stepped"]
-    checkpoint.commit(str(tmp_path), key, 6, None, first=True)   # a fit starting from step 6
+    checkpoint.commit(str(tmp_path), key, 6, None, {}, first=True)   # a fit starting from step 6
     assert listing(tmp_path) == ["other", "run.json", "step6", "stepped"]
     assert json.loads((tmp_path / "run.json").read_text())["step"] == 6
 
