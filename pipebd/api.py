@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import checkpoint
-from .checks import check_device, check_factory, check_int
+from .checks import build_optimizer, check_device, check_factory, check_int, check_training
 from .data import PROBE_ROWS, _tensors, check_workers, dataset_length, probe_batch
 from .losses import SoftTargetLoss, out_of_range, resolve_block_loss
 from .plan import Plan, default_plan
@@ -193,7 +193,7 @@ class Distiller:
         if first_rank:
             if not states:   # every step-0 file before run.json, so a run killed in between leaves no run
                 for block in range(self.num_blocks):
-                    optimizer = self.optimizer(self.student[block].parameters())
+                    optimizer = build_optimizer(self.optimizer, self.student[block])
                     scheduler = self.scheduler(optimizer) if self.scheduler is not None else None
                     checkpoint.save_block(directory, block, 0, self.student[block], optimizer, scheduler)
             checkpoint.start(directory, key, teacher=fingerprint, checkpoint_every=every)
@@ -271,6 +271,7 @@ class Distiller:
             raise ValueError(f"batch_size {batch_size} is smaller than the widest stage's replica "
                              f"count ({widest}); every replica needs at least one row")
         boundary, labels, inplace = self._probe(dataset, replicas=widest > 1 or (auto and max(world_size, planned) > 1))
+        check_training(self.optimizer, self.scheduler, self.student, "student block", warn=env is None or env[0] == 0)
         if threads is None and world_size > 1 and torchrun_env() is None:
             threads = max(1, (os.cpu_count() or 1) // world_size)   # spawned workers share the cores
         return Job(strategy=strategy, plan=resolved, num_blocks=self.num_blocks,
@@ -311,7 +312,9 @@ class Distiller:
         needs_labels = bool(getattr(self.final_loss, "needs_labels", False))
         x, y = probe_batch(dataset, labels=needs_labels)
         if not isinstance(x, Tensor):
-            raise TypeError(f"dataset items must be tensors or (tensor, label) pairs, got {type(x).__name__}")
+            hint = (": wrap the dataset so that its items are (x, y) pairs, e.g. a Dataset whose __getitem__ "
+                    "returns (item['input'], item['label'])") if isinstance(x, dict) else ""
+            raise TypeError(f"dataset items must be tensors or (tensor, label) pairs, got {type(x).__name__}{hint}")
         if needs_labels and y is None:
             raise ValueError("final_loss needs labels but dataset items carry none (use (x, y) items)")
         y = _labels(y) if needs_labels else None
@@ -508,8 +511,13 @@ def _call_block(block: nn.Module, x: Tensor, name: str, inplace: set[int], index
     try:
         out = block(x)
     except Exception as err:
+        own = sorted({str(p.dtype) for p in block.parameters() if p.is_floating_point()})
+        hint = (f". The block's parameters are {', '.join(own)}: blocks get the previous teacher block's output "
+                f"(or the data) in its own dtype, so a block in another dtype casts its input itself (x.to(...) "
+                f"in its forward) or runs under torch.autocast"
+                if x.is_floating_point() and own and str(x.dtype) not in own else "")
         raise ValueError(f"{name} failed on an input of shape {tuple(x.shape[1:])} and dtype {x.dtype} per "
-                         f"sample (probed with {_samples(x)}): {err}") from err
+                         f"sample (probed with {_samples(x)}): {err}{hint}") from err
     if version is not None and x._version != version:
         inplace.add(index)
     diff = _mixing(block, given, out) if mixing is not None else None

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checks import check_int
+from .checks import build_optimizer, check_int
 
 try:
     import fcntl
@@ -500,7 +500,7 @@ def check(states: dict[int, dict], modules: dict[int, nn.Module] | list[nn.Modul
             diff = sorted(k for k in have.keys() | saved.keys() if have.get(k) != saved.get(k))
             raise ValueError(f"the checkpoint of {what} {index} does not fit the {what}: "
                              f"{', '.join(f'{k} saved {saved.get(k)} vs {have.get(k)}' for k in diff[:4])}")
-        probe = optimizer(module.parameters())     # built, never stepped: the weights stay as they are
+        probe = build_optimizer(optimizer, module)     # built, never stepped: the weights stay as they are
         declared = [set(group) - {"params"} for group in probe.param_groups]
         probe_scheduler = scheduler(probe) if scheduler is not None else None
         schedule = _flatten(probe_scheduler.state_dict(), "scheduler") if probe_scheduler is not None else None

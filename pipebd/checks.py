@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import numbers
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
+
+log = logging.getLogger("pipebd")
 
 
 def integer(value: Any) -> int | None:
@@ -67,6 +72,41 @@ def check_factory(name: str, factory: Any) -> None:
     if factory is not None and not callable(factory):
         raise TypeError(f"{name} must be a factory such as {_FACTORIES[name]} (each block or model gets its "
                         f"own), got an instance of {type(factory).__name__}")
+
+
+def build_optimizer(factory: Callable[..., torch.optim.Optimizer], module: nn.Module) -> torch.optim.Optimizer:
+    """``factory``'s optimizer of ``module``'s parameters, handed over as a list: a factory may
+    read them more than once (a generator left a second parameter group empty)."""
+    return factory(list(module.parameters()))
+
+
+def check_training(optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable[..., Any] | None,
+                   modules: list[nn.Module], what: str, warn: bool = True) -> None:
+    """Before any process starts: warn (with ``warn``) of trainable parameters that ``optimizer``
+    leaves out of a module's optimizer, which get gradients and never change, and refuse a
+    ``scheduler`` whose ``step()`` needs arguments: the runtime steps it after every optimizer
+    step without any (``ReduceLROnPlateau``'s metric failed in the ranks, after they started).
+    The optimizers are built, never stepped: the weights stay as they are."""
+    for index, module in enumerate(modules):
+        built = build_optimizer(optimizer, module)
+        covered = {id(p) for group in built.param_groups for p in group["params"]}
+        left = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in covered]
+        if left and warn:
+            log.warning("pipebd: the optimizer of %s %d leaves out trainable parameters, which will not change: "
+                        "%s. Freeze them with requires_grad_(False) if that is meant", what, index,
+                        ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else ""))
+        if scheduler is not None and index == 0:
+            made = scheduler(built)
+            step = getattr(made, "step", None)
+            if not callable(step):
+                raise TypeError(f"scheduler must build a learning-rate scheduler (with a step() method), "
+                                f"got {type(made).__name__}")
+            needs = [p.name for p in inspect.signature(step).parameters.values()
+                     if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            if needs:
+                raise TypeError(f"scheduler: {type(made).__name__}.step() needs {', '.join(needs)}, but pipebd "
+                                f"steps the scheduler after every optimizer step without arguments; use one "
+                                f"that needs none (ReduceLROnPlateau needs a metric)")
 
 
 def check_device(device: str | None) -> str:

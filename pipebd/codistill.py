@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint
-from .checks import check_device, check_factory, check_int, check_integer, check_real
+from .checks import build_optimizer, check_device, check_factory, check_int, check_integer, check_real, check_training
 from .api import _caller_rng, _device_of, _samples
 from .batchnorm import replica_batchnorm
 from .data import PROBE_ROWS, BatchOrder, StepRows, _tensors, check_workers, dataset_length, feed, probe_batch
@@ -356,7 +356,7 @@ class Codistillation:
         if first_rank:
             if not states:   # a fresh run saves its initial state, so a resume never rebuilds it
                 for i, model in enumerate(job.models):
-                    optimizer = job.optimizer(model.parameters())
+                    optimizer = build_optimizer(job.optimizer, model)
                     scheduler = job.scheduler(optimizer) if job.scheduler is not None else None
                     checkpoint.save_model(directory, i, 0, model, optimizer, scheduler, {}, [])
             checkpoint.commit(directory, key, start, every, job.distillation, first=True)
@@ -408,7 +408,9 @@ class Codistillation:
         self._probe(models, (x, y), "dataset")
         if evaluation is not None:
             self._probe(models, (evaluation[0][:PROBE_ROWS], evaluation[1]), "eval_data")
-        if threads is None and world_size > 1 and torchrun_env() is None:
+        env = torchrun_env()
+        check_training(self.optimizer, self.scheduler, models, "model", warn=env is None or env[0] == 0)
+        if threads is None and world_size > 1 and env is None:
             threads = max(1, (os.cpu_count() or 1) // world_size)
         # DDP must be told of parameters without gradient, or it waits for them and fails.
         find_unused = frozenset(i for i, m in enumerate(models) if _unused(m, x)) if world_size > self.n \
@@ -551,7 +553,7 @@ class _Rank:
             self.trained.update({i: DistributedDataParallel(self.models[i], process_group=group,
                                                             find_unused_parameters=i in job.find_unused)
                                  for i, group in mine.items()})
-        self.optimizers = {i: job.optimizer(self.models[i].parameters()) for i in self.own}
+        self.optimizers = {i: build_optimizer(job.optimizer, self.models[i]) for i in self.own}
         self.schedulers = {i: job.scheduler(o) for i, o in self.optimizers.items()} if job.scheduler else {}
         # What must stay finite for a save (not buffers that are -inf by design).
         self.finite = {i: checkpoint.finite_entries(self.models[i]) for i in self.own} \

@@ -564,3 +564,45 @@ def test_a_process_group_that_cannot_carry_cuda_tensors_is_refused(tmp_path):
             init_spmd("cuda:1", 60)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_scheduler_whose_step_needs_a_metric_is_refused_before_starting(no_spawn):
+    # ReduceLROnPlateau.step(metrics) failed in the ranks after they had started and trained a step.
+    plateau = distiller(scheduler=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o))
+    with pytest.raises(TypeError, match=r"scheduler: ReduceLROnPlateau.step\(\) needs metrics, but pipebd steps"):
+        plateau.fit(DATA, batch_size=4, steps=2, world_size=2)
+    co = pipebd.Codistillation(lambda i: nn.Linear(16, 3), optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                               scheduler=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o), device="cpu")
+    with pytest.raises(TypeError, match="ReduceLROnPlateau.step"):
+        co.fit(TensorDataset(DATA, torch.zeros(30, dtype=torch.long)), batch_size=4, steps=2, world_size=2)
+
+
+def test_an_optimizer_factory_may_read_its_parameters_twice_and_one_that_leaves_some_out_is_told(caplog):
+    # Parameter groups built by two passes over the parameters: a generator left the second
+    # group empty, so the biases never trained, silently.
+    def grouped(params):
+        return torch.optim.SGD([{"params": [p for p in params if p.dim() > 1], "weight_decay": 1e-4},
+                                {"params": [p for p in params if p.dim() == 1]}], lr=0.1)
+
+    d = distiller(optimizer=grouped)
+    before = [b.bias.detach().clone() for b in d.student[0].modules() if isinstance(b, nn.Linear)]
+    with caplog.at_level("WARNING", logger="pipebd"):
+        d.fit(DATA, batch_size=4, steps=2)
+    after = [b.bias.detach() for b in d.student[0].modules() if isinstance(b, nn.Linear)]
+    assert all(not torch.equal(a, b) for a, b in zip(before, after)) and "leaves out" not in caplog.text
+    # One that leaves the biases out on purpose or not: named, before anything runs.
+    weights_only = distiller(optimizer=lambda params: torch.optim.SGD([p for p in params if p.dim() > 1], lr=0.1))
+    with caplog.at_level("WARNING", logger="pipebd"):
+        weights_only._job(DATA, 4, 2, 1, "pipebd", None, 0, 1, None, False)
+    assert "the optimizer of student block 0 leaves out trainable parameters, which will not change: " in caplog.text
+    assert "Freeze them with requires_grad_(False)" in caplog.text
+
+
+def test_a_block_in_another_dtype_and_dict_items_are_told_what_to_do(no_spawn):
+    teacher, student = mlp_pair(num_blocks=2)
+    student[1].to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"student block 1 failed .* The block's parameters are torch.bfloat16: .* "
+                                         r"casts its input itself"):
+        pipebd.Distiller(teacher, student, device="cpu").fit(torch.randn(8, 16), 4, 1)
+    with pytest.raises(TypeError, match=r"got dict: wrap the dataset so that its items are \(x, y\) pairs"):
+        distiller().fit([{"input": torch.randn(16)}] * 4, 2, 1)

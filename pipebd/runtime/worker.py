@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .. import checkpoint
 from ..batchnorm import replica_batchnorm
+from ..checks import build_optimizer
 from ..rng import derived_seed, stream
 from ..data import BatchOrder, StepRows, feed
 from ..plan import Plan
@@ -213,7 +214,7 @@ class RankRuntime:
                         for i, m in self.student.items()}
         for m in self.teacher.values():   # after the students: one may hold its teacher block
             m.eval()
-        self.optimizers = {i: job.optimizer(self.student[i].parameters()) for i in self.blocks}
+        self.optimizers = {i: build_optimizer(job.optimizer, self.student[i]) for i in self.blocks}
         self.schedulers = {i: job.scheduler(self.optimizers[i]) for i in self.blocks} if job.scheduler else {}
         for i in self.blocks:
             if i in job.resume_state:
