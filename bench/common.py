@@ -12,23 +12,12 @@ from datetime import date
 import torch
 
 import pipebd
+from pipebd.profiler import cpu_model
 
 
 def machine() -> str:
     return (f"{platform.system()} {platform.machine()} ({cpu_model()}), {os.cpu_count()} cores; "
             f"Python {platform.python_version()}, torch {torch.__version__}, pipebd {pipebd.__version__}")
-
-
-def cpu_model() -> str:
-    """The processor's name (``platform.processor()`` is empty on Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU model unknown"
 
 
 def cnn_run_arguments(parser: argparse.ArgumentParser) -> None:

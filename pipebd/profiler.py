@@ -377,7 +377,7 @@ def _cache_key(job: Job, world_size: int, warmup: int, repeats: int) -> str:
     if device.startswith("cuda"):
         device = torch.cuda.get_device_name(torch.device(device))
     else:   # a cache directory may be shared by machines (a home directory on a cluster)
-        device = f"cpu|{_cpu_model()}|{os.cpu_count()}"
+        device = f"cpu|{cpu_model()}|{os.cpu_count()}"
     return json.dumps({
         "teacher": [structure(job.teacher[i], trained=False) for i in range(job.num_blocks)],
         "student": [structure(job.student[i], trained=True) for i in range(job.num_blocks)],
@@ -471,8 +471,9 @@ def _setting(value: Any) -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` says."""
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; ``platform.processor()`` is empty there), else
+    what ``platform`` says."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
