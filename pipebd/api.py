@@ -144,7 +144,8 @@ class Distiller:
             if env is None and world_size > 1:
                 results = spawn(job, world_size, timeout)
             else:
-                with kept_as_given(self.teacher + self.student):
+                losses = [f for f in (self.block_loss, self.final_loss) if isinstance(f, nn.Module)]
+                with kept_as_given(self.teacher + self.student + losses):
                     results = run_spmd(job, timeout) if env is not None else run_rank(job, 0, 1)
             self._load_states(results)
             report = build_report(strategy, world_size, job.plan, batch_size, steps, self.num_blocks, results,

@@ -86,9 +86,13 @@ def check_training(optimizer: Callable[..., torch.optim.Optimizer], scheduler: C
     leaves out of a module's optimizer, which get gradients and never change, and refuse a
     ``scheduler`` whose ``step()`` needs arguments: the runtime steps it after every optimizer
     step without any (``ReduceLROnPlateau``'s metric failed in the ranks, after they started).
-    The optimizers are built, never stepped: the weights stay as they are."""
+    The optimizers are built, never stepped: the weights stay as they are. A factory that cannot
+    build here (``ZeroRedundancyOptimizer`` needs the ranks' process group) is not checked."""
     for index, module in enumerate(modules):
-        built = build_optimizer(optimizer, module)
+        try:
+            built = build_optimizer(optimizer, module)
+        except Exception:
+            return
         covered = {id(p) for group in built.param_groups for p in group["params"]}
         left = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in covered]
         if left and warn:
@@ -96,13 +100,20 @@ def check_training(optimizer: Callable[..., torch.optim.Optimizer], scheduler: C
                         "%s. Freeze them with requires_grad_(False) if that is meant", what, index,
                         ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else ""))
         if scheduler is not None and index == 0:
-            made = scheduler(built)
+            try:
+                made = scheduler(built)
+            except Exception:
+                continue
             step = getattr(made, "step", None)
             if not callable(step):
                 raise TypeError(f"scheduler must build a learning-rate scheduler (with a step() method), "
                                 f"got {type(made).__name__}")
-            needs = [p.name for p in inspect.signature(step).parameters.values()
-                     if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            try:
+                signature = inspect.signature(step)
+            except (TypeError, ValueError):   # a builtin's, say: nothing to tell
+                continue
+            needs = [p.name for p in signature.parameters.values() if p.default is p.empty
+                     and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
             if needs:
                 raise TypeError(f"scheduler: {type(made).__name__}.step() needs {', '.join(needs)}, but pipebd "
                                 f"steps the scheduler after every optimizer step without arguments; use one "

@@ -112,6 +112,11 @@ class _Job:
     num_workers: int = 0               # loader processes per feed (0: load in the rank's process)
     find_unused: frozenset[int] = frozenset()   # models with parameters their output does not use
 
+    def checkpoint_key(self) -> checkpoint.CodistillKey:
+        """What a checkpoint of this job must match to be resumed (``checkpoint.read_codistill``)."""
+        return checkpoint.CodistillKey(self.n, self.mode, self.batch_size, self.seed, dataset_length(self.dataset),
+                                       self.exchange_every)
+
     @property
     def distillation(self) -> dict[str, Any]:
         """The settings of the distillation term, recorded with each checkpoint."""
@@ -332,8 +337,7 @@ class Codistillation:
             _rank_device(self.device, dist.get_rank(), dist.get_world_size())   # before NCCL's barrier
         first_rank = not spmd or dist.get_rank() == 0    # the rank that writes the directory and warns
         checkpoint.hold(directory, held, first_rank, spmd)
-        key = checkpoint.CodistillKey(job.n, job.mode, job.batch_size, job.seed, dataset_length(job.dataset),
-                                      job.exchange_every)
+        key = job.checkpoint_key()
         start, states = checkpoint.read_codistill(directory, key, job.steps, resume, job.distillation, warn=first_rank)
         checkpoint.check(states, job.models, job.optimizer, job.scheduler, what="model", warn=first_rank)
         if states and first_rank:

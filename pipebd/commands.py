@@ -284,8 +284,7 @@ def check_codistill(config: CodistillConfig) -> None:
     job = cd._job(train, config.batch_size, config.steps, config.world_size, config.seed, test, config.eval_every,
                   False, None, False, config.timeout, config.sync_batchnorm, config.num_workers)
     directory, _ = checkpoint.options(config.checkpoint_dir, config.checkpoint_every, config.resume)
-    key = checkpoint.CodistillKey(job.n, job.mode, job.batch_size, job.seed, len(train), job.exchange_every)
-    _, states = checkpoint.read_codistill(directory, key, config.steps, config.resume, job.distillation, warn=True)
+    _, states = checkpoint.read_codistill(directory, job.checkpoint_key(), config.steps, config.resume, job.distillation, warn=True)
     checkpoint.check(states, job.models, job.optimizer, job.scheduler, what="model")
     _check_cosine_resume(config)
     check_outputs(config)

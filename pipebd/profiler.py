@@ -445,11 +445,13 @@ def _settings(obj: Any) -> str:
     return repr(sorted(kept.items()))
 
 
-# A container attribute longer than this (a dataset's list of files) counts by its length alone.
-_SETTING_ITEMS = 1000
+# A container longer than this (a dataset's files, a Subset's indices, which random_split draws
+# afresh each run) counts by its length alone; so does one nested deeper than _SETTING_DEPTH
+# (a list that holds itself), or beyond _SETTING_BUDGET items in one attribute.
+_SETTING_ITEMS, _SETTING_DEPTH, _SETTING_BUDGET = 64, 4, 1024
 
 
-def _setting(value: Any) -> str | None:
+def _setting(value: Any, depth: int = 0, budget: list[int] | None = None) -> str | None:
     """``value`` as the key holds an attribute that may set a cost: a number, string, dtype,
     device or enum, or a list, tuple, set or dict of them (a list of repeat counts); None for
     anything else (tensors, other objects)."""
@@ -457,10 +459,12 @@ def _setting(value: Any) -> str | None:
         return repr(value)
     if not isinstance(value, (list, tuple, set, frozenset, dict)):
         return None
-    if len(value) > _SETTING_ITEMS:
+    budget = [_SETTING_BUDGET] if budget is None else budget
+    if len(value) > min(_SETTING_ITEMS, budget[0]) or depth >= _SETTING_DEPTH:
         return f"{type(value).__name__} of {len(value)}"
+    budget[0] -= len(value)
     items = [x for pair in value.items() for x in pair] if isinstance(value, dict) else list(value)
-    parts = [_setting(x) for x in items]
+    parts = [_setting(x, depth + 1, budget) for x in items]
     if None in parts:
         return None
     if isinstance(value, dict):

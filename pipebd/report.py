@@ -88,7 +88,8 @@ class Report:
     @property
     def bubble_fraction(self) -> float:
         """The devices' time in neither compute nor communication: waiting, idle, and unused ranks."""
-        return 1.0 - self.compute_fraction - self.communication_fraction
+        unused = self.world_size - sum(len(s.ranks) for s in self.stages)
+        return self._devices("bubble") + unused / self.world_size
 
     def final_losses(self, window: int = 5) -> list[float]:
         """Mean loss of each block over its last ``window`` steps trained in this fit."""

@@ -46,9 +46,9 @@ def test_auto_plan_is_exact_logged_and_predicted(caplog, monkeypatch):
     assert again.plan == report.plan
     # Sleeps dominate, so the prediction holds on a busy machine (the bench checks 10%); other
     # work on its 2 cores (CI beside a second job) slowed one fit to 0.67 of it, so the better of
-    # the two fits counts. Neither may run faster than predicted.
+    # the two fits counts. Neither may run 30% faster than predicted.
     ratios = [r.samples_per_s / r.simulation.samples_per_s for r in (report, again)]
-    assert 0.7 <= max(ratios) and max(ratios) <= 1.3, ratios
+    assert max(ratios) >= 0.7 and all(r <= 1.3 for r in ratios), ratios
 
 
 def test_auto_on_one_rank_needs_no_profile(monkeypatch):

@@ -96,3 +96,24 @@ def test_cuda_tensors_go_to_spawned_ranks_as_cpu_tensors():
     got_net, got_x = cloudpickle.loads(_dumps((net, x)))
     assert got_net.weight.device.type == got_x.device.type == "cpu"
     assert torch.equal(got_x, x.cpu()) and torch.equal(got_net.weight, net.weight.cpu())
+
+
+class WeightedMSE(nn.Module):
+    """MSE times a weight held as a buffer, as a class weight would be (1-d: a 0-d CPU tensor
+    would combine with CUDA ones)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("weight", torch.full((1,), 1.5))
+
+    def forward(self, s, t):
+        return ((s - t) ** 2 * self.weight).mean()
+
+
+def test_a_loss_module_goes_to_the_fits_device_and_comes_back():
+    # Spawned ranks get the caller's tensors on the CPU, so each rank moves loss modules to its
+    # device itself; at world size 1 the caller's module goes there and back, as the blocks do.
+    teacher, student = mlp_pair(num_blocks=4, seed=0)
+    loss = WeightedMSE()
+    pipebd.Distiller(teacher, student, block_loss=loss, device="cuda").fit(DATA, 7, 3, progress=False)
+    assert loss.weight.device.type == "cpu"

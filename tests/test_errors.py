@@ -544,12 +544,14 @@ def test_each_rank_takes_a_gpu_of_its_own(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(ValueError, match=r"local rank 2 has no GPU of its own: 2 visible .* at most 2 ranks per node"):
         own_gpu(6)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    monkeypatch.delenv("LOCAL_RANK")      # a launcher that sets RANK and WORLD_SIZE only: in order per node
+    assert own_gpu(9) == torch.device("cuda", 1)
+    for name in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name)
     assert own_gpu(0) == torch.device("cuda", 0)   # spawned ranks: their rank
     with pytest.raises(ValueError, match="local rank 3 has no GPU"):
         own_gpu(3)
-    assert len(current) == 2
+    assert len(current) == 3
 
 
 def test_a_process_group_that_cannot_carry_cuda_tensors_is_refused(tmp_path):
@@ -596,6 +598,13 @@ def test_an_optimizer_factory_may_read_its_parameters_twice_and_one_that_leaves_
         weights_only._job(DATA, 4, 2, 1, "pipebd", None, 0, 1, None, False)
     assert "the optimizer of student block 0 leaves out trainable parameters, which will not change: " in caplog.text
     assert "Freeze them with requires_grad_(False)" in caplog.text
+    # A factory that can only build in the ranks (ZeroRedundancyOptimizer needs their process
+    # group) is not checked in the caller, rather than refused there.
+    def ranks_only(params):
+        if not torch.distributed.is_initialized():
+            raise RuntimeError("Default process group has not been initialized")
+        return torch.optim.SGD(params, lr=0.1)
+    distiller(optimizer=ranks_only)._job(DATA, 4, 2, 2, "pipebd", None, 0, 1, None, False)
 
 
 def test_a_block_in_another_dtype_and_dict_items_are_told_what_to_do(no_spawn):

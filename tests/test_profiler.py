@@ -215,6 +215,11 @@ def test_settings_in_containers_dtypes_threads_and_not_the_learning_rate_key_the
     assert with_setting({3, 1, 2}) == with_setting({1, 2, 3}) and with_setting({"a": 1, "b": 2}) == with_setting({"b": 2, "a": 1})
     assert with_setting([torch.zeros(1)]) == with_setting([torch.ones(1)])   # tensors: weights, not settings
     assert with_setting(list(range(2000))) == with_setting(list(range(1, 2001)))   # long: by length alone
+    assert with_setting(list(range(100))) == with_setting(list(range(1, 101)))   # a Subset's random indices
+    looped = [1]
+    looped.append(looped)
+    assert with_setting(looped) == with_setting(looped)           # a list that holds itself: no recursion error
+    assert len(with_setting([[0.5] * 60] * 60)) < 20_000          # nested: a bounded key
     as_they_are = dataclasses.replace(job(d), threads=None)   # torchrun, one rank
     before, spawned = key(as_they_are), key(job(d))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 97)

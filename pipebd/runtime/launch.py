@@ -210,10 +210,15 @@ def pin_device(job: Job, rank: int) -> None:
 
 def own_gpu(rank: int) -> torch.device:
     """The GPU of the process that runs ``rank``, made current (NCCL needs it set before its
-    first call): the one of its ``LOCAL_RANK`` under torchrun, of its rank for spawned ranks.
-    One GPU each: two ranks on one GPU fail in NCCL ("Duplicate GPU detected")."""
-    local = int(os.environ["LOCAL_RANK"]) if torchrun_env() is not None and "LOCAL_RANK" in os.environ else rank
+    first call): the one of its ``LOCAL_RANK`` under torchrun; under a launcher that sets only
+    RANK and WORLD_SIZE, ``rank`` modulo the GPUs (each node's ranks in order, as torch's
+    ``barrier`` assumes); for spawned ranks, their rank. One GPU each: two ranks on one GPU fail
+    in NCCL ("Duplicate GPU detected")."""
     count = torch.cuda.device_count()
+    if torchrun_env() is not None and "LOCAL_RANK" not in os.environ:
+        local = rank % count if count else 0
+    else:
+        local = int(os.environ["LOCAL_RANK"]) if torchrun_env() is not None else rank
     if not 0 <= local < count:
         raise ValueError(f"the process of local rank {local} has no GPU of its own: {count} visible "
                          f"(CUDA_VISIBLE_DEVICES); start at most {count} ranks per node (torchrun --nproc-per-node)")
@@ -308,7 +313,8 @@ def _worker(rank: int, world_size: int, port: int, payload: bytes, backend: str,
             report: mp.connection.Connection, lifeline: mp.connection.Connection, environ: dict[str, str]) -> None:
     # The caller's environment as it is now: the fork server's children inherit the server's, as
     # it was when the server started (the caller's first fit), so a later CUDA_VISIBLE_DEVICES,
-    # NCCL_* or the user's own settings would not reach the ranks.
+    # NCCL_* or the user's own settings would not reach the ranks. (What torch reads as it is
+    # imported, such as TORCH_LOGS or OMP_NUM_THREADS, keeps the server's value: it imported torch.)
     os.environ.clear()
     os.environ.update(environ)
     if hasattr(os, "setpgid"):

@@ -209,6 +209,9 @@ class RankRuntime:
         self.blocks = job.blocks_of(rank)
         self.teacher = {i: job.teacher[i].to(self.device).eval().requires_grad_(False) for i in self.blocks}
         self.student = {i: job.student[i].to(self.device).train() for i in self.blocks}
+        for loss in (job.block_loss, job.final_loss):   # a class weight, say: ranks get the caller's on the CPU
+            if isinstance(loss, nn.Module):
+                loss.to(self.device)
         # Copies with the same parameters, buffers and state-dict keys, where they hold BatchNorm.
         self.student = {i: replica_batchnorm(m, group, job.sync_batchnorm, shared=[self.teacher[i]])
                         for i, m in self.student.items()}
