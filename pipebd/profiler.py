@@ -14,7 +14,8 @@ A ``Profile`` is cached as JSON under ``$PIPEBD_CACHE_DIR`` (default ``$XDG_CACH
 else ``~/.cache/pipebd``), keyed
 by what changes the costs: the blocks' structure (not their weights: the repr, parameter
 shapes, the source of their classes and their settings: attributes that hold numbers, strings,
-dtypes, devices, enums, or lists, tuples, sets and dicts of them), the boundary shapes, the
+dtypes, devices, enums, or lists, tuples, sets and dicts of them, long ones by their length),
+the boundary shapes, the
 dataset's type, source, settings and length, batch size, world size, device (on a CPU its model
 and core count), backend, the threads the blocks run with, optimizer (not its learning rate)
 and losses. Costs set by anything else (a global, a file) are not seen: an
