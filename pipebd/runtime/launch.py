@@ -215,10 +215,12 @@ def own_gpu(rank: int) -> torch.device:
     ``barrier`` assumes); for spawned ranks, their rank. One GPU each: two ranks on one GPU fail
     in NCCL ("Duplicate GPU detected")."""
     count = torch.cuda.device_count()
-    if torchrun_env() is not None and "LOCAL_RANK" not in os.environ:
-        local = rank % count if count else 0
+    if torchrun_env() is None:
+        local = rank
+    elif "LOCAL_RANK" in os.environ:
+        local = int(os.environ["LOCAL_RANK"])
     else:
-        local = int(os.environ["LOCAL_RANK"]) if torchrun_env() is not None else rank
+        local = rank % count if count else 0
     if not 0 <= local < count:
         raise ValueError(f"the process of local rank {local} has no GPU of its own: {count} visible "
                          f"(CUDA_VISIBLE_DEVICES); start at most {count} ranks per node (torchrun --nproc-per-node)")
@@ -421,6 +423,7 @@ def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s:
     try:
         with interrupts.noted(hold=True):   # ranks start whole
             _start_forkserver(ctx)
+            environ = dict(os.environ)
             for r in range(world_size):
                 recv_end, send_end = ctx.Pipe(duplex=False)
                 watch_end, hold_end = ctx.Pipe(duplex=False)
@@ -428,7 +431,7 @@ def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s:
                 # Not daemonic: a rank may start DataLoader workers. _stop ends every rank.
                 p = ctx.Process(target=_worker, name=f"pipebd-rank{r}", daemon=False,
                                 args=(r, world_size, port, payloads[r], backend, timeout_s, send_end,
-                                      watch_end, dict(os.environ)))
+                                      watch_end, environ))
                 p.start()
                 send_end.close()  # the child holds the only write end: its exit means EOF here
                 watch_end.close()
