@@ -271,7 +271,9 @@ class Distiller:
         if batch_size < widest and not auto:   # auto plans fit the batch
             raise ValueError(f"batch_size {batch_size} is smaller than the widest stage's replica "
                              f"count ({widest}); every replica needs at least one row")
-        boundary, labels, inplace = self._probe(dataset, replicas=widest > 1 or (auto and max(world_size, planned) > 1))
+        boundary, labels, inplace, min_rows = self._probe(
+            dataset, replicas=widest > 1 or (auto and max(world_size, planned) > 1))
+        _check_rows(resolved, batch_size, min_rows, sync_batchnorm, only_one=auto)
         check_training(self.optimizer, self.scheduler, self.student, "student block", warn=env is None or env[0] == 0)
         if threads is None and world_size > 1 and torchrun_env() is None:
             threads = max(1, (os.cpu_count() or 1) // world_size)   # spawned workers share the cores
@@ -282,7 +284,7 @@ class Distiller:
                    boundary=boundary, labels=labels, device=self.device, max_inflight=max_inflight,
                    threads=threads, progress=sys.stderr.isatty() if progress is None else progress,
                    scheduler=self.scheduler, timeout=timeout, sync_batchnorm=sync_batchnorm,
-                   num_workers=num_workers, inplace=inplace)
+                   num_workers=num_workers, inplace=inplace, min_rows=min_rows)
 
     def _resolve_plan(self, plan: Plan | str | None, strategy: str, world_size: int) -> Plan:
         n = self.num_blocks
@@ -304,10 +306,11 @@ class Distiller:
         return plan
 
     def _probe(self, dataset: Any, replicas: bool = False) -> tuple[list[TensorSpec], TensorSpec | None,
-                                                                    dict[str, frozenset[int]]]:
+                                                                    dict[str, frozenset[int]], tuple[int, ...]]:
         """Run the first samples through every teacher and student block to learn the boundary
-        shapes and catch mismatches before any process starts, and which blocks change their
-        input in place (``Job.inplace``). With ``replicas`` (a stage may split the batch), warn
+        shapes and catch mismatches before any process starts, which blocks change their
+        input in place (``Job.inplace``) and the fewest rows each student block trains on
+        (``Job.min_rows``). With ``replicas`` (a stage may split the batch), warn
         of blocks that mix the samples of a batch. Random ops in the blocks leave the caller's
         generators as they were."""
         needs_labels = bool(getattr(self.final_loss, "needs_labels", False))
@@ -321,6 +324,7 @@ class Distiller:
         y = _labels(y) if needs_labels else None
         labels = TensorSpec(tuple(y.shape[1:]), y.dtype) if needs_labels else None
         inplace: dict[str, set[int]] = {"teacher": set(), "student": set()}
+        min_rows = []
         env = torchrun_env()
         mixing: list[str] | None = [] if replicas and (env is None or env[0] == 0) else None   # None: no check
         uneven: dict[str, list[str]] = {}     # how a loss is not the mean of its rows' -> blocks (as mixing)
@@ -340,6 +344,7 @@ class Distiller:
                                      f"recurrent and transformer layers)")
                 s_out = _call_block(s, a.to(_device_of(s)), f"student block {i}", inplace["student"], i,
                                     None if _batch_statistics(s, t) else mixing)
+                min_rows.append(_min_rows(s, a.to(_device_of(s)), frozen=t))
                 if not isinstance(s_out, Tensor) or s_out.shape != out.shape:
                     got = tuple(s_out.shape[1:]) if isinstance(s_out, Tensor) else type(s_out).__name__
                     raise ValueError(f"student block {i} outputs shape {got} per sample but "
@@ -387,7 +392,7 @@ class Distiller:
                         "; ".join(f"block(s) {', '.join(blocks)}: {how}" for how, blocks in uneven.items()))
         if needs_labels:
             self._check_all_labels(dataset, classes=s_out.shape[-1])
-        return boundary, labels, {k: frozenset(v) for k, v in inplace.items()}
+        return boundary, labels, {k: frozenset(v) for k, v in inplace.items()}, tuple(min_rows)
 
     def _check_all_labels(self, dataset: Any, classes: int) -> None:
         """With the labels all at hand (a TensorDataset), check them against the classes of the
@@ -598,13 +603,68 @@ def _labels(y: Any) -> Tensor:
                         f"{first!r:.40}: {err}") from None
 
 
+def _own_batchnorm(module: nn.Module, frozen: nn.Module | None = None) -> list[_BatchNorm]:
+    """The BatchNorm layers of ``module`` that train: not those of ``frozen`` (a teacher block
+    inside its student block), which stays in eval mode."""
+    skip = {id(m) for m in frozen.modules()} if frozen is not None else set()
+    return [m for m in module.modules() if isinstance(m, _BatchNorm) and id(m) not in skip]
+
+
+def _min_rows(module: nn.Module, x: Tensor, frozen: nn.Module | None = None) -> int:
+    """The fewest rows of ``x``'s kind ``module`` can train on: torch's BatchNorm refuses to
+    train on one value per channel, so 2 where one of its own layers gets a single value per
+    channel from each row (an input of [rows, channels]), else 1. Runs ``module`` on ``x``:
+    the caller has it in eval mode, without gradients."""
+    layers = _own_batchnorm(module, frozen)
+    if not layers:
+        return 1
+    counts: list[int] = []   # values per channel that each layer got for the len(x) rows
+
+    def count(layer: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].dim() >= 2:
+            counts.append(args[0].shape[0] * math.prod(args[0].shape[2:]))
+
+    hooks = [m.register_forward_pre_hook(count) for m in layers]
+    try:
+        module(x.clone())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max((len(x) // c + 1 for c in counts if c > 0), default=1)
+
+
+def _too_few_rows(what: str, batch_size: int, where: str, fixes: str) -> ValueError:
+    return ValueError(f"{what} has a BatchNorm layer that gets one value per channel from each row (an input of "
+                      f"[rows, channels]), and torch cannot train BatchNorm on a single value: batch_size "
+                      f"{batch_size} {where}; use {fixes}")
+
+
+def _check_rows(plan: Plan, batch_size: int, min_rows: Sequence[int], sync_batchnorm: bool,
+                only_one: bool = False) -> None:
+    """ValueError unless every replica's slice of the batch has the rows its blocks train on
+    (``_min_rows``); with ``sync_batchnorm`` a replicated stage's statistics cover the whole
+    batch. ``only_one``: check only that one rank could train on the whole batch (an auto plan,
+    which the planner fits to the blocks)."""
+    for s, (stage, k) in enumerate(zip(plan.stages, plan.replicas)):
+        k = 1 if only_one else k
+        need = max(min_rows[b] for b in stage)
+        smallest = batch_size if sync_batchnorm and k > 1 else batch_size // k
+        if smallest < need:
+            block = next(b for b in stage if min_rows[b] == need)
+            if k == 1:
+                raise _too_few_rows(f"student block {block}", batch_size, f"gives it {smallest} row",
+                                    f"a batch of at least {need} rows")
+            raise _too_few_rows(f"student block {block}", batch_size,
+                                f"over the {k} replicas of stage {s} leaves a replica {smallest} row",
+                                f"a batch of at least {need * k} rows, fewer replicas, or sync_batchnorm=True "
+                                f"(statistics over the stage's whole batch)")
+
+
 def _batch_statistics(student: nn.Module, teacher: nn.Module) -> bool:
     """Whether ``student`` has BatchNorm layers of its own without running statistics, which
     mix the batch in eval mode too, by design: per replica by default, as DDP, and exactly
     with ``sync_batchnorm``. (A teacher's are not synchronized: they stay in eval mode.)"""
-    frozen = {id(m) for m in teacher.modules()}
-    return any(isinstance(m, _BatchNorm) and m.running_mean is None and id(m) not in frozen
-               for m in student.modules())
+    return any(m.running_mean is None for m in _own_batchnorm(student, teacher))
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .checks import build_optimizer, check_device, check_factory, check_int, check_integer, check_real, check_training
-from .api import _caller_rng, _device_of, _samples
+from .api import _caller_rng, _device_of, _min_rows, _samples, _too_few_rows
 from .batchnorm import replica_batchnorm
 from .data import PROBE_ROWS, BatchOrder, StepRows, _tensors, check_workers, dataset_length, feed, probe_batch
 from .losses import _BACKENDS, out_of_range, soft_target_loss
@@ -410,6 +410,7 @@ class Codistillation:
         if _tensors(dataset) and not isinstance(dataset, Tensor) and len(dataset.tensors) > 1:
             y = dataset.tensors[1]   # every label is at hand: check them all
         self._probe(models, (x, y), "dataset")
+        self._check_rows(models, x, batch_size, group_size, sync_batchnorm)
         if evaluation is not None:
             self._probe(models, (evaluation[0][:PROBE_ROWS], evaluation[1]), "eval_data")
         env = torchrun_env()
@@ -440,6 +441,22 @@ class Codistillation:
                 built.append(model)
             self._models = built
         return self._models
+
+    @staticmethod
+    def _check_rows(models: list[nn.Module], x: Tensor, batch_size: int, group_size: int, sync: bool) -> None:
+        """ValueError unless each rank's slice of a model's batch has the rows the model trains
+        on (``api._min_rows``); with ``sync_batchnorm`` the statistics cover the whole batch."""
+        smallest = batch_size if sync and group_size > 1 else batch_size // group_size
+        for i, m in enumerate(models):
+            with kept_as_given([m]), torch.no_grad(), _caller_rng():
+                need = _min_rows(m.eval(), x.to(_device_of(m)))
+            if smallest >= need:
+                continue
+            if group_size == 1:
+                raise _too_few_rows(f"model {i}", batch_size, f"gives it {smallest} row", f"a batch of at least {need} rows")
+            raise _too_few_rows(f"model {i}", batch_size, f"over its {group_size} ranks leaves a rank {smallest} row",
+                                f"a batch of at least {need * group_size} rows, fewer ranks, or sync_batchnorm=True "
+                                f"(statistics over the model's whole batch)")
 
     def _probe(self, models: list[nn.Module], item: tuple[Any, Any], source: str) -> None:
         """The first samples through every model: logits of one shape and dtype for all, integer

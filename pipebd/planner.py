@@ -24,6 +24,10 @@ they only add allreduce time). Both passes try, for each stage, only the replica
 it faster than any fewer do (``useful_replicas``): O(N^2 W P) time, vectorized over ranks, where P
 is at most W and, when allreduce time does not fall with more ranks, at most the number of distinct
 slices ``ceil(B/k)``, about ``2 sqrt(B)``.
+A stage whose student blocks have BatchNorm over one value per channel per row (``Profile.min_rows``)
+gets only replica counts that leave every slice two rows (``floor(B/k) >= 2``): torch cannot train
+such a layer on one row, nor can the profiler time it there (so also with ``sync_batchnorm``, under
+which the runtime could).
 Pipe-BD's own search enumerates plans for 1 or 4 GPUs only.
 """
 
@@ -135,13 +139,15 @@ def cost_table(profile: Profile, world_size: int) -> np.ndarray:
                         for i in range(n + 1)])                                                   # [boundary, k]
     table = np.full((n + 1, n + 1, world_size + 1), np.inf)
     load, period = profile.data_time(rows), profile.data_period(rows)
-    usable = ks <= profile.batch_size        # every replica needs at least one row
+    smallest = profile.batch_size // ks      # every replica needs at least one row, some blocks two
     for first in range(n):
+        need = 1
         for stop in range(first + 1, n + 1):
+            need = max(need, profile.block_rows(stop - 1))
             t = prefix[:, stop] - prefix[:, first] + inbound[first] + inbound[stop]
             if first == 0:
                 t = np.maximum(t + load, period)
-            table[first, stop, 1:] = np.where(usable, t, np.inf)
+            table[first, stop, 1:] = np.where(smallest >= need, t, np.inf)
     return table
 
 

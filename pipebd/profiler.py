@@ -83,6 +83,10 @@ class Profile:
     them still costs the rank ``receive[i]`` (unpickling, mapping shared memory), and the first
     batch comes ``loader_start`` seconds (starting the processes) plus one load after the start;
     both are measured only for a profile taken with loader processes (else 0).
+    ``min_rows[b]`` is the fewest rows student block ``b`` trains on (2 for a BatchNorm layer
+    with one value per channel per row; empty: 1 for every block): below it its student times
+    are not measured but scaled down from its smallest measured row count, and the planner
+    gives no replica fewer rows.
     """
 
     num_blocks: int
@@ -106,6 +110,7 @@ class Profile:
     num_workers: int = 0
     receive: list[float] = field(default_factory=list)
     loader_start: float = 0.0
+    min_rows: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._check()
@@ -137,6 +142,8 @@ class Profile:
             if len(times) != len(rows) or not all(_seconds(t) for t in times):
                 raise ValueError(f"profile field {name} needs {len(rows)} finite seconds >= 0 (one per "
                                  f"row count), got {times!r}")
+        if self.min_rows and (len(self.min_rows) != n or any(integer(r) is None or r < 1 for r in self.min_rows)):
+            raise ValueError(f"profile field min_rows needs {n} row counts >= 1 (or none), got {self.min_rows!r}")
         if not _seconds(self.loader_start):
             raise ValueError(f"profile field loader_start must be finite seconds >= 0, got {self.loader_start!r}")
         for name, values, least in (("act_bytes", self.act_bytes, n), ("grad_bytes", self.grad_bytes, n)):
@@ -146,6 +153,10 @@ class Profile:
                 not all(len(m) == 3 and _seconds(m[2]) for m in self.allreduce):
             raise ValueError("profile fields p2p and allreduce need (bytes, seconds) and (ranks, bytes, seconds) "
                              "measurements with finite seconds >= 0")
+
+    def block_rows(self, block: int) -> int:
+        """The fewest rows student block ``block`` trains on (``min_rows``)."""
+        return self.min_rows[block] if self.min_rows else 1
 
     # Costs at any batch size: measured values, linear between them and beyond them.
     def teacher_time(self, block: int, rows: Any) -> Any:
@@ -235,11 +246,16 @@ class Profile:
                  f"{'block':>5} {'rows':>6} {'teacher ms':>11} {'student ms':>11} {'in KiB/row':>11} {'grad KiB':>9}"]
         for b in range(self.num_blocks):
             for i, rows in enumerate(self.rows):
-                lines.append(f"{b:>5} {rows:>6} {self.teacher[b][i] * 1e3:>11.3f} {self.student[b][i] * 1e3:>11.3f} "
+                student = f"{self.student[b][i] * 1e3:>11.3f}" if rows >= self.block_rows(b) else f"{'-':>11}"
+                lines.append(f"{b:>5} {rows:>6} {self.teacher[b][i] * 1e3:>11.3f} {student} "
                              f"{self.act_bytes[b] / 1024:>11.2f} {self.grad_bytes[b] / 1024:>9.1f}")
         layers = sum(len(b) for b in self.bn_bytes)
         if self.sync_batchnorm and layers:
             lines.append(f"sync_batchnorm: {layers} BatchNorm layers, 2 allreduces each per step on replicated stages")
+        short = [str(b) for b in range(self.num_blocks) if self.block_rows(b) > 1]
+        if short:
+            lines.append(f"student block(s) {', '.join(short)}: BatchNorm over one value per channel per row, "
+                         f"not trained (nor planned) on fewer than 2 rows per replica")
         lines.append("data load ms: " + ", ".join(f"{r} rows {t * 1e3:.3f}" for r, t in zip(self.rows, self.load)))
         if self.num_workers:
             lines.append(f"{self.num_workers} loader processes per loading rank: start {self.loader_start * 1e3:.1f} ms; "
@@ -394,7 +410,7 @@ def _cache_key(job: Job, world_size: int, warmup: int, repeats: int) -> str:
         # decay may (a buffer, an extra term).
         "optimizer": [type(probe).__qualname__, repr(sorted((k, v) for k, v in probe.defaults.items() if k != "lr"))],
         "losses": [_describe(job.block_loss), _describe(job.final_loss)],
-        "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 7,
+        "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 8,
     }, sort_keys=True, default=str)
 
 
@@ -549,6 +565,9 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
             teacher.append([timer(lambda r=r: rt.teacher_forward(i, acts[i][:r], 0)) for r in rows])
             times = []
             for r in rows:
+                if r < (job.min_rows[i] if job.min_rows else 1):
+                    todo.update()
+                    continue     # scaled from the smallest row count it trains on, below
                 labels = y[:r] if y is not None else None
 
                 def train(r: int = r, labels: Any = labels) -> None:
@@ -557,7 +576,8 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
 
                 times.append(timer(train))
                 todo.update()
-            student.append(times)
+            short = len(rows) - len(times)
+            student.append([times[0] * r / rows[short] for r in rows[:short]] + times)
         todo.close()
     act_bytes = [_nbytes(job.boundary[i]) + (_nbytes(job.labels) if job.labels is not None and i > 0 else 0)
                  for i in range(n + 1)]
@@ -567,7 +587,8 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
                  if isinstance(m, _BatchNorm) and id(m) not in frozen[i]] for i in range(n)]
     return Profile(n, batch, world_size, job.device, backend_for(job.device), rows, teacher, student, load,
                    act_bytes, grad_bytes, warmup=warmup, repeats=repeats, threads=job.threads, bn_bytes=bn_bytes,
-                   num_workers=job.num_workers, receive=receive, loader_start=loader_start)
+                   num_workers=job.num_workers, receive=receive, loader_start=loader_start,
+                   min_rows=list(job.min_rows))
 
 
 class _Ready(Dataset):

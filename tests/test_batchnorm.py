@@ -226,6 +226,50 @@ def test_sync_batchnorm_must_be_a_bool():
                                                              sync_batchnorm="yes")
 
 
+def flat_bn_pair():
+    """Student blocks with BatchNorm over [rows, channels]: one value per channel per row."""
+    torch.manual_seed(0)
+    teacher = [nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(2)]
+    student = [nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Tanh()) for _ in range(2)]
+    return pipebd.Distiller(teacher, student, device="cpu")
+
+
+@pytest.mark.parametrize("batch,plan,needs", [(3, "[0-1]x3", "at least 6 rows"), (1, "[0]x1 | [1]x1", "at least 2 rows"),
+                                              (5, "[0]x1 | [1]x3", "at least 6 rows")])
+def test_batchnorm_over_single_values_is_refused_a_one_row_slice(batch, plan, needs):
+    # torch refuses to train BatchNorm on one value per channel; it failed in the ranks, after they started.
+    with pytest.raises(ValueError, match=rf"student block \d has a BatchNorm layer .* {needs}"):
+        flat_bn_pair().fit(torch.randn(8, 6), batch_size=batch, steps=1, world_size=4, plan=pipebd.Plan.parse(plan))
+
+
+def test_batchnorm_one_row_slices_pass_with_sync_or_values_in_other_dims():
+    data = torch.randn(8, 6)
+    plan = pipebd.Plan.parse("[0-1]x3")
+    job = flat_bn_pair()._job(data, 3, 1, 3, "pipebd", plan, 0, 1, None, False, sync_batchnorm=True)
+    assert job.min_rows == (2, 2)   # statistics over the stage's 3 rows
+    teacher, student = cnn_pair(width=8, depth=1, seed=0)   # BatchNorm2d over 32 x 32 values per row
+    job = pipebd.Distiller(teacher, student, device="cpu")._job(torch.randn(8, 3, 32, 32), 3, 1, 3, "pipebd",
+                                                                pipebd.Plan([list(range(len(teacher)))], [3]),
+                                                                0, 1, None, False)
+    assert job.min_rows == (1,) * len(teacher)
+
+
+def test_auto_plan_gives_batchnorm_over_single_values_two_rows_per_replica():
+    from pipebd.planner import auto_plan
+    from pipebd.profiler import profile_job
+    distiller = flat_bn_pair()
+    comm = ([(4096, 1e-6), (1 << 20, 1e-5)], [(2, 4096, 1e-6), (2, 1 << 20, 1e-5)])   # cheap: replicas pay
+    job = distiller._job(torch.randn(8, 6), 3, 1, 3, "pipebd", "auto", 0, 1, None, False)
+    profile = profile_job(job, 3, warmup=0, repeats=1, comm=lambda: comm, cache=False)   # 1 row: not trained
+    assert profile.rows == [1, 2, 3] and profile.min_rows == [2, 2]
+    assert "-" in str(profile).splitlines()[2].split()   # block 0 at 1 row: not measured
+    for world in (2, 3):
+        plan = auto_plan(profile, world).plan
+        assert all(3 // k >= 2 for k in plan.replicas), plan.describe()
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        distiller.fit(torch.randn(8, 6), batch_size=1, steps=1, world_size=2, plan="auto")
+
+
 # Codistillation: each model data parallel over two ranks (DDP groups), BatchNorm in the models.
 CD_STEPS = 12
 
@@ -246,6 +290,18 @@ def fit_codistill(world_size, mode="codistill", sync=True, torch_sync=False):
     cd.fit(dataset(), batch_size=CD_BATCH, steps=CD_STEPS, world_size=world_size, seed=3, timeout=60,
            sync_batchnorm=sync)
     return [m.state_dict() for m in cd.models]
+
+
+def test_codistillation_refuses_batchnorm_over_single_values_a_one_row_slice():
+    from test_codistill import CLASSES, FEATURES, dataset
+    cd = pipebd.Codistillation(lambda i: nn.Sequential(nn.Linear(FEATURES, 12), nn.BatchNorm1d(12), nn.Tanh(),
+                                                       nn.Linear(12, CLASSES)), n=2, device="cpu")
+    with pytest.raises(ValueError, match="model 0 has a BatchNorm layer .* over its 2 ranks leaves a rank 1 row; "
+                                         "use a batch of at least 4 rows"):
+        cd.fit(dataset(), batch_size=3, steps=1, world_size=4)
+    with pytest.raises(ValueError, match="model 0 has a BatchNorm layer .* at least 2 rows"):
+        cd.fit(dataset(), batch_size=1, steps=1, world_size=1)
+    cd._job(dataset(), 3, 1, 4, 0, None, None, False, None, False, 60.0, sync_batchnorm=True)   # over 3 rows
 
 
 @pytest.mark.parametrize("mode", ["codistill", "online"])

@@ -92,6 +92,29 @@ def test_dp_equals_brute_force(seed, n, world, ints, costly, sync_bn, workers):
     assert sum(t * t for t in got) == pytest.approx(best_sq, rel=1e-9), f"{ties} plans tie on the bottleneck"
 
 
+def test_dp_equals_brute_force_with_blocks_that_need_two_rows():
+    """Blocks with BatchNorm over one value per channel (``min_rows`` 2) get no replica with a
+    slice of fewer rows: the optimum over the plans that give every replica enough rows."""
+    changed = 0
+    for seed, (n, world) in enumerate([(1, 4), (2, 4), (2, 6), (3, 6), (4, 5), (6, 6)] * 2):
+        rng = random.Random(seed)
+        batch = rng.choice([world, world + 1])   # the most replicas leave a slice one row
+        profile = dataclasses.replace(random_profile(rng, n, world, batch, comm=False),
+                                      min_rows=[rng.choice([1, 2, 2]) for _ in range(n)])
+
+        def fits(plan):
+            return all(batch // k >= max(profile.block_rows(b) for b in stage)
+                       for stage, k in zip(plan.stages, plan.replicas))
+
+        plan, bottleneck = best_plan(cost_table(profile, world), world)
+        assert fits(plan)
+        assert bottleneck == pytest.approx(min(
+            max(stage_cost(profile, s[0], s[-1] + 1, k).time for s, k in zip(p.stages, p.replicas))
+            for p in all_plans(n, world) if fits(p)), rel=1e-9)
+        changed += not fits(best_plan(cost_table(dataclasses.replace(profile, min_rows=[]), world), world)[0])
+    assert changed >= 2   # in some cases the constraint decided the plan, not only allowed it
+
+
 def test_ties_are_common_in_integer_tables():
     """The integer cases above really exercise ties (else the tie-break is untested)."""
     rng = random.Random(7)
