@@ -18,6 +18,14 @@ _RANGE = r"([0-9]+)\s*(?:-\s*([0-9]+))?"     # ASCII digits only: int() would ta
 _STAGE = re.compile(rf"(?:\[\s*{_RANGE}\s*\]|{_RANGE})\s*(?:x\s*([0-9]+))?")
 
 
+MAX_BLOCKS = 1 << 20   # Plan.parse builds every stage's block list: a typo must not take the memory
+
+
+def _sequence(value: Any) -> bool:
+    """A list, tuple, array or tensor of items: not a string, mapping or single number."""
+    return hasattr(value, "__iter__") and hasattr(value, "__len__") and not isinstance(value, (str, bytes, dict))
+
+
 def _integer(value: Any, what: str) -> int:
     number = integer(value)
     if number is None:
@@ -38,6 +46,14 @@ class Plan:
     replicas: tuple[int, ...] = field(default=())
 
     def __init__(self, stages: Sequence[Sequence[int]], replicas: Sequence[int] | None = None):
+        if isinstance(stages, str):
+            raise TypeError(f"a plan's stages are lists of blocks; for a plan written as text use "
+                            f"pipebd.Plan.parse({stages!r})")
+        if not _sequence(stages) or not all(_sequence(stage) for stage in stages):
+            raise TypeError(f"a plan's stages are a list of block lists, one per stage, e.g. [[0, 1], [2, 3]]; "
+                            f"got {stages!r:.80}")
+        if replicas is not None and not _sequence(replicas):
+            raise TypeError(f"a plan's replicas are a list of counts, one per stage, e.g. [1, 3]; got {replicas!r:.80}")
         stages_t = tuple(tuple(_integer(b, "block") for b in stage) for stage in stages)
         replicas_t = tuple(_integer(k, "replica count") for k in replicas) if replicas is not None else (1,) * len(stages_t)
         object.__setattr__(self, "stages", stages_t)
@@ -54,6 +70,8 @@ class Plan:
 
     def locate(self, rank: int) -> tuple[int, int] | None:
         """``(stage, replica)`` of a global rank, or None if the plan leaves the rank idle."""
+        if rank < 0:
+            return None
         first = 0
         for stage, k in enumerate(self.replicas):
             if rank < first + k:
@@ -109,6 +127,9 @@ class Plan:
             first, last, width = m.group(1) or m.group(3), m.group(2) or m.group(4), m.group(5)
             if last is not None and int(last) < int(first):
                 raise ValueError(f"stage {part.strip()!r} of plan {text!r} counts down; write blocks first-last")
+            if int(last or first) >= MAX_BLOCKS:
+                raise ValueError(f"plan {text!r} names block {int(last or first)}; models have fewer than "
+                                 f"{MAX_BLOCKS} blocks")
             stages.append(list(range(int(first), int(last or first) + 1)))
             replicas.append(int(width or 1))
         return cls(stages, replicas)
@@ -116,7 +137,10 @@ class Plan:
     def describe(self) -> str:
         parts = []
         for stage, k in zip(self.stages, self.replicas):
-            blocks = f"{stage[0]}" if len(stage) == 1 else f"{stage[0]}-{stage[-1]}"
+            if stage and list(stage) == list(range(stage[0], stage[0] + len(stage))):
+                blocks = f"{stage[0]}" if len(stage) == 1 else f"{stage[0]}-{stage[-1]}"
+            else:   # not a plan validate accepts; shown as it is
+                blocks = ", ".join(map(str, stage))
             parts.append(f"[{blocks}]x{k}")
         return " | ".join(parts)
 

@@ -10,9 +10,10 @@ pipeline moves ``B / max_s T_s`` samples per second, where a stage's time per ba
                         + sum over its blocks of allreduce(k, gradient bytes of b)
                         [+ 2 allreduces per BatchNorm layer of its students, with sync_batchnorm]
 
-with ``B/k`` meaning ``ceil(B/k)`` rows, the largest slice (``stage_cost``). With ``num_workers``
-loader processes per rank, stage 0 does not load itself but can go no faster than they deliver:
-``T(0, stop, k) = max(T without load, load(B/k) / num_workers)``. Communication is
+with ``B/k`` the rows of the slowest replica's slice (``ceil(B/k)`` or ``floor(B/k)``: measured
+costs need not rise with the rows) and ``ceil(B/k)`` for the transfers (``stage_cost``). With
+``num_workers`` loader processes per rank, stage 0 does not load itself but can go no faster than
+they deliver: ``T(0, stop, k) = max(T without load, load(B/k) / num_workers)``. Communication is
 charged in full, although the runtime overlaps part of it, so predictions lean low.
 
 ``best_plan`` is an exact dynamic program over (first block, ranks left): ``f(i, r)``, the least
@@ -67,20 +68,32 @@ class StageCost:
         return max(self.compute + self.p2p + self.allreduce, self.data_period)
 
 
+def slice_rows(batch_size: int, replicas: int) -> list[int]:
+    """The row counts of a batch's slices over ``replicas`` replicas, largest first: ``ceil(B/k)``
+    and, if some replicas get a row less, ``floor(B/k)``."""
+    hi, lo = math.ceil(batch_size / replicas), batch_size // replicas
+    return [hi, lo] if lo != hi and lo > 0 else [hi]
+
+
 def stage_cost(profile: Profile, first: int, stop: int, replicas: int) -> StageCost:
-    """Cost of a stage owning blocks ``first .. stop-1`` with ``replicas`` ranks."""
+    """Cost of a stage owning blocks ``first .. stop-1`` with ``replicas`` ranks: its slowest
+    replica's compute (usually that of the largest slice, but measured costs need not rise
+    with the rows), transfers of the largest slice."""
+    slowest = None
+    for rows in slice_rows(profile.batch_size, replicas):
+        forward = profile.data_time(rows) if first == 0 else 0.0
+        forward += sum(profile.teacher_time(b, rows) for b in range(first, stop))
+        student = sum(profile.student_time(b, rows) for b in range(first, stop))
+        if slowest is None or forward + student > sum(slowest):
+            slowest = (float(forward), float(student))
     rows = math.ceil(profile.batch_size / replicas)
-    forward = profile.data_time(rows) if first == 0 else 0.0
-    student = 0.0
-    for b in range(first, stop):
-        forward += profile.teacher_time(b, rows)
-        student += profile.student_time(b, rows)
     p2p_in = float(profile.p2p_time(rows * profile.act_bytes[first])) if first > 0 else 0.0
     p2p_out = float(profile.p2p_time(rows * profile.act_bytes[stop])) if stop < profile.num_blocks else 0.0
     allreduce = sum(float(profile.allreduce_time(replicas, profile.grad_bytes[b])) + profile.sync_bn_time(b, replicas)
                     for b in range(first, stop))
-    period = float(profile.data_period(rows)) if first == 0 else 0.0
-    return StageCost(p2p_in, float(forward), p2p_out, float(student), allreduce, period)
+    period = max(float(profile.data_period(r)) for r in slice_rows(profile.batch_size, replicas)) if first == 0 \
+        else 0.0
+    return StageCost(p2p_in, slowest[0], p2p_out, slowest[1], allreduce, period)
 
 
 @dataclass(frozen=True)
@@ -118,8 +131,31 @@ class Prediction:
                 f"(stage ms per batch {times}; utilization {util})")
 
 
+def check_plan(profile: Profile, plan: Plan) -> None:
+    """TypeError or ValueError, as ``fit`` would refuse it, unless ``plan`` can run the blocks
+    of ``profile`` on its batch: every block once, in contiguous stages; every replica's slice
+    at least a row, and two for blocks that need them (``Profile.min_rows``; one is enough
+    with ``sync_batchnorm``, whose statistics cover the stage's batch)."""
+    if not isinstance(plan, Plan):
+        hint = f" (for a plan written as text: pipebd.Plan.parse({plan!r}))" if isinstance(plan, str) else ""
+        raise TypeError(f"plan must be a pipebd.Plan, got {type(plan).__name__}{hint}")
+    plan.validate(profile.num_blocks, plan.ranks_used)
+    batch = profile.batch_size
+    if max(plan.replicas) > batch:
+        raise ValueError(f"batch_size {batch} is smaller than the widest stage's replica count "
+                         f"({max(plan.replicas)}); every replica needs at least one row")
+    for s, (stage, k) in enumerate(zip(plan.stages, plan.replicas)):
+        need = max(profile.block_rows(b) for b in stage)
+        smallest = batch if profile.sync_batchnorm and k > 1 else batch // k
+        if smallest < need:
+            block = next(b for b in stage if profile.block_rows(b) == need)
+            raise ValueError(f"the plan gives a replica of stage {s} {smallest} row of batch {batch}, but student "
+                             f"block {block} trains on no fewer than {need} (BatchNorm over one value per channel)")
+
+
 def predict(profile: Profile, plan: Plan) -> Prediction:
     """The cost model's steady-state prediction for ``plan``."""
+    check_plan(profile, plan)
     costs = tuple(stage_cost(profile, stage[0], stage[-1] + 1, k) for stage, k in zip(plan.stages, plan.replicas))
     return Prediction(plan, profile.batch_size, costs)
 
@@ -127,26 +163,34 @@ def predict(profile: Profile, plan: Plan) -> Prediction:
 def cost_table(profile: Profile, world_size: int) -> np.ndarray:
     """``C[first, stop, k]``: ``stage_cost(first, stop, k).time`` for every stage (``k`` from 1;
     index 0 unused), built from prefix sums over the blocks."""
-    n = profile.num_blocks
+    n, batch = profile.num_blocks, profile.batch_size
     ks = np.arange(1, world_size + 1)
-    rows = np.ceil(profile.batch_size / ks)
-    per_block = np.zeros((world_size, n))
-    for b in range(n):
-        per_block[:, b] = (profile.teacher_time(b, rows) + profile.student_time(b, rows)
-                           + profile.allreduce_time(ks, profile.grad_bytes[b]) + profile.sync_bn_time(b, ks))
-    prefix = np.concatenate([np.zeros((world_size, 1)), np.cumsum(per_block, axis=1)], axis=1)   # [k, block]
+    rows = np.ceil(batch / ks)
+    smallest = batch // ks           # every replica needs at least one row, some blocks two
+
+    def computing(r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Prefix sums over the blocks of teacher + student seconds [k, block], loading, its pace."""
+        per_block = np.stack([profile.teacher_time(b, r) + profile.student_time(b, r) for b in range(n)], axis=1)
+        return (np.concatenate([np.zeros((world_size, 1)), np.cumsum(per_block, axis=1)], axis=1),
+                profile.data_time(r), profile.data_period(r))
+
+    largest, least = computing(rows), computing(np.maximum(smallest, 1))   # the two slice sizes
+    period = np.maximum(largest[2], least[2])
+    per_block = np.stack([profile.allreduce_time(ks, profile.grad_bytes[b]) + profile.sync_bn_time(b, ks)
+                          for b in range(n)], axis=1)
+    reduce = np.concatenate([np.zeros((world_size, 1)), np.cumsum(per_block, axis=1)], axis=1)   # [k, block]
     inbound = np.stack([profile.p2p_time(rows * profile.act_bytes[i]) if 0 < i < n else np.zeros(world_size)
                         for i in range(n + 1)])                                                   # [boundary, k]
     table = np.full((n + 1, n + 1, world_size + 1), np.inf)
-    load, period = profile.data_time(rows), profile.data_period(rows)
-    smallest = profile.batch_size // ks      # every replica needs at least one row, some blocks two
     for first in range(n):
         need = 1
         for stop in range(first + 1, n + 1):
             need = max(need, profile.block_rows(stop - 1))
-            t = prefix[:, stop] - prefix[:, first] + inbound[first] + inbound[stop]
+            compute = [prefix[:, stop] - prefix[:, first] + (load if first == 0 else 0.0)
+                       for prefix, load, _ in (largest, least)]
+            t = np.maximum(*compute) + reduce[:, stop] - reduce[:, first] + inbound[first] + inbound[stop]
             if first == 0:
-                t = np.maximum(t + load, period)
+                t = np.maximum(t, period)
             table[first, stop, 1:] = np.where(smallest >= need, t, np.inf)
     return table
 

@@ -14,8 +14,8 @@ Pipe-BD (``simulate``) follows ``runtime/relay.py`` step by step. Stage s at ste
    is no barrier with the other stages (decoupled updates).
 
 The replicas of a stage run in lockstep (their allreduce synchronizes them every step), so a
-stage's timing is its slowest replica's, the one with ``ceil(B/k)`` rows; the costs are
-``planner.stage_cost``'s. Its fractions are the means over its replicas, as the report's: a
+stage's timing is its slowest replica's (usually the one with ``ceil(B/k)`` rows, but measured
+costs need not rise with the rows); the costs are ``planner.stage_cost``'s. Its fractions are the means over its replicas, as the report's: a
 replica with a row fewer computes less and waits that much longer in the allreduce
 (communication). Taking a batch from loader processes counts as waiting, as in the runtime's
 ``data-wait`` span, and after its last step a stage waits for its last send to arrive. A resumed
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from .checks import check_int
 from .data import PREFETCH
 from .plan import Plan, even_split
-from .planner import stage_cost
+from .planner import check_plan, slice_rows, stage_cost
 from .profiler import Profile
 
 
@@ -75,7 +75,7 @@ class _StageWork:
         self.forward, self.student, self.taking = [], [], []
         self.splits: dict[tuple[bool, ...], tuple[float, float, float]] = {}   # ``split`` by due blocks
         sizes = even_split(profile.batch_size, replicas)
-        for rows in sorted(set(sizes), reverse=True):       # the slowest replica first
+        for rows in sorted(set(sizes), reverse=True):
             share = sizes.count(rows) / replicas
             data = float(profile.data_time(rows)) if loads else 0.0
             # Taking a batch from loader processes is timed inside the runtime's data-wait span.
@@ -86,7 +86,7 @@ class _StageWork:
 
     def training(self, due: tuple[bool, ...]) -> float:
         """The slowest replica's student time for the blocks ``due``."""
-        return sum(t for t, d in zip(self.student[0][1], due) if d)
+        return max(sum(t for t, d in zip(times, due) if d) for _, times in self.student)
 
     def split(self, due: tuple[bool, ...]) -> tuple[float, float, float]:
         """Per step, means over the replicas: compute, the time a lighter replica then waits in
@@ -96,7 +96,7 @@ class _StageWork:
             work = [(share, f + sum(t for t, d in zip(times, due) if d))
                     for (share, f), (_, times) in zip(self.forward, self.student)]
             taking = [take for _, take in self.taking]
-            slowest = work[0][1] + taking[0]
+            slowest = max(w + take for (_, w), take in zip(work, taking))   # not always the largest slice
             self.splits[due] = (sum(share * w for share, w in work),
                                 sum(share * (slowest - w - take) for (share, w), take in zip(work, taking)),
                                 sum(share * take for share, take in self.taking))
@@ -108,8 +108,7 @@ def simulate(profile: Profile, plan: Plan, steps: int, max_inflight: int = 2,
     """Simulate batches ``min(start) .. steps-1`` of Pipe-BD teacher relaying under ``plan``,
     block b training from batch ``start[b]`` on, as a resumed fit does (default: all from 0)."""
     steps, max_inflight = _check(steps, max_inflight)
-    plan.validate(profile.num_blocks, plan.ranks_used)
-    _check_rows(profile, max(plan.replicas))
+    check_plan(profile, plan)
     start = _check_start(start, profile.num_blocks, steps)
     first = min(start)
     costs = [stage_cost(profile, st[0], st[-1] + 1, k) for st, k in zip(plan.stages, plan.replicas)]
@@ -170,14 +169,14 @@ def simulate_baseline(profile: Profile, world_size: int, steps: int) -> Simulati
     ``world_size`` ranks, the teacher re-run from the input for every block."""
     steps, _ = _check(steps, 1)
     world_size = check_int("world_size", world_size, 1)
-    _check_rows(profile, world_size)
     n = profile.num_blocks
-    rows = math.ceil(profile.batch_size / world_size)
+    check_plan(profile, Plan([list(range(n))], [world_size]))
     feed = _feed(profile, world_size)
     now = compute = comm = wait = 0.0
     for j in range(n):
-        block_compute = float(profile.data_time(rows)) + profile.student_time(j, rows)
-        block_compute += sum(profile.teacher_time(i, rows) for i in range(j + 1))
+        block_compute = max(float(profile.data_time(rows)) + profile.student_time(j, rows)   # the slowest replica
+                            + sum(profile.teacher_time(i, rows) for i in range(j + 1))
+                            for rows in slice_rows(profile.batch_size, world_size))
         block_comm = float(profile.allreduce_time(world_size, profile.grad_bytes[j])) + profile.sync_bn_time(j, world_size)
         for _ in range(steps):
             if feed is not None:
@@ -238,13 +237,6 @@ def _check_start(start: list[int] | None, blocks: int, steps: int) -> list[int]:
 
 def _check(steps: int, max_inflight: int) -> tuple[int, int]:
     return check_int("steps", steps, 1), check_int("max_inflight", max_inflight, 1)
-
-
-def _check_rows(profile: Profile, replicas: int) -> None:
-    """As the runtime refuses it: every replica needs a row of the batch."""
-    if replicas > profile.batch_size:
-        raise ValueError(f"batch_size {profile.batch_size} is smaller than the widest stage's replica count "
-                         f"({replicas}); every replica needs at least one row")
 
 
 def _frac(values: list[float], wall: float) -> list[float]:

@@ -77,3 +77,21 @@ def test_parse_rejects_ranges_that_count_down_and_non_strings():
         Plan.parse("[2-0]x1")
     with pytest.raises(TypeError, match="a plan to parse is a string"):
         Plan.parse(None)
+    with pytest.raises(ValueError, match="names block 29999999; models have fewer than"):
+        Plan.parse("[0-29999999]")    # built the 30-million-block list first (12 s, GBs)
+
+
+@pytest.mark.parametrize("args,message", [
+    (([0, 1, 2, 3],), r"stages are a list of block lists, one per stage, e.g. \[\[0, 1\], \[2, 3\]\]; got \[0, 1, 2, 3\]"),
+    (([[0, 1], [2, 3]], 2), r"replicas are a list of counts, one per stage, e.g. \[1, 3\]; got 2"),
+    (("[0-1]x2",), r"use pipebd.Plan.parse\('\[0-1\]x2'\)"),
+])
+def test_plans_of_the_wrong_shape_are_named(args, message):
+    # They raised "'int' object is not iterable".
+    with pytest.raises(TypeError, match=message):
+        Plan(*args)
+
+
+def test_describe_and_locate_outside_valid_plans():
+    assert Plan([[0, 2], []]).describe() == "[0, 2]x1 | []x1"     # was "[0-2]x1" and an IndexError
+    assert Plan([[0, 1]], [2]).locate(-1) is None                 # was (0, -1)

@@ -164,3 +164,45 @@ def test_a_lighter_replica_waits_for_the_slowest_one_taking_its_batch_too():
         assert sim.stage_utilization[0] == pytest.approx((3.0 + 2.0) / 2 / 4.0, rel=1e-2)
         assert sim.stage_communication[0] == pytest.approx(1.5 / 2 / 4.0, rel=1e-2)
         assert sim.stage_waiting[0] == pytest.approx((1.0 + 0.5) / 2 / 4.0, rel=2e-2)
+
+
+def test_the_smaller_slice_can_be_the_slowest_replica():
+    # Measured costs need not rise with the rows: here 1 row costs 3 and 2 rows 2. Batch 3 on 2
+    # replicas: the 1-row replica is the slowest (3 + 0.5 per step), the other waits 1 for it in
+    # the allreduce. Taking the 2-row slice for the slowest gave a shorter step and a negative
+    # communication share (a utilization over 100% for the 1-row replica).
+    p = Profile(1, 3, 2, "cpu", "gloo", [1, 2, 3], [[0.5, 0.5, 0.5]], [[3.0, 2.0, 2.5]], [0.0] * 3, [0, 0], [0])
+    cost = predict(p, Plan([[0]], [2])).stage_costs[0]
+    assert (cost.forward, cost.student) == (0.5, 3.0)
+    for sim in (simulate(p, Plan([[0]], [2]), steps=10), simulate_baseline(p, 2, 10)):
+        assert sim.wall_s == pytest.approx(10 * 3.5)
+        assert sim.stage_utilization == [pytest.approx((3.5 + 2.5) / 2 / 3.5)]
+        assert sim.stage_communication == [pytest.approx((0.0 + 1.0) / 2 / 3.5)]
+
+
+@pytest.mark.parametrize("plan,error,message", [
+    (Plan([[0], [1]]), ValueError, r"misses block\(s\) \[2, 3\]"),
+    (Plan([[0, 2], [1, 3]]), ValueError, "contiguous"),
+    (Plan([[0, 1, 2, 3]], [-2]), ValueError, "has -2 replicas"),
+    (Plan([[0, 1, 2, 3]], [0]), ValueError, "has 0 replicas"),
+    (Plan([[0, 1, 2, 3, 4]]), ValueError, "names block 4"),
+    (Plan([[0, 1, 2, 3]], [20]), ValueError, "batch_size 8 is smaller than the widest stage's replica count"),
+    ("[0-1]x1|[2-3]x1", TypeError, r"Plan.parse\('\[0-1\]x1\|\[2-3\]x1'\)"),
+])
+def test_predict_and_simulate_refuse_what_fit_refuses(plan, error, message):
+    # predict gave confident numbers for all but two (ZeroDivisionError, IndexError).
+    p = profile([1.0] * 4, [1.0] * 4)
+    for call in (lambda: predict(p, plan), lambda: simulate(p, plan, steps=4)):
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_predict_and_simulate_keep_two_rows_for_blocks_that_need_them():
+    p = dataclasses.replace(profile([1.0] * 2, [1.0] * 2, batch=3, world=3), min_rows=[1, 2])
+    fine, short = Plan([[0], [1]], [2, 1]), Plan([[0], [1]], [1, 2])
+    predict(p, fine), simulate(p, fine, steps=2)
+    for call in (lambda: predict(p, short), lambda: simulate(p, short, steps=2), lambda: simulate_baseline(p, 2, 2)):
+        with pytest.raises(ValueError, match="gives a replica of stage .* 1 row of batch 3, but student block 1"):
+            call()
+    synced = dataclasses.replace(p, sync_batchnorm=True)   # statistics over the stage's 3 rows, as fit allows
+    predict(synced, short), simulate(synced, short, steps=2)
