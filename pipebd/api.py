@@ -22,7 +22,7 @@ from .losses import SoftTargetLoss, out_of_range, resolve_block_loss
 from .plan import Plan, default_plan
 from .planner import auto_plan
 from .rng import check_seed
-from .profiler import COMM_REPEATS, Profile, comm_task, profile_job
+from .profiler import COMM_REPEATS, Profile, comm_task, noisy_comm, profile_job
 from .report import Report, build_report
 from .runtime.launch import (LOOPS, check_sendable, check_timeout, init_spmd, job_parts, kept_as_given, pin_device,
                              run_rank, run_spmd, spawn, torchrun_env)
@@ -211,9 +211,15 @@ class Distiller:
         BatchNorm allreduces that ``fit(..., sync_batchnorm=True)`` adds; ``num_workers``: predict
         for ``fit(..., num_workers=...)``, whose loader processes take data loading off the first
         stage's critical path (the loading is measured in this process either way)."""
-        if not isinstance(comm, bool):
-            raise TypeError(f"comm must be a bool, got {comm!r}")
+        for name, value in (("comm", comm), ("cache", cache)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         world_size = check_int("world_size", world_size, 1)
+        env = torchrun_env()
+        if comm and env is not None and world_size not in (1, env[1]):
+            raise ValueError(f"profile(world_size={world_size}) but torchrun started WORLD_SIZE={env[1]} processes, "
+                             f"which time the transfers; use comm=False to plan for {world_size} ranks from the "
+                             f"blocks' costs alone")
         # Without comm, a one-rank job: this device may be the only one.
         job = self._job(dataset, batch_size, 1, world_size if comm else 1, "pipebd", "auto", 0, 1, threads, False,
                         timeout, sync_batchnorm, num_workers, planned=world_size)
@@ -228,8 +234,13 @@ class Distiller:
         # the cache) and every rank plans from its profile, so they all choose the same plan.
         import torch.distributed as dist
         init_spmd(job.device, timeout)
-        measured = comm_task(job.device, COMM_REPEATS, dist.get_rank(), world_size)
-        box = [profile_job(job, world_size, comm=lambda: measured, **options) if dist.get_rank() == 0 else None]
+        rank = dist.get_rank()
+        measured = [comm_task(job.device, COMM_REPEATS, rank, world_size)]
+        again = [rank == 0 and noisy_comm(job, *measured[0]) is not None]   # profile_job measures again: all must
+        dist.broadcast_object_list(again, src=0)
+        if again[0]:
+            measured.append(comm_task(job.device, COMM_REPEATS, rank, world_size))
+        box = [profile_job(job, world_size, comm=lambda: measured.pop(0), **options) if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 

@@ -48,7 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Dataset
 
 from .outputs import write_output
-from .checks import check_int, integer
+from .checks import build_optimizer, check_int, integer
 from .data import PREFETCH, batch_loader
 from .plan import Plan
 from .runtime.launch import backend_for, own_gpu, spawn_tasks, torch_threads
@@ -335,12 +335,12 @@ def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5,
         if comm is None:
             comm = functools.partial(measure_comm, world_size, job.device)
         p2p, allreduce = comm()
-        # On a CPU a larger message no faster than a small one is a busy machine (on a GPU link
-        # 4 KiB and 1 MiB may well cost the same): measured once more, then said.
-        noisy = _noisy_comm(p2p, allreduce) if torch.device(job.device).type == "cpu" else None
+        # On a CPU a larger message no faster than a small one is a busy machine: measured
+        # once more, then said.
+        noisy = noisy_comm(job, p2p, allreduce)
         if noisy:
             p2p, allreduce = comm()
-            noisy = _noisy_comm(p2p, allreduce)
+            noisy = noisy_comm(job, p2p, allreduce)
             if noisy:
                 log.warning("pipebd: %s, measured twice; the machine may be busy. The plan uses these figures, "
                             "and they are cached%s", noisy,
@@ -356,9 +356,12 @@ def profile_job(job: Job, world_size: int, *, warmup: int = 2, repeats: int = 5,
     return dataclasses.replace(profile, **_job_options(job))
 
 
-def _noisy_comm(p2p: list, allreduce: list) -> str | None:
-    """What in the transfer timings cannot be a transfer's cost: the largest message no slower
-    than the smallest (the fit would then charge bytes nothing), else None."""
+def noisy_comm(job: Job, p2p: list, allreduce: list) -> str | None:
+    """What in the transfer timings cannot be a transfer's cost, on a CPU: the largest message
+    no slower than the smallest (the fit would then charge bytes nothing), else None. (On a GPU
+    link 4 KiB and 1 MiB may well cost the same.)"""
+    if torch.device(job.device).type != "cpu":
+        return None
     series = [("a send", [(n, t) for n, t in p2p])]
     series += [(f"an allreduce on {k} ranks", [(n, t) for j, n, t in allreduce if j == k])
                for k in sorted({k for k, _, _ in allreduce})]
@@ -389,7 +392,7 @@ def _cache_key(job: Job, world_size: int, warmup: int, repeats: int) -> str:
         code = [(_source_hash(type(m)), _settings(m)) for m in module.modules()]
         return f"{module!r}|{params}|{code}"
 
-    probe = job.optimizer([nn.Parameter(torch.zeros(1))])
+    optimizer = _optimizer_setting(job)
     device = job.device
     if device.startswith("cuda"):
         device = torch.cuda.get_device_name(torch.device(device))
@@ -408,10 +411,25 @@ def _cache_key(job: Job, world_size: int, warmup: int, repeats: int) -> str:
         "num_workers": job.num_workers,
         # The learning rate changes no cost (tuning it would measure again); momentum and weight
         # decay may (a buffer, an extra term).
-        "optimizer": [type(probe).__qualname__, repr(sorted((k, v) for k, v in probe.defaults.items() if k != "lr"))],
+        "optimizer": optimizer,
         "losses": [_describe(job.block_loss), _describe(job.final_loss)],
         "warmup": warmup, "repeats": repeats, "torch": torch.__version__, "format": 8,
     }, sort_keys=True, default=str)
+
+
+def _optimizer_setting(job: Job) -> Any:
+    """The optimizer as the key holds it: its class and defaults but the learning rate (which
+    changes no cost), from one built for the first student block with parameters; the factory's
+    code and arguments where none can be built here (ZeroRedundancyOptimizer, which needs the
+    ranks' process group; a factory that reads more parameters than a probe would have)."""
+    module = next((m for m in job.student.values() if any(True for _ in m.parameters())), None)
+    try:
+        built = build_optimizer(job.optimizer, module)
+    except Exception:
+        return _describe(job.optimizer)
+    groups = [sorted((k, v) for k, v in group.items() if k not in ("params", "lr", "initial_lr"))
+              for group in built.param_groups]
+    return [type(built).__qualname__, repr(groups)]
 
 
 def _describe(fn: Any) -> str:
@@ -451,44 +469,62 @@ def _argument(value: Any) -> str:
     return f"{type(value).__module__}.{type(value).__qualname__}{_settings(value)}"
 
 
-def _settings(obj: Any) -> str:
+def _settings(obj: Any, depth: int = 0, budget: list[int] | None = None) -> str:
     """The settings among the attributes of ``obj`` (``_setting``): what sets a block's or a
     dataset's cost without showing in its repr or parameters (a repeat count, a resolution, a
-    dtype). One that changes as it runs (a counter) makes every run measure again: a cost, not an
-    error."""
-    attrs = getattr(obj, "__dict__", {})
-    kept = {k: setting for k, v in attrs.items() if not k.startswith("_") and k != "training"   # the runtime sets modes
-            and (setting := _setting(v)) is not None}
+    dtype, a transform object and its own settings). One that changes as it runs (a counter)
+    makes every run measure again: a cost, not an error."""
+    budget = [_SETTING_BUDGET] if budget is None else budget
+    attrs = getattr(obj, "__dict__", None)
+    attrs = attrs if isinstance(attrs, dict) else {}
+    kept = {k: setting for k, v in list(attrs.items()) if not k.startswith("_") and k != "training"   # modes: the runtime's
+            and (setting := _setting(v, depth, budget)) is not None}
     return repr(sorted(kept.items()))
 
 
 # A container longer than this (a dataset's files, a Subset's indices, which random_split draws
 # afresh each run) counts by its length alone; so does one nested deeper than _SETTING_DEPTH
-# (a list that holds itself), or beyond _SETTING_BUDGET items in one attribute.
+# (a list that holds itself, an object that points back to its owner), or beyond
+# _SETTING_BUDGET items and attributes in one key.
 _SETTING_ITEMS, _SETTING_DEPTH, _SETTING_BUDGET = 64, 4, 1024
 
 
 def _setting(value: Any, depth: int = 0, budget: list[int] | None = None) -> str | None:
     """``value`` as the key holds an attribute that may set a cost: a number, string, dtype,
-    device or enum, or a list, tuple, set or dict of them (a list of repeat counts); None for
-    anything else (tensors, other objects)."""
+    device or enum; a list, tuple, set or dict of them (a list of repeat counts); a function by
+    its code; any other object (a transform, a config) by its class's code and its own
+    settings. None for tensors and arrays (data, not settings)."""
     if isinstance(value, (*_PLAIN, torch.dtype, torch.device, enum.Enum)):
         return repr(value)
-    if not isinstance(value, (list, tuple, set, frozenset, dict)):
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
         return None
     budget = [_SETTING_BUDGET] if budget is None else budget
-    if len(value) > min(_SETTING_ITEMS, budget[0]) or depth >= _SETTING_DEPTH:
-        return f"{type(value).__name__} of {len(value)}"
-    budget[0] -= len(value)
-    items = [x for pair in value.items() for x in pair] if isinstance(value, dict) else list(value)
-    parts = [_setting(x, depth + 1, budget) for x in items]
-    if None in parts:
-        return None
-    if isinstance(value, dict):
-        parts = sorted(f"{k}: {v}" for k, v in zip(parts[::2], parts[1::2]))
-    elif isinstance(value, (set, frozenset)):
-        parts = sorted(parts)
-    return f"{type(value).__name__}({', '.join(parts)})"
+    name = f"{type(value).__module__}.{type(value).__qualname__}"
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        if len(value) > min(_SETTING_ITEMS, budget[0]) or depth >= _SETTING_DEPTH:
+            return f"{type(value).__name__} of {len(value)}"
+        budget[0] -= len(value)
+        items = [x for pair in value.items() for x in pair] if isinstance(value, dict) else list(value)
+        parts = [_setting(x, depth + 1, budget) for x in items]
+        if None in parts:
+            return None
+        if isinstance(value, dict):
+            parts = sorted(f"{k}: {v}" for k, v in zip(parts[::2], parts[1::2]))
+        elif isinstance(value, (set, frozenset)):
+            parts = sorted(parts)
+        return f"{type(value).__name__}({', '.join(parts)})"
+    if inspect.isroutine(value):   # a function, method or builtin: by its code
+        func = getattr(value, "__func__", value)
+        return f"{getattr(func, '__qualname__', name)}|{_source_hash(func) if inspect.isfunction(func) else ''}"
+    if isinstance(value, type):    # a class to build things with (norm_layer=nn.BatchNorm2d)
+        return f"class {value.__module__}.{value.__qualname__}|{_source_hash(value)}"
+    if inspect.ismodule(value):
+        return f"module {value.__name__}"
+    attrs = getattr(value, "__dict__", None)
+    if depth >= _SETTING_DEPTH or budget[0] <= 0:
+        return name
+    budget[0] -= 1 + (len(attrs) if isinstance(attrs, dict) else 0)
+    return f"{name}|{_source_hash(type(value))}|{_settings(value, depth + 1, budget)}"
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,10 +7,12 @@ a sleep never ends early, and a call's overhead on top of it is well under 3 ms 
 import dataclasses
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import cloudpickle
 import pytest
 import torch
 from torch import nn
@@ -20,6 +22,8 @@ from pipebd import profiler
 from pipebd.models import EmulatedBlock, emulated_pair
 from pipebd.models.emulated import EmulatedProfile
 from pipebd.profiler import Profile, replica_rows
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])   # spawned ranks cannot import this file
 
 A, B_ROW = 2e-3, 2e-4          # 2 ms per call + 0.2 ms per row
 NO_COMM = ([(4096, 1e-4), (1 << 20, 1e-3)], [(2, 4096, 2e-4), (2, 1 << 20, 2e-3)])
@@ -436,6 +440,62 @@ class Images(torch.utils.data.Dataset):
         return self.x[i]
 
 
+class Resize:
+    """A transform object, as torchvision's: its setting is an attribute of its own."""
+
+    def __init__(self, side):
+        self.side = side
+
+    def __call__(self, x):
+        return x
+
+
+class Crop(Resize):
+    pass
+
+
+class Transformed(torch.utils.data.Dataset):
+    def __init__(self, x, transform):
+        self.x, self.transform = x, transform
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.transform(self.x[i])
+
+
+def test_objects_and_functions_in_attributes_are_part_of_the_cache_key():
+    # A dataset's transform object (its class or its own settings), a block's activation
+    # function or layer class: the cache gave the second the first one's profile.
+    d = emulated()
+    plain = job(d)
+    key = lambda j: profiler._cache_key(j, 3, 0, 1)
+
+    def transformed(transform):
+        return key(dataclasses.replace(plain, dataset=Transformed(plain.dataset, transform)))
+
+    assert transformed(Resize(32)) != transformed(Resize(224)) != transformed(Crop(224))
+    assert transformed(Resize(32)) == transformed(Resize(32))            # equal settings, one entry
+    identity = lambda x: x            # noqa: E731 (a function by its source line)
+    exp = lambda x: x.exp()           # noqa: E731
+    assert transformed(identity) != transformed(exp)
+    composed = [Resize(32), Crop(16)]
+    assert transformed(composed) != transformed([Resize(32), Crop(8)])   # a list of them (Compose)
+
+    def with_setting(setting):
+        j = job(d)
+        j.teacher[0] = Settings(setting)
+        return key(j)
+
+    assert with_setting(torch.nn.functional.gelu) != with_setting(torch.nn.functional.relu)
+    assert with_setting(nn.BatchNorm2d) != with_setting(nn.LayerNorm)
+    owner = Resize(3)
+    owner.back = owner                                                  # points back at itself: bounded
+    assert with_setting(owner) == with_setting(owner)
+    assert with_setting(sys) == with_setting(sys) and len(with_setting(sys)) < 5000
+
+
 def test_loader_workers_are_measured_and_change_stage_zero():
     # With loader processes the profile also has what taking a batch from them costs and how
     # long they take to start.
@@ -485,3 +545,51 @@ def test_a_profile_for_one_rank_under_torchrun_times_no_transfers(monkeypatch, t
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     assert got.num_blocks == 2 and got.p2p == [] and got.allreduce == []
+
+
+def test_the_cache_key_builds_the_optimizer_as_the_ranks_do():
+    # The key built the factory's optimizer for one dummy parameter: a factory that puts the
+    # first parameters in groups of their own raised IndexError in profile() and fit(plan="auto").
+    d = emulated()
+    key = lambda j: profiler._cache_key(j, 3, 0, 1)
+
+    def grouped(decay):
+        return lambda ps: torch.optim.SGD([{"params": ps[:1], "weight_decay": decay}, {"params": ps[1:]}], lr=0.1)
+
+    with_decay, without = (dataclasses.replace(job(d), optimizer=grouped(w)) for w in (1e-4, 0.0))
+    assert key(with_decay) != key(without)          # a group's setting counts, as the defaults do
+    assert key(with_decay) == key(dataclasses.replace(with_decay))
+    unbuildable = dataclasses.replace(job(d), optimizer=lambda ps: torch.optim.SGD([ps[5]], lr=0.1))
+    assert key(unbuildable)                         # by the factory's code
+
+
+def test_profile_under_torchrun_needs_its_world_size_or_no_transfers(monkeypatch):
+    # It failed in torch's new_group ("the new group's world size should be less or equal...").
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    d = emulated()
+    with pytest.raises(ValueError, match=r"profile\(world_size=4\) but torchrun started WORLD_SIZE=2 processes.*"
+                                         r"comm=False to plan for 4 ranks"):
+        d.profile(torch.randn(16, 4), 8, 4)
+    assert d.profile(torch.randn(16, 4), 8, 4, comm=False, warmup=0, repeats=1).world_size == 4
+    with pytest.raises(TypeError, match="cache must be True or False"):
+        d.profile(torch.randn(16, 4), 8, 2, cache="no")     # was taken as True
+
+
+def _profile_as_torchrun_rank(rank, world_size):
+    """A rank of a script under torchrun whose transfer timings look noisy every time."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
+    runs = []
+    real = pipebd.api.comm_task
+    pipebd.api.comm_task = lambda *a, **k: runs.append(1) or real(*a, **k)
+    pipebd.api.noisy_comm = profiler.noisy_comm = lambda job, p2p, allreduce: "forced"
+    emulated().profile(torch.randn(16, 4), 8, world_size, warmup=0, repeats=1, cache=False, timeout=60)
+    counts = [None] * world_size
+    torch.distributed.all_gather_object(counts, len(runs))
+    return counts
+
+
+def test_noisy_transfers_are_measured_again_on_every_torchrun_rank():
+    # Rank 0 asked for a second measurement and got the first one back, then said "measured twice".
+    from pipebd.runtime.launch import spawn_tasks
+    assert spawn_tasks([_profile_as_torchrun_rank] * 2, "gloo", timeout_s=120) == [2, 2]
