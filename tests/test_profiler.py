@@ -358,7 +358,7 @@ def test_emulated_profile_from_measurement_round_trips_and_drives_emulated_pair(
         emulated_pair(str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match="profile must be one of"):
         emulated_pair("lopsided")
-    with pytest.raises(TypeError, match="comm must be a bool"):
+    with pytest.raises(TypeError, match="comm must be True or False"):
         distiller.profile(torch.randn(16, 4), 8, 3, comm="no")
 
 
