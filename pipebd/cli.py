@@ -29,7 +29,10 @@ def parser() -> argparse.ArgumentParser:
         epilog = (f"outputs besides the report: --set trace=PATH writes a Chrome trace (Perfetto), --set "
                   f"plot=PATH draws the timeline{' and accuracy curves' if name == 'codistill' else ''} "
                   f"(PNG or the suffix's format; the plot extra); `{shows}` lists every key"
-                  if name in ("run", "codistill") else None)
+                  if name in ("run", "codistill") else
+                  "profiles are cached under $PIPEBD_CACHE_DIR (else $XDG_CACHE_HOME/pipebd or ~/.cache/pipebd), "
+                  "keyed by the models, data, batch, world size and machine: delete the file to measure again"
+                  if name == "profile" else None)
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog)
         p.add_argument("config", nargs="?", help=f"YAML file; without one, the built-in defaults, which "
                                                  f"`{shows}` prints (configs/*.yaml set others)")

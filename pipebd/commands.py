@@ -8,7 +8,7 @@ import importlib.util
 import os
 import tempfile
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -168,6 +168,13 @@ def run(config: RunConfig) -> None:
     write_outputs(report, config)
 
 
+def _simulated(label: str, simulation: Callable[[], Any]) -> None:
+    try:
+        print(f"{label}: {simulation()}")
+    except ValueError as err:   # a plan fit refuses (a replica without a row, say)
+        print(f"{label}: not simulated, as fit would refuse it: {err}")
+
+
 def profile(config: RunConfig) -> None:
     """Print the block profile, the auto plan and the simulator's predictions for the config's
     world size and steps, next to the config's plan, one block range per rank and the baseline."""
@@ -181,19 +188,21 @@ def profile(config: RunConfig) -> None:
                              num_workers=config.num_workers, timeout=config.timeout)
     print(prof)
     best = auto_plan(prof, config.world_size)
-    print(f"auto: {best}")
-    print(simulate(prof, best.plan, steps, max_inflight))
-    shown = [best.plan]
+    idle = config.world_size - best.plan.ranks_used
+    print(f"auto: {best}" + (f"; it leaves {idle} of {config.world_size} ranks idle"
+                             if idle else ""))
     configured = config.fit_plan()
-    # The config's own plan, then one block range per rank; each once, and only where every
-    # replica gets a row of the batch, as fit would require.
-    for plan in ([configured] if isinstance(configured, Plan) else []) + [default_plan(distiller.num_blocks,
-                                                                                       config.world_size)]:
-        if max(plan.replicas) <= config.batch_size and plan not in shown:
-            print(simulate(prof, plan, steps, max_inflight))
+    # Simulated: the auto plan, the config's own, one block range per rank and the baseline;
+    # each plan once, and one fit would refuse is said so.
+    shown: list = []
+    candidates = [("auto plan", best.plan)] + ([("the config's plan", configured)] if isinstance(configured, Plan)
+                                               else [])
+    candidates.append(("one block range per rank", default_plan(distiller.num_blocks, config.world_size)))
+    for label, plan in candidates:
+        if plan not in shown:
             shown.append(plan)
-    if config.world_size <= config.batch_size:
-        print(simulate_baseline(prof, config.world_size, steps))
+            _simulated(label, lambda: simulate(prof, plan, steps, max_inflight))
+    _simulated("baseline", lambda: simulate_baseline(prof, config.world_size, steps))
     if config.trace or config.plot:
         print("(profile runs no training, so it writes no trace or plot)")
 

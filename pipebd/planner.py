@@ -127,8 +127,8 @@ class Prediction:
     def __str__(self) -> str:
         util = ", ".join(f"{u:.0%}" for u in self.stage_utilization)
         times = ", ".join(f"{t * 1e3:.2f}" for t in self.stage_times)
-        return (f"plan {self.plan.describe()}: predicted {self.samples_per_s:.1f} samples/s "
-                f"(stage ms per batch {times}; utilization {util})")
+        return (f"plan {self.plan.describe()}: predicted {self.samples_per_s:.1f} samples/s in steady state "
+                f"(stage ms per batch {times}; each stage's slowest replica computes {util} of the period)")
 
 
 def check_plan(profile: Profile, plan: Plan) -> None:

@@ -241,8 +241,9 @@ class Profile:
     def __str__(self) -> str:
         how = f"median of {self.repeats}" if self.repeats > 1 else "one run"
         how += f" after {self.warmup} warm-up" if self.warmup else ""
+        where = f"{self.device} ({self.backend})" if self.p2p or self.allreduce else f"{self.device}, no transfers timed"
         lines = [f"profile: {self.num_blocks} blocks, batch {self.batch_size}, world size {self.world_size}, "
-                 f"{self.device} ({self.backend}), {how}",
+                 f"{where}, {how}",
                  f"{'block':>5} {'rows':>6} {'teacher ms':>11} {'student ms':>11} {'in KiB/row':>11} {'grad KiB':>9}"]
         for b in range(self.num_blocks):
             for i, rows in enumerate(self.rows):

@@ -61,7 +61,7 @@ class Simulation:
     def __str__(self) -> str:
         util = ", ".join(f"{u:.0%}" for u in self.stage_utilization)
         return (f"simulated {self.strategy} {self.plan.describe()}: {self.samples_per_s:.1f} samples/s "
-                f"over {self.steps} steps (utilization {util})")
+                f"over {self.steps} steps (utilization {util}, mean over each stage's replicas)")
 
 
 class _StageWork:

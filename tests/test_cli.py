@@ -240,11 +240,12 @@ def test_cli_profile_prints_costs_plan_and_predictions(tmp_path, capsys):
     assert code == 0
     assert "teacher ms" in out and "allreduce: 2 ranks" in out
     auto = next(line for line in out.splitlines() if line.startswith("auto: plan"))
-    sims = [line for line in out.splitlines() if line.startswith("simulated")]
+    sims = [line for line in out.splitlines() if ": simulated " in line]
     # The auto plan, the config's plan, one range per rank (a poor plan: auto differs from both).
-    assert len(sims) == 4 and sims[1].startswith("simulated pipebd [0-4]x2 | [5]x1")
-    assert sims[-1].startswith("simulated baseline"), sims
-    sims = sims[:1] + sims[2:]
+    assert [line.split(": simulated")[0] for line in sims] == ["auto plan", "the config's plan",
+                                                                "one block range per rank", "baseline"]
+    assert sims[1].startswith("the config's plan: simulated pipebd [0-4]x2 | [5]x1"), sims
+    sims = [line.split(": ", 1)[1] for line in sims[:1] + sims[2:]]
     assert "writes no trace or plot" in out and not (tmp_path / "t.json").exists()
     # Over only 10 steps pipeline fill counts, so the auto plan (optimal in steady state) need
     # not beat one range per rank by much here; both beat the baseline by far on this profile.
@@ -267,8 +268,16 @@ def test_cli_profile_checks_steps_before_measuring(monkeypatch, capsys):
 
 def test_cli_profile_simulates_one_range_per_rank_only_when_it_is_not_the_auto_plan(capsys):
     assert main(["profile", *TINY]) == 0
-    sims = [line for line in capsys.readouterr().out.splitlines() if line.startswith("simulated")]
-    assert [line.split(":")[0] for line in sims] == ["simulated pipebd [0-3]x1", "simulated baseline [0-3]x1"]
+    sims = [line for line in capsys.readouterr().out.splitlines() if ": simulated " in line]
+    assert [line.split(" [")[0] for line in sims] == ["auto plan: simulated pipebd", "baseline: simulated baseline"]
+
+
+def test_cli_profile_says_which_plans_fit_would_refuse(capsys):
+    # A batch of 2 on 3 ranks: the baseline gives a rank no row. It was left out without a word.
+    assert main(["profile", *TINY, "--set", "world_size=3", "--set", "batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline: not simulated, as fit would refuse it: batch_size 2 is smaller than the widest" in out
+    assert "auto: plan " in out and "steady state" in out
 
 
 def test_auto_plans_need_not_give_every_rank_a_row(capsys):
