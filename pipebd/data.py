@@ -12,9 +12,11 @@ so random transforms in a dataset are part of the batches too.
 from __future__ import annotations
 
 import numbers
+import random
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
@@ -90,9 +92,10 @@ def _tensors(dataset: Dataset | torch.Tensor) -> bool:
 def load_rows(dataset: Dataset | torch.Tensor, index: torch.Tensor,
               seeds: Sequence[int] | None = None, labels: bool = True) -> tuple[torch.Tensor, Any]:
     """Collate the items at ``index`` into ``(x, y-or-None)`` batches. With ``seeds``, item
-    ``index[r]`` is read with torch's CPU generator seeded by ``seeds[r]`` (for random transforms
-    in the dataset); the generator's state is put back afterwards. Without ``labels`` the items'
-    second fields are left out, so they need not collate (targets of varying size, say)."""
+    ``index[r]`` is read with torch's CPU generator, numpy's global one and Python's ``random``
+    seeded by ``seeds[r]`` (for random transforms in the dataset); their states are put back
+    afterwards. Without ``labels`` the items' second fields are left out, so they need not
+    collate (targets of varying size, say)."""
     if isinstance(dataset, torch.Tensor):
         return dataset[index], None
     if _tensors(dataset):
@@ -103,13 +106,17 @@ def load_rows(dataset: Dataset | torch.Tensor, index: torch.Tensor,
         pairs = [_item(dataset, i) for i in rows]
     else:
         generator = torch.random.default_generator
-        state, pairs = generator.get_state(), []
+        states, pairs = (generator.get_state(), np.random.get_state(), random.getstate()), []
         try:
             for i, seed in zip(rows, seeds, strict=True):
                 generator.manual_seed(seed)
+                np.random.seed(seed & 0xFFFF_FFFF)   # numpy takes 32 bits; spawned ranks all had the fork server's
+                random.seed(seed)
                 pairs.append(_item(dataset, i))
         finally:
-            generator.set_state(state)
+            generator.set_state(states[0])
+            np.random.set_state(states[1])
+            random.setstate(states[2])
     try:
         x = default_collate([p[0] for p in pairs])
         y = default_collate([p[1] for p in pairs]) if labels and pairs[0][1] is not None else None

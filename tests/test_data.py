@@ -1,3 +1,5 @@
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,12 @@ class Shifted(TensorDataset):
         return x + 100 + torch.rand(x.shape), y
 
 
+class NumpyShifted(Shifted):
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x + float(np.random.rand()) + random.random(), y
+
+
 def test_samples_are_read_under_their_own_seeds():
     x = torch.zeros(5, 2)
     index = torch.tensor([3, 1, 3])
@@ -69,6 +77,11 @@ def test_samples_are_read_under_their_own_seeds():
     before = torch.get_rng_state()
     xs, ys = load_rows(Shifted(x, torch.arange(5)), index, seeds=[7, 8, 7])
     assert torch.equal(torch.get_rng_state(), before)   # the caller's generator is left alone
+    np_state, py_state = np.random.get_state(), random.getstate()
+    drawn = [load_rows(NumpyShifted(x, torch.arange(5)), index, seeds=[7, 8, 7])[0] for _ in range(2)]
+    assert torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[0][0], drawn[0][2])   # numpy and random too
+    assert not torch.equal(drawn[0][0], drawn[0][1])
+    assert random.getstate() == py_state and all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), np_state))
     noise = [torch.rand(2, generator=torch.Generator().manual_seed(s)) for s in (7, 8, 7)]
     assert torch.equal(xs, 100 + torch.stack(noise)) and ys.tolist() == [3, 1, 3]
     # A batch's rows get the seeds of their places in the run: step * batch_size + row, so a

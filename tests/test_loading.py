@@ -4,6 +4,7 @@ blocks' work as the simulator predicts, and a failing sample reported with its t
 
 import functools
 import os
+import random
 import signal
 import time
 
@@ -40,11 +41,13 @@ class Samples(Dataset):
 
 
 class Noisy(Samples):
-    """``Samples`` with noise drawn from the loading process's generator (a random transform)."""
+    """``Samples`` with noise drawn from the loading process's generators (a random transform):
+    torch's, numpy's and Python's ``random``, which transforms written with them use."""
 
     def __getitem__(self, i):
         x, y = super().__getitem__(i)
-        return x + 0.1 * torch.rand(x.shape), y
+        drawn = 0.1 * torch.rand(x.shape) + 0.1 * torch.from_numpy(np.random.rand(*x.shape)).float()
+        return x + drawn + 0.1 * random.random(), y
 
 
 class Logged(Samples):
