@@ -5,8 +5,9 @@
 - ``warmup``: raise the rate linearly from ``start_factor`` times its value to its full value over
   the first steps (Goyal et al.'s gradual warmup starts from the unscaled rate: ``start_factor =
   base_batch_size / batch_size``). It is torch's ``LinearLR``; given ``then``, the two are chained
-  (``ChainedScheduler``) so the warmup multiplies a step, multistep or cosine schedule (with
-  ``eta_min=0``) from step 0 on.
+  (``ChainedScheduler``) so the warmup multiplies a step, multistep, exponential, polynomial or
+  cosine schedule (with ``eta_min=0``) from step 0 on; a scheduler that sets the rate outright
+  (``LambdaLR``, ``OneCycleLR``) is refused, as chaining would undo the warmup.
 - ``param_groups``: optimizer parameter groups with no weight decay on normalization layers and
   biases (the option Goyal et al. describe; their experiments decay all parameters).
 
@@ -28,7 +29,8 @@ from typing import Any, Iterable
 
 from torch import nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import ChainedScheduler, LinearLR, LRScheduler
+from torch.optim import lr_scheduler
+from torch.optim.lr_scheduler import ChainedScheduler, CosineAnnealingLR, LinearLR, LRScheduler
 
 from .checks import check_int
 
@@ -55,9 +57,27 @@ def warmup(optimizer: Optimizer, steps: int, start_factor: float = 0.1,
         raise ValueError(f"start_factor must be in (0, 1], got {start_factor}")
     if then is not None and then.optimizer is not optimizer:
         raise ValueError("then must schedule the same optimizer as the warmup")
+    if then is not None and not _multiplies(then):
+        raise ValueError(f"then={type(then).__name__}{'(eta_min != 0)' if isinstance(then, CosineAnnealingLR) else ''} "
+                         f"sets the rate from its own formula rather than multiplying the current one, so chained "
+                         f"it would undo the warmup after its first step; use one of {', '.join(_MULTIPLYING)} "
+                         f"or CosineAnnealingLR with eta_min=0, or fold the warmup into the schedule "
+                         f"(a LambdaLR of warmup factor times schedule factor)")
     # LinearLR over 0 steps would keep start_factor for good; no warmup means factor 1.
     ramp = LinearLR(optimizer, start_factor=start_factor if steps else 1.0, end_factor=1.0, total_iters=steps)
     return ramp if then is None else ChainedScheduler([ramp, then])
+
+
+# Schedulers whose step multiplies the current rate by a factor, which ChainedScheduler needs to
+# combine two of them (LambdaLR, OneCycleLR, CyclicLR and the like set the rate outright).
+_MULTIPLYING = ("StepLR", "MultiStepLR", "ExponentialLR", "PolynomialLR", "ConstantLR", "LinearLR",
+                "MultiplicativeLR")
+
+
+def _multiplies(scheduler: LRScheduler) -> bool:
+    if isinstance(scheduler, CosineAnnealingLR):   # chainable only without a floor
+        return scheduler.eta_min == 0
+    return isinstance(scheduler, tuple(getattr(lr_scheduler, name) for name in _MULTIPLYING))
 
 
 def param_groups(params: nn.Module | Iterable[nn.Parameter], weight_decay: float,

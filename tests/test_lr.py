@@ -52,7 +52,10 @@ def test_warmup_alone():
      lambda t: 0.1 ** ((t >= 4) + (t >= 8))),
     (lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=12),
      lambda t: 0.5 * (1 + math.cos(math.pi * t / 12))),
-], ids=["multistep", "cosine"])
+    (lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9), lambda t: 0.9 ** t),
+    (lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=10, power=2.0),
+     lambda t: (1 - min(t, 10) / 10) ** 2),
+], ids=["multistep", "cosine", "exponential", "polynomial"])
 def test_warmup_composes_with_torch_schedulers(schedule, factor):
     opt = optimizer()
     got = lrs(opt, warmup(opt, 5, start_factor=0.25, then=schedule(opt)), 12)
@@ -78,6 +81,19 @@ def test_warmup_bad_arguments():
         warmup(opt, -1)
     with pytest.raises(ValueError, match="same optimizer"):
         warmup(opt, 5, then=torch.optim.lr_scheduler.StepLR(optimizer(), 3))
+
+
+@pytest.mark.parametrize("then", [
+    lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 0.9 ** t),
+    lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=12, eta_min=0.08),
+    lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1.0, total_steps=20),
+], ids=["lambda", "cosine-floor", "onecycle"])
+def test_warmup_refuses_schedulers_that_set_the_rate_outright(then):
+    # Chained, LambdaLR gave 0.08 then 0.72: the warmup was gone after its first step; a
+    # cosine floor was off by up to 0.0046.
+    opt = optimizer()
+    with pytest.raises(ValueError, match="sets the rate from its own formula .* would undo the warmup"):
+        warmup(opt, 5, then=then(opt))
 
 
 class Block(nn.Module):
