@@ -31,6 +31,8 @@ class GroupBatchNorm(_BatchNorm):
     and combined exactly (Chan et al.'s pairwise update), so the gradient flows to every
     rank's rows as it would through one full-batch BatchNorm. Accepts the inputs of BatchNorm1d,
     2d and 3d; parameters, buffers and state-dict keys are those of the layer it replaces.
+    ``group=None`` normalizes each rank's own rows, as BatchNorm does (``local_batchnorm``);
+    for the default group pass ``torch.distributed.group.WORLD``.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
@@ -111,7 +113,13 @@ def sync_batchnorm(module: nn.Module, group: Any, shared: Iterable[nn.Module] = 
     ``GroupBatchNorm`` over ``group``, holding copies of the same parameters and buffers, so its
     state dict loads into ``module`` and back. ``module`` is returned unchanged (not copied)
     when it has no BatchNorm. Modules in ``shared`` (a frozen teacher block that a student
-    block holds) stay in the copy as they are: the same objects, not converted."""
+    block holds) stay in the copy as they are: the same objects, not converted. ``group=None``
+    is the default group, as for ``torch.nn.SyncBatchNorm``."""
+    if group is None:   # was taken as "no group": per-rank statistics, without a word
+        if not dist.is_initialized():
+            raise ValueError("sync_batchnorm(group=None) means the default process group, and none is "
+                             "initialized: call torch.distributed.init_process_group first")
+        group = dist.group.WORLD
     return _converted(module, group, _BatchNorm, shared)
 
 

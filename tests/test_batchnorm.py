@@ -123,23 +123,49 @@ def test_eval_mode_exchanges_nothing(three_ranks, name):
     torch.testing.assert_close(three_ranks[name]["eval"], bn.eval()(x[lo:hi]), atol=TOL, rtol=TOL)
 
 
+def per_rank(module):
+    """``module`` converted to GroupBatchNorm layers without a group: each rank's own rows."""
+    from pipebd.batchnorm import _converted
+    from torch.nn.modules.batchnorm import _BatchNorm
+    return _converted(module, None, _BatchNorm, ())
+
+
+def default_group_mean(rank, world_size):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3)
+    bn = sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3)), group=None)[0]
+    bn(x[rank * 4:(rank + 1) * 4])
+    return bn.running_mean
+
+
+def test_sync_batchnorm_without_a_group_is_the_default_group():
+    # group=None normalized each rank's rows alone (torch's SyncBatchNorm: the default group).
+    full = nn.BatchNorm1d(3)
+    torch.manual_seed(0)
+    full(torch.randn(8, 3))
+    got = spawn_tasks([default_group_mean] * 2, "gloo", timeout_s=60)
+    torch.testing.assert_close(got, full.running_mean, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"group=None\) means the default process group, and none is initialized"):
+        sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3)), group=None)
+
+
 def test_conversion_copies_and_keeps_the_state_dict_keys():
     block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4)))
-    converted = sync_batchnorm(block, group=None)
+    converted = per_rank(block)
     assert converted is not block and isinstance(block[1], nn.BatchNorm2d)   # the original is untouched
     assert [type(m) for m in converted.modules()].count(GroupBatchNorm) == 2
     assert list(converted.state_dict()) == list(block.state_dict())
     for a, b in zip(converted.state_dict().values(), block.state_dict().values()):
         assert torch.equal(a, b)
     plain = nn.Sequential(nn.Linear(2, 2))
-    assert sync_batchnorm(plain, group=None) is plain
+    assert per_rank(plain) is plain
     # Without a group (one replica) the layer is plain BatchNorm.
     x = torch.randn(5, 3, 6, 6)
     torch.testing.assert_close(converted(x), block(x), atol=0, rtol=0)
     # and it accepts the inputs the replaced layer accepts, and no others
     with pytest.raises(ValueError, match="expected 4D input, got 3D input"):
         converted[1](torch.randn(4, 5, 5))
-    flat = sync_batchnorm(nn.Sequential(nn.BatchNorm1d(4)), group=None)[0]
+    flat = per_rank(nn.Sequential(nn.BatchNorm1d(4)))[0]
     flat(torch.randn(3, 4)), flat(torch.randn(3, 4, 2))
     with pytest.raises(ValueError, match="expected 2 or 3D input, got 4D input"):
         flat(torch.randn(3, 4, 2, 2))
