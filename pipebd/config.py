@@ -38,9 +38,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "synthetic"                                 # standard-normal inputs
-    samples: int = 2048
-    seed: int = 0
+    kind: str = "synthetic"                                 # standard-normal inputs of the pair's input shape
+    samples: int = 2048                                     # rows of data
+    seed: int = 0                                           # seeds the data (the run's order: the top-level seed)
 
 
 @dataclass
@@ -143,7 +143,7 @@ class CodistillConfig:
     data: TaskDataConfig = field(default_factory=TaskDataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     warmup_steps: int = 0                                   # linear warmup from 0.1x the rate (pipebd.lr.warmup)
-    cosine: bool = False                                    # cosine decay to 0 over the run (after warmup)
+    cosine: bool = False                                    # cosine decay to 0 over the run (times the warmup)
     n: int = 2                                              # models
     mode: str = "codistill"                                 # codistill | online
     alpha: float = 1.0

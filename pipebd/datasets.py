@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from .checks import check_int
+from .rng import check_seed
 
 KINDS = ("synthetic", "digits")
 
@@ -28,7 +29,7 @@ def synthetic(rows: int, features: int = 32, classes: int = 10, seed: int = 7) -
     its argmax is the drawn label on about 87% of the rows)."""
     rows, features, classes = (check_int(f"synthetic data: {name}", value, low) for name, value, low in
                                (("rows", rows, 1), ("features", features, 1), ("classes", classes, 2)))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_seed(seed))
     x = torch.randn(rows, features, generator=gen)
     w1 = torch.randn(features, 256, generator=gen) / features**0.5
     w2 = torch.randn(256, classes, generator=gen) * 10 / 256**0.5
