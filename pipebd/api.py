@@ -282,9 +282,9 @@ class Distiller:
         if batch_size < widest and not auto:   # auto plans fit the batch
             raise ValueError(f"batch_size {batch_size} is smaller than the widest stage's replica "
                              f"count ({widest}); every replica needs at least one row")
-        boundary, labels, inplace, min_rows = self._probe(
+        boundary, labels, inplace, rows = self._probe(
             dataset, replicas=widest > 1 or (auto and max(world_size, planned) > 1))
-        _check_rows(resolved, batch_size, min_rows, sync_batchnorm, only_one=auto)
+        _check_rows(resolved, batch_size, rows, sync_batchnorm, only_one=auto)
         check_training(self.optimizer, self.scheduler, self.student, "student block", warn=env is None or env[0] == 0)
         if threads is None and world_size > 1 and torchrun_env() is None:
             threads = max(1, (os.cpu_count() or 1) // world_size)   # spawned workers share the cores
@@ -295,7 +295,7 @@ class Distiller:
                    boundary=boundary, labels=labels, device=self.device, max_inflight=max_inflight,
                    threads=threads, progress=sys.stderr.isatty() if progress is None else progress,
                    scheduler=self.scheduler, timeout=timeout, sync_batchnorm=sync_batchnorm,
-                   num_workers=num_workers, inplace=inplace, min_rows=min_rows)
+                   num_workers=num_workers, inplace=inplace, min_rows=tuple(max(pair) for pair in rows))
 
     def _resolve_plan(self, plan: Plan | str | None, strategy: str, world_size: int) -> Plan:
         n = self.num_blocks
@@ -317,11 +317,11 @@ class Distiller:
         return plan
 
     def _probe(self, dataset: Any, replicas: bool = False) -> tuple[list[TensorSpec], TensorSpec | None,
-                                                                    dict[str, frozenset[int]], tuple[int, ...]]:
+                                                                    dict[str, frozenset[int]], list[tuple[int, int]]]:
         """Run the first samples through every teacher and student block to learn the boundary
         shapes and catch mismatches before any process starts, which blocks change their
-        input in place (``Job.inplace``) and the fewest rows each student block trains on
-        (``Job.min_rows``). With ``replicas`` (a stage may split the batch), warn
+        input in place (``Job.inplace``) and the fewest rows each block's student and teacher
+        need (``_block_rows``). With ``replicas`` (a stage may split the batch), warn
         of blocks that mix the samples of a batch. Random ops in the blocks leave the caller's
         generators as they were."""
         needs_labels = bool(getattr(self.final_loss, "needs_labels", False))
@@ -355,7 +355,7 @@ class Distiller:
                                      f"recurrent and transformer layers)")
                 s_out = _call_block(s, a.to(_device_of(s)), f"student block {i}", inplace["student"], i,
                                     None if _batch_statistics(s, t) else mixing)
-                min_rows.append(_min_rows(s, a.to(_device_of(s)), frozen=t))
+                min_rows.append(_block_rows(s, t, a))
                 if not isinstance(s_out, Tensor) or s_out.shape != out.shape:
                     got = tuple(s_out.shape[1:]) if isinstance(s_out, Tensor) else type(s_out).__name__
                     raise ValueError(f"student block {i} outputs shape {got} per sample but "
@@ -403,7 +403,7 @@ class Distiller:
                         "; ".join(f"block(s) {', '.join(blocks)}: {how}" for how, blocks in uneven.items()))
         if needs_labels:
             self._check_all_labels(dataset, classes=s_out.shape[-1])
-        return boundary, labels, {k: frozenset(v) for k, v in inplace.items()}, tuple(min_rows)
+        return boundary, labels, {k: frozenset(v) for k, v in inplace.items()}, min_rows
 
     def _check_all_labels(self, dataset: Any, classes: int) -> None:
         """With the labels all at hand (a TensorDataset), check them against the classes of the
@@ -621,12 +621,11 @@ def _own_batchnorm(module: nn.Module, frozen: nn.Module | None = None) -> list[_
     return [m for m in module.modules() if isinstance(m, _BatchNorm) and id(m) not in skip]
 
 
-def _min_rows(module: nn.Module, x: Tensor, frozen: nn.Module | None = None) -> int:
-    """The fewest rows of ``x``'s kind ``module`` can train on: torch's BatchNorm refuses to
-    train on one value per channel, so 2 where one of its own layers gets a single value per
-    channel from each row (an input of [rows, channels]), else 1. Runs ``module`` on ``x``:
-    the caller has it in eval mode, without gradients."""
-    layers = _own_batchnorm(module, frozen)
+def _min_rows(module: nn.Module, x: Tensor, layers: list[_BatchNorm]) -> int:
+    """The fewest rows of ``x``'s kind that ``module``'s BatchNorm ``layers`` can normalize with
+    the batch's statistics: torch refuses a single value per channel, so 2 where one of them gets
+    one value per channel from each row (an input of [rows, channels]), else 1. Runs ``module``
+    on ``x``: the caller has it in eval mode, without gradients."""
     if not layers:
         return 1
     counts: list[int] = []   # values per channel that each layer got for the len(x) rows
@@ -644,31 +643,47 @@ def _min_rows(module: nn.Module, x: Tensor, frozen: nn.Module | None = None) -> 
     return max((len(x) // c + 1 for c in counts if c > 0), default=1)
 
 
+def _block_rows(student: nn.Module, teacher: nn.Module, x: Tensor) -> tuple[int, int]:
+    """``_min_rows`` of a block pair: the student's own BatchNorm layers (which train), the
+    teacher's without running statistics (which use the batch's in eval mode too)."""
+    batch_stats = [m for m in teacher.modules() if isinstance(m, _BatchNorm) and m.running_mean is None]
+    return (_min_rows(student, x.to(_device_of(student)), _own_batchnorm(student, teacher)),
+            _min_rows(teacher, x.to(_device_of(teacher)), batch_stats))
+
+
 def _too_few_rows(what: str, batch_size: int, where: str, fixes: str) -> ValueError:
     return ValueError(f"{what} has a BatchNorm layer that gets one value per channel from each row (an input of "
-                      f"[rows, channels]), and torch cannot train BatchNorm on a single value: batch_size "
-                      f"{batch_size} {where}; use {fixes}")
+                      f"[rows, channels]), and torch cannot normalize a single value: batch_size {batch_size} "
+                      f"{where}; use {fixes}")
 
 
-def _check_rows(plan: Plan, batch_size: int, min_rows: Sequence[int], sync_batchnorm: bool,
+def _row_count(count: int) -> str:
+    return f"{count} row" if count == 1 else f"{count} rows"
+
+
+def _check_rows(plan: Plan, batch_size: int, rows: Sequence[tuple[int, int]], sync_batchnorm: bool,
                 only_one: bool = False) -> None:
-    """ValueError unless every replica's slice of the batch has the rows its blocks train on
-    (``_min_rows``); with ``sync_batchnorm`` a replicated stage's statistics cover the whole
-    batch. ``only_one``: check only that one rank could train on the whole batch (an auto plan,
-    which the planner fits to the blocks)."""
+    """ValueError unless every replica's slice of the batch has the rows its blocks need
+    (``_block_rows``: student, teacher); with ``sync_batchnorm`` a replicated stage's student
+    statistics cover the whole batch (a teacher's are its slice's). ``only_one``: check only
+    that one rank could run the whole batch (an auto plan, which the planner fits to the blocks)."""
     for s, (stage, k) in enumerate(zip(plan.stages, plan.replicas)):
         k = 1 if only_one else k
-        need = max(min_rows[b] for b in stage)
-        smallest = batch_size if sync_batchnorm and k > 1 else batch_size // k
-        if smallest < need:
-            block = next(b for b in stage if min_rows[b] == need)
-            if k == 1:
-                raise _too_few_rows(f"student block {block}", batch_size, f"gives it {smallest} row",
-                                    f"a batch of at least {need} rows")
-            raise _too_few_rows(f"student block {block}", batch_size,
-                                f"over the {k} replicas of stage {s} leaves a replica {smallest} row",
-                                f"a batch of at least {need * k} rows, fewer replicas, or sync_batchnorm=True "
-                                f"(statistics over the stage's whole batch)")
+        for block in stage:
+            for role, need in zip(("student", "teacher"), rows[block]):
+                synced = role == "student" and sync_batchnorm and k > 1
+                smallest = batch_size if synced else batch_size // k
+                if smallest >= need:
+                    continue
+                if k == 1:
+                    raise _too_few_rows(f"{role} block {block}", batch_size, f"gives it {_row_count(smallest)}",
+                                        f"a batch of at least {_row_count(need)}")
+                raise _too_few_rows(f"{role} block {block}", batch_size,
+                                    f"over the {k} replicas of stage {s} leaves a replica {_row_count(smallest)}",
+                                    f"a batch of at least {_row_count(need * k)}, fewer replicas"
+                                    + (", or sync_batchnorm=True (statistics over the stage's whole batch)"
+                                       if role == "student" else
+                                       ", or running statistics in that layer (track_running_stats=True)"))
 
 
 def _batch_statistics(student: nn.Module, teacher: nn.Module) -> bool:

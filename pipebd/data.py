@@ -110,7 +110,7 @@ def load_rows(dataset: Dataset | torch.Tensor, index: torch.Tensor,
         try:
             for i, seed in zip(rows, seeds, strict=True):
                 generator.manual_seed(seed)
-                np.random.seed(seed & 0xFFFF_FFFF)   # numpy takes 32 bits; spawned ranks all had the fork server's
+                np.random.seed([seed & 0xFFFF_FFFF, seed >> 32])   # all of it, in numpy's 32-bit words
                 random.seed(seed)
                 pairs.append(_item(dataset, i))
         finally:

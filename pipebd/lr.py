@@ -57,7 +57,7 @@ def warmup(optimizer: Optimizer, steps: int, start_factor: float = 0.1,
         raise ValueError(f"start_factor must be in (0, 1], got {start_factor}")
     if then is not None and then.optimizer is not optimizer:
         raise ValueError("then must schedule the same optimizer as the warmup")
-    if then is not None and not _multiplies(then):
+    if then is not None and steps and not _multiplies(then):   # no warmup: nothing to undo
         raise ValueError(f"then={type(then).__name__}{'(eta_min != 0)' if isinstance(then, CosineAnnealingLR) else ''} "
                          f"sets the rate from its own formula rather than multiplying the current one, so chained "
                          f"it would undo the warmup after its first step; use one of {', '.join(_MULTIPLYING)} "
@@ -77,6 +77,8 @@ _MULTIPLYING = ("StepLR", "MultiStepLR", "ExponentialLR", "PolynomialLR", "Const
 def _multiplies(scheduler: LRScheduler) -> bool:
     if isinstance(scheduler, CosineAnnealingLR):   # chainable only without a floor
         return scheduler.eta_min == 0
+    if isinstance(scheduler, ChainedScheduler):
+        return all(_multiplies(s) for s in scheduler._schedulers)
     return isinstance(scheduler, tuple(getattr(lr_scheduler, name) for name in _MULTIPLYING))
 
 

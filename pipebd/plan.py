@@ -21,6 +21,15 @@ _STAGE = re.compile(rf"(?:\[\s*{_RANGE}\s*\]|{_RANGE})\s*(?:x\s*([0-9]+))?")
 MAX_BLOCKS = 1 << 20   # Plan.parse builds every stage's block list: a typo must not take the memory
 
 
+def _listed(value: Any) -> Any:
+    """A generator or other one-pass iterable as a list (and its items too); anything else as it is."""
+    if hasattr(value, "__iter__") and not hasattr(value, "__len__") and not isinstance(value, (str, bytes, dict)):
+        return [_listed(item) for item in value]
+    if isinstance(value, (list, tuple)) and any(hasattr(v, "__iter__") and not hasattr(v, "__len__") for v in value):
+        return [_listed(item) for item in value]
+    return value
+
+
 def _sequence(value: Any) -> bool:
     """A list, tuple, array or tensor of items: not a string, mapping or single number."""
     return hasattr(value, "__iter__") and hasattr(value, "__len__") and not isinstance(value, (str, bytes, dict))
@@ -49,9 +58,11 @@ class Plan:
         if isinstance(stages, str):
             raise TypeError(f"a plan's stages are lists of blocks; for a plan written as text use "
                             f"pipebd.Plan.parse({stages!r})")
+        stages = _listed(stages)
         if not _sequence(stages) or not all(_sequence(stage) for stage in stages):
             raise TypeError(f"a plan's stages are a list of block lists, one per stage, e.g. [[0, 1], [2, 3]]; "
                             f"got {stages!r:.80}")
+        replicas = _listed(replicas)
         if replicas is not None and not _sequence(replicas):
             raise TypeError(f"a plan's replicas are a list of counts, one per stage, e.g. [1, 3]; got {replicas!r:.80}")
         stages_t = tuple(tuple(_integer(b, "block") for b in stage) for stage in stages)

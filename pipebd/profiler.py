@@ -11,14 +11,14 @@ loading figure is the median of ``repeats`` timed runs after ``warmup`` untimed 
 take the median of ``COMM_REPEATS`` after ``COMM_WARMUP``.
 
 A ``Profile`` is cached as JSON under ``$PIPEBD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/pipebd``,
-else ``~/.cache/pipebd``), keyed
-by what changes the costs: the blocks' structure (not their weights: the repr, parameter
-shapes, the source of their classes and their settings: attributes that hold numbers, strings,
-dtypes, devices, enums, or lists, tuples, sets and dicts of them, long ones by their length),
-the boundary shapes, the
+else ``~/.cache/pipebd``), keyed by what changes the costs: the blocks' structure (not their
+weights: the repr, parameter shapes, the source of their classes and their settings: attributes
+that hold numbers, strings, dtypes, devices, enums, or lists, tuples, sets and dicts of them,
+long ones by their length; functions by their source; other objects, such as a transform, by
+their class's source and their own settings, four levels deep), the boundary shapes, the
 dataset's type, source, settings and length, batch size, world size, device (on a CPU its model
-and core count), backend, the threads the blocks run with, optimizer (not its learning rate)
-and losses. Costs set by anything else (a global, a file) are not seen: an
+and core count), backend, the threads the blocks run with, optimizer (its class and each
+parameter group's settings but the learning rate) and losses. Costs set by anything else (a global, a file) are not seen: an
 empty ``$PIPEBD_CACHE_DIR`` measures again. ``str(profile)`` prints it as a table.
 """
 
@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -83,10 +84,10 @@ class Profile:
     them still costs the rank ``receive[i]`` (unpickling, mapping shared memory), and the first
     batch comes ``loader_start`` seconds (starting the processes) plus one load after the start;
     both are measured only for a profile taken with loader processes (else 0).
-    ``min_rows[b]`` is the fewest rows student block ``b`` trains on (2 for a BatchNorm layer
-    with one value per channel per row; empty: 1 for every block): below it its student times
-    are not measured but scaled down from its smallest measured row count, and the planner
-    gives no replica fewer rows.
+    ``min_rows[b]`` is the fewest rows block ``b`` runs on (2 for a BatchNorm layer with one
+    value per channel per row, in the student or, without running statistics, the teacher;
+    empty: 1 for every block): below it its times are not measured but scaled down from its
+    smallest measured row count, and the planner gives no replica fewer rows.
     """
 
     num_blocks: int
@@ -155,7 +156,7 @@ class Profile:
                              "measurements with finite seconds >= 0")
 
     def block_rows(self, block: int) -> int:
-        """The fewest rows student block ``block`` trains on (``min_rows``)."""
+        """The fewest rows block ``block`` runs on (``min_rows``)."""
         return self.min_rows[block] if self.min_rows else 1
 
     # Costs at any batch size: measured values, linear between them and beyond them.
@@ -247,16 +248,17 @@ class Profile:
                  f"{'block':>5} {'rows':>6} {'teacher ms':>11} {'student ms':>11} {'in KiB/row':>11} {'grad KiB':>9}"]
         for b in range(self.num_blocks):
             for i, rows in enumerate(self.rows):
-                student = f"{self.student[b][i] * 1e3:>11.3f}" if rows >= self.block_rows(b) else f"{'-':>11}"
-                lines.append(f"{b:>5} {rows:>6} {self.teacher[b][i] * 1e3:>11.3f} {student} "
+                ran = rows >= self.block_rows(b)
+                teacher, student = (f"{t[b][i] * 1e3:>11.3f}" if ran else f"{'-':>11}" for t in (self.teacher, self.student))
+                lines.append(f"{b:>5} {rows:>6} {teacher} {student} "
                              f"{self.act_bytes[b] / 1024:>11.2f} {self.grad_bytes[b] / 1024:>9.1f}")
         layers = sum(len(b) for b in self.bn_bytes)
         if self.sync_batchnorm and layers:
             lines.append(f"sync_batchnorm: {layers} BatchNorm layers, 2 allreduces each per step on replicated stages")
-        short = [str(b) for b in range(self.num_blocks) if self.block_rows(b) > 1]
-        if short:
-            lines.append(f"student block(s) {', '.join(short)}: BatchNorm over one value per channel per row, "
-                         f"not trained (nor planned) on fewer than 2 rows per replica")
+        for b in range(self.num_blocks):
+            if self.block_rows(b) > 1:
+                lines.append(f"block {b}: BatchNorm over one value per channel per row, not run (nor planned) on "
+                             f"fewer than {self.block_rows(b)} rows per replica")
         lines.append("data load ms: " + ", ".join(f"{r} rows {t * 1e3:.3f}" for r, t in zip(self.rows, self.load)))
         if self.num_workers:
             lines.append(f"{self.num_workers} loader processes per loading rank: start {self.loader_start * 1e3:.1f} ms; "
@@ -310,8 +312,8 @@ def _seconds(value: Any) -> bool:
 
 
 def replica_rows(batch_size: int, world_size: int) -> list[int]:
-    """The per-replica batch sizes a plan can produce, ascending: ``ceil(B / k)`` for each
-    replica count ``k`` (the largest slice of a stage sets its pace)."""
+    """The per-replica batch sizes measured, ascending: ``ceil(B / k)`` for each replica count
+    ``k`` (a stage's smaller slices, ``floor(B / k)``, are interpolated between them)."""
     return sorted({math.ceil(batch_size / k) for k in range(1, min(world_size, batch_size) + 1)})
 
 
@@ -495,10 +497,14 @@ def _setting(value: Any, depth: int = 0, budget: list[int] | None = None) -> str
     device or enum; a list, tuple, set or dict of them (a list of repeat counts); a function by
     its code; any other object (a transform, a config) by its class's code and its own
     settings. None for tensors and arrays (data, not settings)."""
-    if isinstance(value, (*_PLAIN, torch.dtype, torch.device, enum.Enum)):
+    if isinstance(value, (*_PLAIN, complex, bytes, range, slice, os.PathLike, torch.dtype, torch.device, enum.Enum)):
         return repr(value)
-    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+    if isinstance(value, np.generic):
+        return repr(value.item())
+    if isinstance(value, (torch.Tensor, np.ndarray)):
         return None
+    if isinstance(value, functools.partial):
+        return _describe(value)
     budget = [_SETTING_BUDGET] if budget is None else budget
     name = f"{type(value).__module__}.{type(value).__qualname__}"
     if isinstance(value, (list, tuple, set, frozenset, dict)):
@@ -522,7 +528,8 @@ def _setting(value: Any, depth: int = 0, budget: list[int] | None = None) -> str
     if inspect.ismodule(value):
         return f"module {value.__name__}"
     attrs = getattr(value, "__dict__", None)
-    if depth >= _SETTING_DEPTH or budget[0] <= 0:
+    # The standard library's objects (a logger, a lock) hold process state, not settings.
+    if depth >= _SETTING_DEPTH or budget[0] <= 0 or type(value).__module__.split(".")[0] in sys.stdlib_module_names:
         return name
     budget[0] -= 1 + (len(attrs) if isinstance(attrs, dict) else 0)
     return f"{name}|{_source_hash(type(value))}|{_settings(value, depth + 1, budget)}"
@@ -599,22 +606,23 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
         teacher, student = [], []
         todo = progress_bar(n * len(rows), "pipebd profile", progress, unit="block-size")
         for i in range(n):
-            teacher.append([timer(lambda r=r: rt.teacher_forward(i, acts[i][:r], 0)) for r in rows])
-            times = []
-            for r in rows:
-                if r < (job.min_rows[i] if job.min_rows else 1):
-                    todo.update()
-                    continue     # scaled from the smallest row count it trains on, below
+            # Below the rows block i needs (BatchNorm over one value per channel) it cannot run:
+            # its figures there are scaled from the smallest row count it runs on.
+            short = sum(r < (job.min_rows[i] if job.min_rows else 1) for r in rows)
+            todo.update(short)
+            forward, train_times = [], []
+            for r in rows[short:]:
                 labels = y[:r] if y is not None else None
 
                 def train(r: int = r, labels: Any = labels) -> None:
                     t = next(step) % calls
                     rt.finish_step([i], [rt.train_block(i, acts[i][:r], acts[i + 1][:r], labels, t)], t)
 
-                times.append(timer(train))
+                forward.append(timer(lambda r=r: rt.teacher_forward(i, acts[i][:r], 0)))
+                train_times.append(timer(train))
                 todo.update()
-            short = len(rows) - len(times)
-            student.append([times[0] * r / rows[short] for r in rows[:short]] + times)
+            teacher.append([forward[0] * r / rows[short] for r in rows[:short]] + forward)
+            student.append([train_times[0] * r / rows[short] for r in rows[:short]] + train_times)
         todo.close()
     act_bytes = [_nbytes(job.boundary[i]) + (_nbytes(job.labels) if job.labels is not None and i > 0 else 0)
                  for i in range(n + 1)]

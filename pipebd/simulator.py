@@ -28,7 +28,6 @@ O(steps * stages): 1024 devices and 64 blocks take well under a second.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .checks import check_int
@@ -84,9 +83,11 @@ class _StageWork:
                                  + (0.0 if loaders else data)))
             self.student.append((share, [float(profile.student_time(b, rows)) for b in blocks]))
 
-    def training(self, due: tuple[bool, ...]) -> float:
-        """The slowest replica's student time for the blocks ``due``."""
-        return max(sum(t for t, d in zip(times, due) if d) for _, times in self.student)
+    def training(self, due: tuple[bool, ...], forward: float) -> float:
+        """What the slowest replica adds, training the blocks ``due``, to the stage's ``forward``
+        (its slowest replica's loading and teacher time with every block due)."""
+        return max(f + take + sum(t for t, d in zip(times, due) if d)
+                   for (_, f), (_, times), (_, take) in zip(self.forward, self.student, self.taking)) - forward
 
     def split(self, due: tuple[bool, ...]) -> tuple[float, float, float]:
         """Per step, means over the replicas: compute, the time a lighter replica then waits in
@@ -149,7 +150,7 @@ def simulate(profile: Profile, plan: Plan, steps: int, max_inflight: int = 2,
                 reduced = c.allreduce
             else:       # a resumed run: the blocks that had completed batch t only relay it
                 reduced = sum(reduce[b] for b, d in zip(work[s].blocks, due) if d)
-                now += work[s].training(due) + reduced
+                now += work[s].training(due, c.forward) + reduced
             free[s] = now
             busy, lag, taking = work[s].split(due)
             compute[s] += busy
@@ -216,12 +217,13 @@ class _Feed:
 
 
 def _feed(profile: Profile, replicas: int) -> _Feed | None:
-    """The loader processes of one loading rank (whose slice has ``ceil(B / replicas)`` rows),
-    or None when the rank loads in its own process (its ``forward`` holds the loading)."""
+    """The loader processes of the slowest-fed loading rank (loading the slice that takes
+    longest, as ``stage_cost``'s pace), or None when the rank loads in its own process (its
+    ``forward`` holds the loading)."""
     if profile.num_workers == 0:
         return None
-    rows = math.ceil(profile.batch_size / replicas)
-    return _Feed(float(profile.load_time(rows)), profile.num_workers, profile.loader_start)
+    load = max(float(profile.load_time(rows)) for rows in slice_rows(profile.batch_size, replicas))
+    return _Feed(load, profile.num_workers, profile.loader_start)
 
 
 def _check_start(start: list[int] | None, blocks: int, steps: int) -> list[int]:

@@ -280,6 +280,21 @@ def test_batchnorm_one_row_slices_pass_with_sync_or_values_in_other_dims():
     assert job.min_rows == (1,) * len(teacher)
 
 
+def test_a_teacher_batchnorm_without_running_statistics_needs_two_rows_even_with_sync():
+    # Such a layer uses the batch's statistics in eval mode too, and is not synchronized.
+    torch.manual_seed(0)
+    teacher = [nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6, track_running_stats=False)), nn.Linear(6, 6)]
+    student = [nn.Linear(6, 6), nn.Linear(6, 6)]
+    d = pipebd.Distiller(teacher, student, device="cpu")
+    for sync in (False, True):
+        with pytest.raises(ValueError, match="teacher block 0 has a BatchNorm layer .* leaves a replica 1 row; use "
+                                             "a batch of at least 4 rows, fewer replicas, or running statistics"):
+            d.fit(torch.randn(8, 6), batch_size=3, steps=1, world_size=3, plan=pipebd.Plan([[0], [1]], [2, 1]),
+                  sync_batchnorm=sync)
+    profile = d.profile(torch.randn(8, 6), 2, 2, comm=False, warmup=0, repeats=1)   # crashed timing 1 row
+    assert profile.min_rows == [2, 1] and "block 0: BatchNorm over one value per channel" in str(profile)
+
+
 def test_auto_plan_gives_batchnorm_over_single_values_two_rows_per_replica():
     from pipebd.planner import auto_plan
     from pipebd.profiler import profile_job

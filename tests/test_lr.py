@@ -94,6 +94,15 @@ def test_warmup_refuses_schedulers_that_set_the_rate_outright(then):
     opt = optimizer()
     with pytest.raises(ValueError, match="sets the rate from its own formula .* would undo the warmup"):
         warmup(opt, 5, then=then(opt))
+    warmup(opt, 0, then=then(opt))     # no warmup to undo
+
+
+def test_warmup_takes_a_chain_of_multiplying_schedulers():
+    opt = optimizer()
+    chain = torch.optim.lr_scheduler.ChainedScheduler([torch.optim.lr_scheduler.ExponentialLR(opt, 0.9),
+                                                       torch.optim.lr_scheduler.StepLR(opt, 4, 0.5)])
+    got = lrs(opt, warmup(opt, 5, start_factor=0.25, then=chain), 10)
+    assert got == pytest.approx([2.0 * ramp(t) * 0.9 ** t * 0.5 ** (t // 4) for t in range(10)], abs=1e-12)
 
 
 class Block(nn.Module):

@@ -95,3 +95,8 @@ def test_plans_of_the_wrong_shape_are_named(args, message):
 def test_describe_and_locate_outside_valid_plans():
     assert Plan([[0, 2], []]).describe() == "[0, 2]x1 | []x1"     # was "[0-2]x1" and an IndexError
     assert Plan([[0, 1]], [2]).locate(-1) is None                 # was (0, -1)
+
+
+def test_plans_from_generators():
+    # The shape check refused one-pass iterables, which had worked.
+    assert Plan((range(i, i + 2) for i in (0, 2)), map(int, "12")) == Plan([[0, 1], [2, 3]], [1, 2])

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import cloudpickle
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -494,6 +495,14 @@ def test_objects_and_functions_in_attributes_are_part_of_the_cache_key():
     owner.back = owner                                                  # points back at itself: bounded
     assert with_setting(owner) == with_setting(owner)
     assert with_setting(sys) == with_setting(sys) and len(with_setting(sys)) < 5000
+    assert with_setting(functools.partial(max, 3)) != with_setting(functools.partial(sorted, key=len))
+    assert with_setting(np.int64(4)) != with_setting(np.int64(5))
+    assert with_setting(Path("/data/a")) != with_setting(Path("/data/b"))
+    import logging
+    logger = logging.getLogger("pipebd.test")
+    before = with_setting(logger)
+    logging.getLogger("pipebd.test.another")      # process state, which the key must not hold
+    assert with_setting(logger) == before
 
 
 def test_loader_workers_are_measured_and_change_stage_zero():

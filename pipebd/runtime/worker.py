@@ -76,8 +76,9 @@ class Job:
     # "teacher"/"student" -> blocks the probe saw change their input in place: they get a copy,
     # since their input is also another block's target (or input, or an activation being sent).
     inplace: dict[str, frozenset[int]] = field(default_factory=dict)
-    # Per student block, the fewest rows one replica's slice may have (2 for a BatchNorm layer
-    # with one value per channel per row, which torch cannot train on one row); () means 1.
+    # Per block, the fewest rows one replica's slice may have (2 where the student's BatchNorm,
+    # or a teacher's without running statistics, gets one value per channel per row, which
+    # torch cannot normalize on one row); () means 1.
     min_rows: tuple[int, ...] = ()
 
     def start_of(self, block: int) -> int:
