@@ -319,7 +319,7 @@ class Codistillation:
                 parts = {**{f"model {i}": m for i, m in enumerate(job.models)}, "the dataset": job.dataset,
                          "the optimizer factory": job.optimizer, "the scheduler factory": job.scheduler}
                 results = spawn_tasks(tasks, backend_for(self.device), timeout,
-                                      lambda r: f" (model {r // g}, replica {r % g})", parts)
+                                      lambda r: f" (model {r // g}, replica {r % g})", parts, shared=job.dataset)
             for r in results:
                 for i, state in r.state.items():
                     load_trained_state(self._models[i], state)

@@ -18,6 +18,7 @@ import multiprocessing as mp
 import multiprocessing.connection
 import numbers
 import os
+import pickle
 import re
 import signal
 import socket
@@ -260,12 +261,41 @@ class _Pickler(cloudpickle.Pickler):
                 pass
         return super().reducer_override(obj)
 
+    shared: Any = None       # pickled apart, once for all ranks (the dataset): written as a reference
+    used_shared = False
+
+    def persistent_id(self, obj: Any) -> str | None:
+        if self.shared is not None and obj is self.shared:
+            self.used_shared = True
+            return "shared"
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    """Reads a payload, taking its reference to the shared object from ``shared`` (bytes)."""
+
+    def __init__(self, file: Any, shared: bytes | None):
+        super().__init__(file)
+        self.shared = shared
+
+    def persistent_load(self, pid: Any) -> Any:
+        if pid != "shared" or self.shared is None:
+            raise pickle.UnpicklingError(f"unknown reference {pid!r} in a rank's payload")
+        return cloudpickle.loads(self.shared)
+
 
 def _dumps(obj: Any, into: Any = None) -> bytes:
     """``obj`` pickled as the ranks receive it (written ``into`` a file instead, if given)."""
+    return _pickled(obj, into)[0]
+
+
+def _pickled(obj: Any, into: Any = None, shared: Any = None) -> tuple[bytes, bool]:
+    """``_dumps``, with ``shared`` written as a reference (``spawn_tasks``), and whether it was."""
     buffer = io.BytesIO() if into is None else into
-    _Pickler(buffer, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(obj)
-    return buffer.getvalue() if into is None else b""
+    pickler = _Pickler(buffer, protocol=cloudpickle.DEFAULT_PROTOCOL)
+    pickler.shared = shared
+    pickler.dump(obj)
+    return (buffer.getvalue() if into is None else b""), pickler.used_shared
 
 
 class _Discard:
@@ -275,9 +305,17 @@ class _Discard:
         return len(data)
 
 
-def _payloads(tasks: list[Callable[[int, int], Any]], parts: dict[str, Any]) -> list[bytes]:
+def _payloads(tasks: list[Callable[[int, int], Any]], parts: dict[str, Any],
+              shared: Any = None) -> list[list[bytes | None]]:
+    """Per rank, its task pickled and the shared object's bytes if the task holds it (else None),
+    in a list the rank empties as it reads them: neither it nor the caller keeps the bytes."""
     try:
-        return [_dumps(task) for task in tasks]
+        blob = _dumps(shared) if shared is not None else None
+        payloads = []
+        for task in tasks:
+            data, used = _pickled(task, shared=shared)
+            payloads.append([data, blob if used else None])
+        return payloads
     except Exception as err:
         culprit = _unsendable(parts)
         raise _refusal(culprit[0] if culprit else "the work for the ranks", err) from err
@@ -311,7 +349,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, payload: bytes, backend: str, timeout_s: float,
+def _worker(rank: int, world_size: int, port: int, payload: list[bytes | None], backend: str, timeout_s: float,
             report: mp.connection.Connection, lifeline: mp.connection.Connection, environ: dict[str, str]) -> None:
     # The caller's environment as it is now: the fork server's children inherit the server's, as
     # it was when the server started (the caller's first fit), so a later CUDA_VISIBLE_DEVICES,
@@ -324,7 +362,10 @@ def _worker(rank: int, world_size: int, port: int, payload: bytes, backend: str,
     threading.Thread(target=_end_with_caller, args=(lifeline,), name="pipebd-lifeline", daemon=True).start()
     report.send(("started",))
     try:
-        task = cloudpickle.loads(payload)
+        task_bytes, shared = payload
+        payload.clear()   # the bytes go once read: the Process object holds its arguments for good
+        task = _Unpickler(io.BytesIO(task_bytes), shared).load()
+        del task_bytes, shared
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
         value = task(rank, world_size)
@@ -397,7 +438,7 @@ def spawn(job: Job, world_size: int, timeout_s: float) -> list[RankResult]:
         return f" (stage {where[0]}, replica {where[1]})" if where and job.strategy == "pipebd" else ""
 
     tasks = [functools.partial(_fit_task, job.for_rank(r)) for r in range(world_size)]
-    return spawn_tasks(tasks, backend_for(job.device), timeout_s, role, job_parts(job))
+    return spawn_tasks(tasks, backend_for(job.device), timeout_s, role, job_parts(job), shared=job.dataset)
 
 
 def job_parts(job: Job) -> dict[str, Any]:
@@ -409,14 +450,16 @@ def job_parts(job: Job) -> dict[str, Any]:
 
 
 def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s: float,
-                role: Callable[[int], str] = lambda rank: "", parts: dict[str, Any] | None = None) -> Any:
+                role: Callable[[int], str] = lambda rank: "", parts: dict[str, Any] | None = None,
+                shared: Any = None) -> Any:
     """Run ``tasks[r](r, world_size)`` on local worker process ``r`` of a fresh process group
     and return rank 0's result; a failure raises ``WorkerError`` with the first failing rank's
     traceback (``role(rank)`` describes the rank in the message). A task that cannot be pickled
     is a TypeError before any process starts, naming the first of ``parts`` (name -> object
-    the tasks hold) that cannot."""
+    the tasks hold) that cannot. ``shared`` (the dataset), wherever the tasks hold it, is
+    pickled once and sent to the ranks that hold it, not pickled again for each."""
     world_size = len(tasks)
-    payloads = _payloads(tasks, parts or {})
+    payloads = _payloads(tasks, parts or {}, shared)
     ctx = _context()
     port = _free_port()
     procs, conns, ends = [], {}, []
@@ -433,6 +476,7 @@ def spawn_tasks(tasks: list[Callable[[int, int], Any]], backend: str, timeout_s:
                                 args=(r, world_size, port, payloads[r], backend, timeout_s, send_end,
                                       watch_end, environ))
                 p.start()
+                payloads[r].clear()   # sent: p keeps its arguments, the bytes need not stay
                 send_end.close()  # the child holds the only write end: its exit means EOF here
                 watch_end.close()
                 procs.append(p)
