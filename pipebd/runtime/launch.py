@@ -261,41 +261,45 @@ class _Pickler(cloudpickle.Pickler):
                 pass
         return super().reducer_override(obj)
 
-    shared: Any = None       # pickled apart, once for all ranks (the dataset): written as a reference
-    used_shared = False
+
+
+class _SharingPickler(_Pickler):
+    """``_Pickler`` that writes ``shared`` (pickled apart, once for all ranks: the dataset) as a
+    reference. A subclass, since a ``persistent_id`` method costs a call per pickled object."""
+
+    def __init__(self, file: Any, shared: Any):
+        super().__init__(file, protocol=cloudpickle.DEFAULT_PROTOCOL)
+        self.shared, self.used_shared = shared, False
 
     def persistent_id(self, obj: Any) -> str | None:
-        if self.shared is not None and obj is self.shared:
+        if obj is self.shared and obj is not None:
             self.used_shared = True
             return "shared"
         return None
 
 
 class _Unpickler(pickle.Unpickler):
-    """Reads a payload, taking its reference to the shared object from ``shared`` (bytes)."""
+    """Reads a payload, taking its references to the shared object from ``shared`` (bytes),
+    loaded once: every reference is the same object, as in the caller."""
 
     def __init__(self, file: Any, shared: bytes | None):
         super().__init__(file)
-        self.shared = shared
+        self.shared, self.loaded = shared, []
 
     def persistent_load(self, pid: Any) -> Any:
-        if pid != "shared" or self.shared is None:
+        if pid != "shared" or (self.shared is None and not self.loaded):
             raise pickle.UnpicklingError(f"unknown reference {pid!r} in a rank's payload")
-        return cloudpickle.loads(self.shared)
+        if not self.loaded:
+            self.loaded.append(cloudpickle.loads(self.shared))
+            self.shared = None
+        return self.loaded[0]
 
 
 def _dumps(obj: Any, into: Any = None) -> bytes:
     """``obj`` pickled as the ranks receive it (written ``into`` a file instead, if given)."""
-    return _pickled(obj, into)[0]
-
-
-def _pickled(obj: Any, into: Any = None, shared: Any = None) -> tuple[bytes, bool]:
-    """``_dumps``, with ``shared`` written as a reference (``spawn_tasks``), and whether it was."""
     buffer = io.BytesIO() if into is None else into
-    pickler = _Pickler(buffer, protocol=cloudpickle.DEFAULT_PROTOCOL)
-    pickler.shared = shared
-    pickler.dump(obj)
-    return (buffer.getvalue() if into is None else b""), pickler.used_shared
+    _Pickler(buffer, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(obj)
+    return buffer.getvalue() if into is None else b""
 
 
 class _Discard:
@@ -313,8 +317,10 @@ def _payloads(tasks: list[Callable[[int, int], Any]], parts: dict[str, Any],
         blob = _dumps(shared) if shared is not None else None
         payloads = []
         for task in tasks:
-            data, used = _pickled(task, shared=shared)
-            payloads.append([data, blob if used else None])
+            buffer = io.BytesIO()
+            pickler = _SharingPickler(buffer, shared)
+            pickler.dump(task)
+            payloads.append([buffer.getvalue(), blob if pickler.used_shared else None])
         return payloads
     except Exception as err:
         culprit = _unsendable(parts)
