@@ -651,10 +651,18 @@ def _block_rows(student: nn.Module, teacher: nn.Module, x: Tensor) -> tuple[int,
             _min_rows(teacher, x.to(_device_of(teacher)), batch_stats))
 
 
-def _too_few_rows(what: str, batch_size: int, where: str, fixes: str) -> ValueError:
+def _too_few_rows(what: str, batch_size: int, smallest: int, need: int, width: int = 1, over: str = "",
+                  fixes: str = "") -> ValueError:
+    """The refusal of a slice of ``smallest`` rows for ``what``, which needs ``need``: the whole
+    batch on one rank, or its slices ``over`` (``"over the 3 replicas of stage 0 leaves a
+    replica"``) ``width`` ranks, with ``fixes`` beyond a larger batch."""
+    if width == 1:
+        where, fix = f"gives it {_row_count(smallest)}", f"a batch of at least {_row_count(need)}"
+    else:
+        where, fix = f"{over} {_row_count(smallest)}", f"a batch of at least {_row_count(need * width)}{fixes}"
     return ValueError(f"{what} has a BatchNorm layer that gets one value per channel from each row (an input of "
                       f"[rows, channels]), and torch cannot normalize a single value: batch_size {batch_size} "
-                      f"{where}; use {fixes}")
+                      f"{where}; use {fix}")
 
 
 def _row_count(count: int) -> str:
@@ -673,17 +681,12 @@ def _check_rows(plan: Plan, batch_size: int, rows: Sequence[tuple[int, int]], sy
             for role, need in zip(("student", "teacher"), rows[block]):
                 synced = role == "student" and sync_batchnorm and k > 1
                 smallest = batch_size if synced else batch_size // k
-                if smallest >= need:
-                    continue
-                if k == 1:
-                    raise _too_few_rows(f"{role} block {block}", batch_size, f"gives it {_row_count(smallest)}",
-                                        f"a batch of at least {_row_count(need)}")
-                raise _too_few_rows(f"{role} block {block}", batch_size,
-                                    f"over the {k} replicas of stage {s} leaves a replica {_row_count(smallest)}",
-                                    f"a batch of at least {_row_count(need * k)}, fewer replicas"
-                                    + (", or sync_batchnorm=True (statistics over the stage's whole batch)"
-                                       if role == "student" else
-                                       ", or running statistics in that layer (track_running_stats=True)"))
+                if smallest < need:
+                    raise _too_few_rows(f"{role} block {block}", batch_size, smallest, need, k,
+                                        f"over the {k} replicas of stage {s} leaves a replica", ", fewer replicas"
+                                        + (", or sync_batchnorm=True (statistics over the stage's whole batch)"
+                                           if role == "student" else
+                                           ", or running statistics in that layer (track_running_stats=True)"))
 
 
 def _batch_statistics(student: nn.Module, teacher: nn.Module) -> bool:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .checks import build_optimizer, check_device, check_factory, check_int, check_integer, check_real, check_training
-from .api import _caller_rng, _device_of, _min_rows, _own_batchnorm, _row_count, _samples, _too_few_rows
+from .api import _caller_rng, _device_of, _min_rows, _own_batchnorm, _samples, _too_few_rows
 from .batchnorm import replica_batchnorm
 from .data import PROBE_ROWS, BatchOrder, StepRows, _tensors, check_workers, dataset_length, feed, probe_batch
 from .losses import _BACKENDS, out_of_range, soft_target_loss
@@ -450,14 +450,10 @@ class Codistillation:
         for i, m in enumerate(models):
             with kept_as_given([m]), torch.no_grad(), _caller_rng():
                 need = _min_rows(m.eval(), x.to(_device_of(m)), _own_batchnorm(m))
-            if smallest >= need:
-                continue
-            if group_size == 1:
-                raise _too_few_rows(f"model {i}", batch_size, f"gives it {_row_count(smallest)}",
-                                    f"a batch of at least {_row_count(need)}")
-            raise _too_few_rows(f"model {i}", batch_size, f"over its {group_size} ranks leaves a rank {_row_count(smallest)}",
-                                f"a batch of at least {_row_count(need * group_size)}, fewer ranks, or sync_batchnorm=True "
-                                f"(statistics over the model's whole batch)")
+            if smallest < need:
+                raise _too_few_rows(f"model {i}", batch_size, smallest, need, group_size,
+                                    f"over its {group_size} ranks leaves a rank",
+                                    ", fewer ranks, or sync_batchnorm=True (statistics over the model's whole batch)")
 
     def _probe(self, models: list[nn.Module], item: tuple[Any, Any], source: str) -> None:
         """The first samples through every model: logits of one shape and dtype for all, integer

@@ -22,12 +22,9 @@ MAX_BLOCKS = 1 << 20   # Plan.parse builds every stage's block list: a typo must
 
 
 def _listed(value: Any) -> Any:
-    """A generator or other one-pass iterable as a list (and its items too); anything else as it is."""
-    if hasattr(value, "__iter__") and not hasattr(value, "__len__") and not isinstance(value, (str, bytes, dict)):
-        return [_listed(item) for item in value]
-    if isinstance(value, (list, tuple)) and any(hasattr(v, "__iter__") and not hasattr(v, "__len__") for v in value):
-        return [_listed(item) for item in value]
-    return value
+    """A one-pass iterable (a generator, a map) as a list; anything else as it is."""
+    one_pass = hasattr(value, "__iter__") and not hasattr(value, "__len__") and not isinstance(value, (str, bytes, dict))
+    return list(value) if one_pass else value
 
 
 def _sequence(value: Any) -> bool:
@@ -59,6 +56,8 @@ class Plan:
             raise TypeError(f"a plan's stages are lists of blocks; for a plan written as text use "
                             f"pipebd.Plan.parse({stages!r})")
         stages = _listed(stages)
+        if _sequence(stages):
+            stages = [_listed(stage) for stage in stages]
         if not _sequence(stages) or not all(_sequence(stage) for stage in stages):
             raise TypeError(f"a plan's stages are a list of block lists, one per stage, e.g. [[0, 1], [2, 3]]; "
                             f"got {stages!r:.80}")

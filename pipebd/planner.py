@@ -25,7 +25,7 @@ they only add allreduce time). Both passes try, for each stage, only the replica
 it faster than any fewer do (``useful_replicas``): O(N^2 W P) time, vectorized over ranks, where P
 is at most W and, when allreduce time does not fall with more ranks, at most the number of distinct
 slices ``ceil(B/k)``, about ``2 sqrt(B)``.
-A stage whose student blocks have BatchNorm over one value per channel per row (``Profile.min_rows``)
+A stage whose blocks have BatchNorm over one value per channel per row (``Profile.min_rows``)
 gets only replica counts that leave every slice two rows (``floor(B/k) >= 2``): torch cannot train
 such a layer on one row, nor can the profiler time it there (so also with ``sync_batchnorm``, under
 which the runtime could).
@@ -79,20 +79,20 @@ def stage_cost(profile: Profile, first: int, stop: int, replicas: int) -> StageC
     """Cost of a stage owning blocks ``first .. stop-1`` with ``replicas`` ranks: its slowest
     replica's compute (usually that of the largest slice, but measured costs need not rise
     with the rows), transfers of the largest slice."""
-    slowest = None
+    slowest, period = None, 0.0
     for rows in slice_rows(profile.batch_size, replicas):
         forward = profile.data_time(rows) if first == 0 else 0.0
         forward += sum(profile.teacher_time(b, rows) for b in range(first, stop))
         student = sum(profile.student_time(b, rows) for b in range(first, stop))
         if slowest is None or forward + student > sum(slowest):
             slowest = (float(forward), float(student))
+        if first == 0:
+            period = max(period, float(profile.data_period(rows)))
     rows = math.ceil(profile.batch_size / replicas)
     p2p_in = float(profile.p2p_time(rows * profile.act_bytes[first])) if first > 0 else 0.0
     p2p_out = float(profile.p2p_time(rows * profile.act_bytes[stop])) if stop < profile.num_blocks else 0.0
     allreduce = sum(float(profile.allreduce_time(replicas, profile.grad_bytes[b])) + profile.sync_bn_time(b, replicas)
                     for b in range(first, stop))
-    period = max(float(profile.data_period(r)) for r in slice_rows(profile.batch_size, replicas)) if first == 0 \
-        else 0.0
     return StageCost(p2p_in, slowest[0], p2p_out, slowest[1], allreduce, period)
 
 
@@ -149,8 +149,8 @@ def check_plan(profile: Profile, plan: Plan) -> None:
         smallest = batch if profile.sync_batchnorm and k > 1 else batch // k
         if smallest < need:
             block = next(b for b in stage if profile.block_rows(b) == need)
-            raise ValueError(f"the plan gives a replica of stage {s} {smallest} row of batch {batch}, but student "
-                             f"block {block} trains on no fewer than {need} (BatchNorm over one value per channel)")
+            raise ValueError(f"the plan gives a replica of stage {s} {smallest} row of batch {batch}, but "
+                             f"block {block} runs on no fewer than {need} (BatchNorm over one value per channel)")
 
 
 def predict(profile: Profile, plan: Plan) -> Prediction:

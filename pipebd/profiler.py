@@ -621,8 +621,8 @@ def _measure_compute(job: Job, world_size: int, warmup: int, repeats: int, progr
                 forward.append(timer(lambda r=r: rt.teacher_forward(i, acts[i][:r], 0)))
                 train_times.append(timer(train))
                 todo.update()
-            teacher.append([forward[0] * r / rows[short] for r in rows[:short]] + forward)
-            student.append([train_times[0] * r / rows[short] for r in rows[:short]] + train_times)
+            for times, into in ((forward, teacher), (train_times, student)):
+                into.append([times[0] * r / rows[short] for r in rows[:short]] + times)
         todo.close()
     act_bytes = [_nbytes(job.boundary[i]) + (_nbytes(job.labels) if job.labels is not None and i > 0 else 0)
                  for i in range(n + 1)]

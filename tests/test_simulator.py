@@ -202,7 +202,7 @@ def test_predict_and_simulate_keep_two_rows_for_blocks_that_need_them():
     fine, short = Plan([[0], [1]], [2, 1]), Plan([[0], [1]], [1, 2])
     predict(p, fine), simulate(p, fine, steps=2)
     for call in (lambda: predict(p, short), lambda: simulate(p, short, steps=2), lambda: simulate_baseline(p, 2, 2)):
-        with pytest.raises(ValueError, match="gives a replica of stage .* 1 row of batch 3, but student block 1"):
+        with pytest.raises(ValueError, match="gives a replica of stage .* 1 row of batch 3, but block 1 runs on no fewer than 2"):
             call()
     synced = dataclasses.replace(p, sync_batchnorm=True)   # statistics over the stage's 3 rows, as fit allows
     predict(synced, short), simulate(synced, short, steps=2)

@@ -272,7 +272,7 @@ class _SharingPickler(_Pickler):
         self.shared, self.used_shared = shared, False
 
     def persistent_id(self, obj: Any) -> str | None:
-        if obj is self.shared and obj is not None:
+        if obj is self.shared:
             self.used_shared = True
             return "shared"
         return None
@@ -284,15 +284,14 @@ class _Unpickler(pickle.Unpickler):
 
     def __init__(self, file: Any, shared: bytes | None):
         super().__init__(file)
-        self.shared, self.loaded = shared, []
+        self.shared, self.value = shared, None
 
     def persistent_load(self, pid: Any) -> Any:
-        if pid != "shared" or (self.shared is None and not self.loaded):
+        if self.shared is not None:   # the first reference: read, and the bytes let go
+            self.value, self.shared = cloudpickle.loads(self.shared), None
+        if pid != "shared" or self.value is None:
             raise pickle.UnpicklingError(f"unknown reference {pid!r} in a rank's payload")
-        if not self.loaded:
-            self.loaded.append(cloudpickle.loads(self.shared))
-            self.shared = None
-        return self.loaded[0]
+        return self.value
 
 
 def _dumps(obj: Any, into: Any = None) -> bytes:
@@ -314,8 +313,9 @@ def _payloads(tasks: list[Callable[[int, int], Any]], parts: dict[str, Any],
     """Per rank, its task pickled and the shared object's bytes if the task holds it (else None),
     in a list the rank empties as it reads them: neither it nor the caller keeps the bytes."""
     try:
-        blob = _dumps(shared) if shared is not None else None
-        payloads = []
+        if shared is None:
+            return [[_dumps(task), None] for task in tasks]
+        blob, payloads = _dumps(shared), []
         for task in tasks:
             buffer = io.BytesIO()
             pickler = _SharingPickler(buffer, shared)
